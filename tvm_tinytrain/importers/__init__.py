@@ -1,0 +1,1 @@
+"""Importers that turn model files into a :class:`tvm_tinytrain.model.Model`."""

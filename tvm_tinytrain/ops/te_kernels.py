@@ -1,0 +1,103 @@
+"""The int8 operators as TVM tensor expressions, one TIR PrimFunc each.
+
+:mod:`tvm_tinytrain.relax_build` emits each with ``call_tir``, so the same
+PrimFuncs compile for the host (llvm) and, later, to C.  The padding is
+folded into the conv's reduction (no padded copy is materialised) because on
+a microcontroller that copy would cost as much RAM as the input.
+The integer recipe is that of :mod:`tvm_tinytrain.quant`.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from ..quant import INT32_MAX, INT32_MIN
+
+
+def _rshift_round(v, shift):
+    """``(v + 2**(shift-1)) >> shift`` on int64: round half up."""
+    one = tirx.const(1, "int64")
+    return tirx.shift_right(v + tirx.shift_left(one, shift - one), shift)
+
+
+def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int) -> te.Tensor:
+    """int32 ``acc[n,o,h,w] = sum (x - x_zero) * w`` with zero-point padding ``(k-1)//2``."""
+    n, _, h, wd = (int(d) for d in x.shape)
+    o, cg, k, _ = (int(d) for d in w.shape)
+    pad = (k - 1) // 2
+    ho = (h + 2 * pad - k) // stride + 1
+    wo = (wd + 2 * pad - k) // stride + 1
+    og = o // groups
+    rc = te.reduce_axis((0, cg), "rc")
+    rh = te.reduce_axis((0, k), "rh")
+    rw = te.reduce_axis((0, k), "rw")
+
+    def body(b, oc, oh, ow):
+        ih = oh * stride + rh - pad
+        iw = ow * stride + rw - pad
+        c = (oc // og) * cg + rc if groups > 1 else rc
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < wd)
+        xv = tirx.if_then_else(inside, x[b, c, ih, iw].astype("int32") - x_zero, tirx.const(0, "int32"))
+        return te.sum(xv * w[oc, rc, rh, rw].astype("int32"), axis=[rc, rh, rw])
+
+    return te.compute((n, o, ho, wo), body, name="acc")
+
+
+def requantize(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor,
+               y_zero: int, qmin: int, qmax: int) -> te.Tensor:
+    """Per-channel (axis 1) int32 -> int8 with saturating bias add and clamp."""
+
+    def body(*idx):
+        c = idx[1]
+        total = acc[idx].astype("int64")
+        if bias is not None:
+            total = tirx.max(tirx.min(total + bias[c].astype("int64"), INT32_MAX), INT32_MIN)
+        y = _rshift_round(total * mult[c].astype("int64"), shift[c].astype("int64")) + y_zero
+        return tirx.max(tirx.min(y, qmax), qmin).astype("int8")
+
+    return te.compute(acc.shape, body, name="requant")
+
+
+def add(a: te.Tensor, b: te.Tensor, a_zero: int, b_zero: int, a_mult: int, b_mult: int,
+        shift: int, y_zero: int, qmin: int, qmax: int) -> te.Tensor:
+    """Residual add, both operands rescaled to the output's params with one shared shift."""
+
+    def body(*idx):
+        ta = (a[idx].astype("int64") - a_zero) * tirx.const(a_mult, "int64")
+        tb = (b[idx].astype("int64") - b_zero) * tirx.const(b_mult, "int64")
+        y = _rshift_round(ta + tb, tirx.const(shift, "int64")) + y_zero
+        return tirx.max(tirx.min(y, qmax), qmin).astype("int8")
+
+    return te.compute(a.shape, body, name="add")
+
+
+def global_avg_pool(x: te.Tensor, x_zero: int, mult: int, shift: int, y_zero: int) -> te.Tensor:
+    """int8 (N, C, H, W) -> int8 (N, C): ``sum(x - x_zero)`` rescaled by ``1/(H*W)``."""
+    n, c, h, w = x.shape
+    rh = te.reduce_axis((0, h), "rh")
+    rw = te.reduce_axis((0, w), "rw")
+    total = te.compute((n, c), lambda b, ch: te.sum(x[b, ch, rh, rw].astype("int32") - x_zero, axis=[rh, rw]), name="sum")
+
+    def body(b, ch):
+        y = _rshift_round(total[b, ch].astype("int64") * tirx.const(mult, "int64"), tirx.const(shift, "int64")) + y_zero
+        return tirx.max(tirx.min(y, 127), -128).astype("int8")
+
+    return te.compute((n, c), body, name="pool")
+
+
+def linear_acc(x: te.Tensor, w: te.Tensor, x_zero: int) -> te.Tensor:
+    """int32 ``acc[n,o] = sum_i (x[n,i] - x_zero) * w[o,i]``."""
+    n, i = x.shape
+    o = w.shape[0]
+    r = te.reduce_axis((0, i), "ri")
+    return te.compute((n, o), lambda b, oc: te.sum((x[b, r].astype("int32") - x_zero) * w[oc, r].astype("int32"), axis=r), name="acc")
+
+
+def linear_float(x: te.Tensor, w: te.Tensor, bias: te.Tensor, x_zero: int, x_scale: float) -> te.Tensor:
+    """float32 logits of the dequantized int8 input: ``((x - x_zero) * x_scale) @ w.T + bias``."""
+    n, i = x.shape
+    o = w.shape[0]
+    r = te.reduce_axis((0, i), "ri")
+    xf = te.compute((n, i), lambda b, k: (x[b, k].astype("float32") - tirx.const(x_zero, "float32")) * tirx.const(x_scale, "float32"), name="xf")
+    mm = te.compute((n, o), lambda b, oc: te.sum(xf[b, r] * w[oc, r], axis=r), name="mm")
+    return te.compute((n, o), lambda b, oc: mm[b, oc] + bias[oc], name="logits")
