@@ -216,7 +216,7 @@ class Model:
                     raise ModelFormatError(f"node {node.name!r}: input tensor {t!r} is not produced before it")
             if node.output not in self.tensors:
                 raise ModelFormatError(f"node {node.name!r}: output tensor {node.output!r} has no tensor info")
-            _check_node(self, node)
+            check_node(self.tensors, node)
             known.add(node.output)
         if self.output not in known:
             raise ModelFormatError(f"model output tensor {self.output!r} is never produced")
@@ -239,8 +239,8 @@ def _check_array(node: Node, field_name: str, arr, dtype, shape) -> None:
     _require(tuple(arr.shape) == tuple(shape), node, f"field {field_name!r} must have shape {tuple(shape)}, got {tuple(arr.shape)}")
 
 
-def _check_quant(model: Model, node: Node, tensor: str) -> QuantParams:
-    info = model.tensors[tensor]
+def _check_quant(tensors: dict[str, TensorInfo], node: Node, tensor: str) -> QuantParams:
+    info = tensors[tensor]
     q = info.quant
     _require(info.dtype == "int8" and q is not None, node, f"tensor {tensor!r} must be int8 with quantization params")
     _require(np.isfinite(q.scale) and q.scale > 0, node, f"tensor {tensor!r} has invalid scale {q.scale!r}")
@@ -248,14 +248,15 @@ def _check_quant(model: Model, node: Node, tensor: str) -> QuantParams:
     return q
 
 
-def _check_node(model: Model, node: Node) -> None:
+def check_node(tensors: dict[str, TensorInfo], node: Node) -> None:
+    """Validate one node against the tensor infos of its operands; raise naming the node."""
     for t in (*node.inputs, node.output):
         if not (isinstance(node, Linear) and node.is_float and t == node.output):
-            _check_quant(model, node, t)
+            _check_quant(tensors, node, t)
     if hasattr(node, "qmin"):
         _require(INT8_MIN <= node.qmin <= node.qmax <= INT8_MAX, node, f"clamp range [{node.qmin}, {node.qmax}] is not inside int8")
-    ins = [model.tensors[t].shape for t in node.inputs]
-    out = model.tensors[node.output].shape
+    ins = [tensors[t].shape for t in node.inputs]
+    out = tensors[node.output].shape
     if isinstance(node, Conv2D):
         w = node.weight
         _require(isinstance(w, np.ndarray) and w.ndim == 4, node, "field 'weight' must be a 4-D array (O, I/groups, k, k)")
@@ -285,7 +286,7 @@ def _check_node(model: Model, node: Node) -> None:
         _require(tuple(out) == (node.out_channels,), node, f"output must be ({node.out_channels},), got {out}", ShapeError)
         if node.is_float:
             _check_array(node, "bias", node.bias, "float32", (node.out_channels,))
-            _require(model.tensors[node.output].dtype == "float32", node, "float classifier output must be float32")
+            _require(tensors[node.output].dtype == "float32", node, "float classifier output must be float32")
         else:
             _check_array(node, "weight", w, "int8", w.shape)
             _check_array(node, "bias", node.bias, "int32", (node.out_channels,))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError, TinyTrainError
-from ..model import Add, Conv2D, GlobalAvgPool, Linear, Model, QuantParams, TensorInfo, conv_out_hw
+from ..model import Add, Conv2D, GlobalAvgPool, Linear, Model, QuantParams, TensorInfo, check_node, conv_out_hw
 from ..quant import activation_range
 
 def _allowed_globals() -> dict:
@@ -25,9 +25,11 @@ def _allowed_globals() -> dict:
     import codecs
     import collections
 
-    from numpy._core import multiarray
+    from numpy._core import multiarray, numeric
 
     return {
+        ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,  # pickle protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
         ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
         ("numpy", "ndarray"): np.ndarray,
@@ -154,6 +156,10 @@ def load_paper_model(path: str | Path) -> Model:
         _, h, w = tensors[inp].shape
         ho, wo = conv_out_hw(h, w, node.kernel, node.stride)
         tensors[where] = TensorInfo(where, (node.out_channels, ho, wo), "int8", yq)
+        try:
+            check_node(tensors, node)
+        except TinyTrainError as err:
+            raise type(err)(f"{path}: {err}") from None
         nodes.append(node)
         return where
 
