@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +64,43 @@ def make_random_model(seed: int = 0, size: int = 16, channels: int = 3, classes:
         nodes.append(Linear("head", "pool", "logits", rng.integers(-127, 128, (classes, 12)).astype(np.int8),
                             rng.integers(-500, 500, classes).astype(np.int32), rng.uniform(0.002, 0.02, classes).astype(np.float32)))
     return Model(f"random{seed}", "input", "logits", tensors, nodes).validate()
+
+
+# ---- the paper's .pkl format, written by the tests themselves ----
+def conv_dict(rng, cin, cout, size, k=3, stride=1, depthwise=False, xq=(0.02, 0), yq=(0.03, -128)):
+    groups = cin if depthwise else 1
+    return {
+        "in_channel": cin, "out_channel": cout, "in_shape": size, "out_shape": size // stride,
+        "kernel_size": (k, k), "stride": stride, "groups": groups, "depthwise": depthwise, "act": None,
+        "params": {
+            "weight": rng.integers(-127, 128, (cout, cin // groups, k, k)).astype(np.int8),
+            "bias": rng.integers(-1000, 1000, cout).astype(np.int32),
+            "x_scale": xq[0], "x_zero": xq[1], "y_scale": yq[0], "y_zero": yq[1],
+            "w_scales": rng.uniform(0.001, 0.01, cout).astype(np.float32),
+        },
+    }
+
+
+def paper_dict(seed=0):
+    """A tiny model in the paper's file format: stem, one residual inverted block, classifier."""
+    rng = np.random.default_rng(seed)
+    stem = conv_dict(rng, 3, 8, 16, stride=2, xq=(1 / 127.5, 0), yq=(0.05, -128))
+    pw1 = conv_dict(rng, 8, 16, 8, k=1, xq=(0.05, -128), yq=(0.04, -128))
+    dw = conv_dict(rng, 16, 16, 8, depthwise=True, xq=(0.04, -128), yq=(0.03, -128))
+    pw2 = conv_dict(rng, 16, 8, 8, k=1, xq=(0.03, -128), yq=(0.06, 3))
+    res = {"in_channel": 8, "in_shape": 8, "params": {"x_scale": 0.05, "x_zero": -128, "y_scale": 0.07, "y_zero": -5}}
+    cls = conv_dict(rng, 8, 10, 1, k=1, xq=(0.07, -5), yq=(0.1, 0))
+    block = {"pointwise1": pw1, "depthwise": dw, "pointwise2": pw2, "residual": res, "se": None}
+    return {"first_conv": stem, "blocks": [block], "feature_mix": None, "classifier": cls}
+
+
+def write_archive(path, payload: bytes):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+@pytest.fixture
+def tiny_pkl(tmp_path) -> Path:
+    return write_archive(tmp_path / "tiny.pkl", pickle.dumps(paper_dict(), protocol=2))

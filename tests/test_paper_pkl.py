@@ -4,49 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
+from conftest import conv_dict, paper_dict, write_archive
 
 from tvm_tinytrain.errors import ModelFormatError, UnsupportedOpError
 from tvm_tinytrain.importers import load_model
 from tvm_tinytrain.importers.paper_pkl import load_paper_model
 from tvm_tinytrain.ops import reference
-
-
-def conv_dict(rng, cin, cout, size, k=3, stride=1, depthwise=False, xq=(0.02, 0), yq=(0.03, -128)):
-    groups = cin if depthwise else 1
-    return {
-        "in_channel": cin, "out_channel": cout, "in_shape": size, "out_shape": size // stride,
-        "kernel_size": (k, k), "stride": stride, "groups": groups, "depthwise": depthwise, "act": None,
-        "params": {
-            "weight": rng.integers(-127, 128, (cout, cin // groups, k, k)).astype(np.int8),
-            "bias": rng.integers(-1000, 1000, cout).astype(np.int32),
-            "x_scale": xq[0], "x_zero": xq[1], "y_scale": yq[0], "y_zero": yq[1],
-            "w_scales": rng.uniform(0.001, 0.01, cout).astype(np.float32),
-        },
-    }
-
-
-def paper_dict(seed=0):
-    """A tiny model in the paper's file format: stem, one residual inverted block, classifier."""
-    rng = np.random.default_rng(seed)
-    stem = conv_dict(rng, 3, 8, 16, stride=2, xq=(1 / 127.5, 0), yq=(0.05, -128))
-    pw1 = conv_dict(rng, 8, 16, 8, k=1, xq=(0.05, -128), yq=(0.04, -128))
-    dw = conv_dict(rng, 16, 16, 8, depthwise=True, xq=(0.04, -128), yq=(0.03, -128))
-    pw2 = conv_dict(rng, 16, 8, 8, k=1, xq=(0.03, -128), yq=(0.06, 3))
-    res = {"in_channel": 8, "in_shape": 8, "params": {"x_scale": 0.05, "x_zero": -128, "y_scale": 0.07, "y_zero": -5}}
-    cls = conv_dict(rng, 8, 10, 1, k=1, xq=(0.07, -5), yq=(0.1, 0))
-    block = {"pointwise1": pw1, "depthwise": dw, "pointwise2": pw2, "residual": res, "se": None}
-    return {"first_conv": stem, "blocks": [block], "feature_mix": None, "classifier": cls}
-
-
-def write_archive(path, payload: bytes):
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("archive/data.pkl", payload)
-        zf.writestr("archive/version", "3\n")
-    return path
 
 
 def test_tiny_paper_file_imports_and_runs(tmp_path):

@@ -20,6 +20,7 @@ from ..errors import ModelFormatError, TinyTrainError
 from ..model import Add, Conv2D, GlobalAvgPool, Linear, Model, QuantParams, TensorInfo, check_node, conv_out_hw
 from ..quant import activation_range
 
+
 def _allowed_globals() -> dict:
     """The only globals the paper's pickles need: numpy array reconstruction."""
     import codecs
