@@ -74,30 +74,59 @@ def _const(arr: np.ndarray) -> relax.Constant:
     return relax.const(np.ascontiguousarray(arr))
 
 
+def kernel_attrs(op: str, node: str, **static) -> dict:
+    """PrimFunc attributes that make a kernel call self-describing for the graph passes.
+
+    ``tinytrain.op`` names the operator; the other ``tinytrain.*`` entries are
+    the compile-time constants the passes need (zero points, real scales for
+    the float backward, clamp bounds), so a pass reading the IRModule alone
+    can derive gradients without the original :class:`Model`.
+    """
+    attrs = {"tinytrain.op": op, "tinytrain.node": node}
+    for k, v in static.items():
+        attrs[f"tinytrain.{k}"] = [float(x) for x in v] if isinstance(v, np.ndarray) else v
+    return attrs
+
+
+def emit_kernel(bb, te_fn, args, op: str, node: str, static: dict, te_args=()):
+    """Emit ``call_tir`` of the PrimFunc built from ``te_fn(*args, *te_args)`` with :func:`kernel_attrs`."""
+    return bb.emit_te(te_fn, *args, *te_args, primfunc_name_hint=op, primfunc_attrs=kernel_attrs(op, node, **static))
+
+
 def _emit_node(bb, model: Model, node, values, pvars):
     if isinstance(node, Conv2D):
-        acc = bb.emit_te(te_kernels.conv2d_acc, values[node.input], pvars[param_name(node.name, "weight")],
-                         input_zero(model, node), node.stride, node.groups, primfunc_name_hint="conv2d_acc")
+        xq = model.tensors[node.input].quant
+        acc = emit_kernel(bb, te_kernels.conv2d_acc, (values[node.input], pvars[param_name(node.name, "weight")]), "conv2d_acc", node.name,
+                          {"x_zero": xq.zero_point, "x_scale": xq.scale, "w_scales": node.weight_scales, "stride": node.stride, "groups": node.groups},
+                          (xq.zero_point, node.stride, node.groups))
         return _emit_requant(bb, model, node, acc, pvars)
     if isinstance(node, Linear):
         w, b = pvars[param_name(node.name, "weight")], pvars[param_name(node.name, "bias")]
+        q = model.tensors[node.input].quant
         if node.is_float:
-            q = model.tensors[node.input].quant
-            return bb.emit_te(te_kernels.linear_float, values[node.input], w, b, q.zero_point, q.scale, primfunc_name_hint="linear_float")
-        acc = bb.emit_te(te_kernels.linear_acc, values[node.input], w, input_zero(model, node), primfunc_name_hint="linear_acc")
+            return emit_kernel(bb, te_kernels.linear_float, (values[node.input], w, b), "linear_float", node.name,
+                               {"x_zero": q.zero_point, "x_scale": q.scale}, (q.zero_point, q.scale))
+        acc = emit_kernel(bb, te_kernels.linear_acc, (values[node.input], w), "linear_acc", node.name,
+                          {"x_zero": q.zero_point, "x_scale": q.scale, "w_scales": node.weight_scales}, (q.zero_point,))
         return _emit_requant(bb, model, node, acc, pvars)
     if isinstance(node, Add):
         p = add_requant(model, node)
-        return bb.emit_te(te_kernels.add, values[node.lhs], values[node.rhs], p.a_zero, p.b_zero, p.a_mult, p.b_mult,
-                          p.shift, p.y_zero, p.qmin, p.qmax, primfunc_name_hint="add_int8")
+        scales = {k: model.tensors[t].quant.scale for k, t in (("a_scale", node.lhs), ("b_scale", node.rhs), ("y_scale", node.output))}
+        return emit_kernel(bb, te_kernels.add, (values[node.lhs], values[node.rhs]), "add_int8", node.name,
+                           {"y_zero": p.y_zero, "qmin": p.qmin, "qmax": p.qmax, **scales},
+                           (p.a_zero, p.b_zero, p.a_mult, p.b_mult, p.shift, p.y_zero, p.qmin, p.qmax))
     if isinstance(node, GlobalAvgPool):
         rq = pool_requant(model, node)
-        return bb.emit_te(te_kernels.global_avg_pool, values[node.input], input_zero(model, node), int(rq.mult[0]),
-                          int(rq.shift[0]), rq.y_zero, primfunc_name_hint="global_avg_pool")
+        xq, yq = model.tensors[node.input].quant, model.tensors[node.output].quant
+        return emit_kernel(bb, te_kernels.global_avg_pool, (values[node.input],), "global_avg_pool", node.name,
+                           {"x_scale": xq.scale, "y_scale": yq.scale},
+                           (xq.zero_point, int(rq.mult[0]), int(rq.shift[0]), rq.y_zero))
     raise TypeError(f"node {node.name!r}: no Relax lowering for {type(node).__name__}")
 
 
 def _emit_requant(bb, model, node, acc, pvars):
     rq = conv_requant(model, node)
-    return bb.emit_te(te_kernels.requantize, acc, pvars[param_name(node.name, "bias")], _const(rq.mult), _const(rq.shift),
-                      rq.y_zero, rq.qmin, rq.qmax, primfunc_name_hint="requantize")
+    yq = model.tensors[node.output].quant
+    return emit_kernel(bb, te_kernels.requantize, (acc, pvars[param_name(node.name, "bias")], _const(rq.mult), _const(rq.shift)),
+                       "requantize", node.name, {"y_zero": rq.y_zero, "y_scale": yq.scale, "qmin": rq.qmin, "qmax": rq.qmax},
+                       (rq.y_zero, rq.qmin, rq.qmax))
