@@ -1,6 +1,21 @@
-"""tvm-tinytrain's Relax graph passes (AppendLoss, QuantizedGradient, SparseUpdate, ReorderUpdates, PlanMemory).
+"""tvm-tinytrain's Relax graph passes, each a standard ``tvm.transform.Pass``.
 
-Each pass is a standard ``tvm.transform.Pass``, composable with TVM's own in
-``tvm.transform.Sequential`` and configured through ``PassContext`` options.
-They arrive with the training-graph issue; nothing is exported yet.
+Composable with TVM's own passes in ``tvm.transform.Sequential``; options
+come from the constructor or from :func:`pass_config` (see ``config.py`` for
+why not ``PassContext(config=...)``)::
+
+    seq = tvm.transform.Sequential([
+        AppendLoss(num_classes=10), QuantizedGradient(qas=True),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), PlanMemory(),
+    ])
+    train_mod = seq(inference_mod)
 """
+
+from .append_loss import AppendLoss
+from .config import pass_config
+from .plan_memory import MemoryPlan, PlanMemory, memory_plan
+from .quantized_gradient import QuantizedGradient
+from .reorder_updates import ReorderUpdates
+from .sparse_update import SparseUpdate
+
+__all__ = ["AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config"]

@@ -67,7 +67,10 @@ def build_relax(model: Model, batch: int = 1) -> tuple[tvm.IRModule, dict[str, n
                 values[node.output] = _emit_node(bb, model, node, values, pvars)
             out = bb.emit_output(values[model.output])
         bb.emit_func_output(out)
-    return bb.get(), params
+    # The values travel with the module so passes that choose channels by weight magnitude need nothing else.
+    init = {k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()}
+    mod = bb.get().with_attr("tinytrain.param_init", init).with_attr("tinytrain.model_name", model.name)
+    return mod, params
 
 
 def _const(arr: np.ndarray) -> relax.Constant:
@@ -90,6 +93,7 @@ def kernel_attrs(op: str, node: str, **static) -> dict:
 
 def emit_kernel(bb, te_fn, args, op: str, node: str, static: dict, te_args=()):
     """Emit ``call_tir`` of the PrimFunc built from ``te_fn(*args, *te_args)`` with :func:`kernel_attrs`."""
+    static = {k: v for k, v in static.items() if k not in ("op", "node")}  # when re-emitting decoded attrs
     return bb.emit_te(te_fn, *args, *te_args, primfunc_name_hint=op, primfunc_attrs=kernel_attrs(op, node, **static))
 
 
@@ -113,7 +117,8 @@ def _emit_node(bb, model: Model, node, values, pvars):
         p = add_requant(model, node)
         scales = {k: model.tensors[t].quant.scale for k, t in (("a_scale", node.lhs), ("b_scale", node.rhs), ("y_scale", node.output))}
         return emit_kernel(bb, te_kernels.add, (values[node.lhs], values[node.rhs]), "add_int8", node.name,
-                           {"y_zero": p.y_zero, "qmin": p.qmin, "qmax": p.qmax, **scales},
+                           {"a_zero": p.a_zero, "b_zero": p.b_zero, "a_mult": p.a_mult, "b_mult": p.b_mult, "shift": p.shift,
+                            "y_zero": p.y_zero, "qmin": p.qmin, "qmax": p.qmax, **scales},
                            (p.a_zero, p.b_zero, p.a_mult, p.b_mult, p.shift, p.y_zero, p.qmin, p.qmax))
     if isinstance(node, GlobalAvgPool):
         rq = pool_requant(model, node)

@@ -1,0 +1,154 @@
+"""The buffers of a training step and when each is alive: shared by ReorderUpdates and PlanMemory.
+
+A buffer is one tensor a kernel writes (each field of a multi-output kernel
+is its own buffer), plus each kernel's internal workspace (its PrimFunc's
+intermediate stages), alive only while it runs.  ``TupleGetItem`` and plain
+var-to-var bindings alias a buffer.  SGD updates write in place into their
+parameter, so they allocate nothing.  The image, label and learning rate are
+arena buffers; trainable parameters live in RAM outside the arena; frozen
+parameters and constants live in flash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import relax
+
+from ._ir import decode
+
+DTYPE_BYTES = {"int8": 1, "uint8": 1, "int32": 4, "float32": 4, "int64": 8}
+
+SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
+PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
+GRAD_OPS = ("apply_mask", "conv2d_input_grad", "global_avg_pool_grad", "add_f32")
+
+
+def type_bytes(ty) -> int:
+    return int(np.prod([int(d) for d in ty.shape])) * DTYPE_BYTES[str(ty.dtype)]
+
+
+def _field_kind(op: str, index: int) -> str:
+    if op in ("requantize_with_mask", "add_with_mask"):
+        return "activation" if index == 0 else "mask"
+    if op == "softmax_cross_entropy":
+        return "activation" if index == 0 else "gradient"
+    if op == "linear_float_grads":
+        return "gradient" if index == 0 else "weight_gradient"
+    if op in PARAM_GRAD_OPS:
+        return "weight_gradient"
+    if op in GRAD_OPS:
+        return "gradient"
+    return "activation"
+
+
+@dataclass
+class Buffer:
+    name: str
+    size: int
+    start: int  # index of the binding that writes it (-1: a function input)
+    end: int  # index of the last binding that reads it (len(bindings): a function output)
+    kind: str  # input | activation | mask | gradient | weight_gradient | workspace
+    offset: int | None = None
+
+    def overlaps_in_time(self, other: Buffer) -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+
+@dataclass
+class StepBuffers:
+    """Buffers of a function, its trainable and frozen parameters, and per-binding facts."""
+
+    buffers: list[Buffer]
+    trainable_bytes: int
+    frozen_bytes: int
+    bindings: list
+    ops: list[str]  # kernel op per binding ('' for aliases and tuples)
+    nodes: list[str]
+    reads: list[set[int]] = field(default_factory=list)  # buffer ids read by each binding
+
+
+def analyze(mod, func: relax.Function) -> StepBuffers:
+    """Liveness of every buffer of ``func`` (a single dataflow block) in its current binding order."""
+    bindings = list(func.body.blocks[0].bindings)
+    updated = set(func.attrs["tinytrain.updated_params"]) if func.attrs and "tinytrain.updated_params" in func.attrs else set()
+    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 1
+    buffers: list[Buffer] = []
+    root: dict[relax.Var, object] = {}  # var -> buffer index, tuple of indices, or None (not in the arena)
+    trainable = frozen = 0
+    for i, p in enumerate(func.params):
+        if i < num_input:
+            root[p] = len(buffers)
+            buffers.append(Buffer(p.name, type_bytes(p.ty), -1, -1, "input"))
+        else:
+            root[p] = None
+            if p.name in updated:
+                trainable += type_bytes(p.ty)
+            else:
+                frozen += type_bytes(p.ty)
+
+    ops, nodes, reads = [], [], []
+
+    def use(expr, i, acc: set[int]):
+        if isinstance(expr, relax.Var):
+            r = root.get(expr)
+            for b in (r if isinstance(r, tuple) else (r,)):
+                if b is not None:
+                    buffers[b].end = max(buffers[b].end, i)
+                    acc.add(b)
+        elif isinstance(expr, relax.Tuple):
+            for f in expr.fields:
+                use(f, i, acc)
+
+    for i, binding in enumerate(bindings):
+        value, var = binding.value, binding.var
+        call = decode(mod, binding)
+        acc: set[int] = set()
+        if call is not None:
+            for a in call.args:
+                use(a, i, acc)
+            if call.op in SGD_OPS:
+                root[var] = None  # in place, into the parameter
+            else:
+                tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
+                idx = []
+                for k, ty in enumerate(tys):
+                    idx.append(len(buffers))
+                    name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
+                    buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))
+                root[var] = idx[0] if len(idx) == 1 else tuple(idx)
+                ws = _workspace_bytes(mod[call.gvar])
+                if ws:
+                    buffers.append(Buffer(f"{var.name}.workspace", ws, i, i, "workspace"))
+        elif isinstance(value, relax.TupleGetItem):  # an alias of one field: the reader is its consumer
+            r = root.get(value.tuple_value)
+            root[var] = r[value.index] if isinstance(r, tuple) else r
+        elif isinstance(value, relax.Var):
+            root[var] = root.get(value)
+        else:
+            use(value, i, acc)
+        ops.append(call.op if call is not None else "")
+        nodes.append(call.node if call is not None else "")
+        reads.append(acc)
+    use(func.body.body, len(bindings), set())
+    return StepBuffers(buffers, trainable, frozen, bindings, ops, nodes, reads)
+
+
+def _workspace_bytes(prim_func) -> int:
+    """Bytes of the intermediate stages a kernel allocates for itself (upper bound, before compaction)."""
+    body = prim_func.body
+    block = getattr(body, "block", None)
+    if block is None:
+        return 0
+    return sum(int(np.prod([int(d) for d in b.shape])) * DTYPE_BYTES[str(b.dtype)] for b in block.alloc_buffers)
+
+
+def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:
+    """Per binding: bytes alive while it runs, by buffer kind."""
+    n = len(sb.bindings)
+    timeline = [dict.fromkeys(("input", "activation", "mask", "gradient", "weight_gradient", "workspace"), 0) for _ in range(n)]
+    for b in sb.buffers:
+        for t in range(max(b.start, 0), min(b.end, n - 1) + 1):
+            timeline[t][b.kind] += b.size
+    return timeline

@@ -1,0 +1,55 @@
+"""Options of tinytrain's passes, set for a whole pipeline.
+
+TVM 0.27 only accepts ``PassContext(config=...)`` keys registered from C++
+(``TVM_REGISTER_PASS_CONFIG_OPTION``), which a pure-Python plugin cannot do.
+So the passes read their defaults from this context instead, used beside
+TVM's own::
+
+    with tvm.transform.PassContext(opt_level=3), pass_config(qas=False, num_classes=10):
+        mod = tvm.transform.Sequential([AppendLoss(), QuantizedGradient()])(mod)
+
+An argument given to a pass's constructor wins over the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from tvm_tinytrain.errors import TinyTrainError
+
+DEFAULTS = {
+    "num_classes": 10,  # AppendLoss: classes of the new float32 head
+    "head_seed": 0,  # AppendLoss: seed of the new head's initial weights
+    "qas": True,  # QuantizedGradient: quantization-aware scaling of int8 weight/bias gradients
+    "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
+    "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
+    "alignment": 16,  # PlanMemory: byte alignment of arena offsets
+}
+
+_local = threading.local()
+
+
+def _stack() -> list[dict]:
+    if not hasattr(_local, "stack"):
+        _local.stack = [dict(DEFAULTS)]
+    return _local.stack
+
+
+@contextlib.contextmanager
+def pass_config(**options):
+    """Set pass options for the ``with`` body; unknown names are an error naming them."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TinyTrainError(f"unknown tinytrain pass option(s) {unknown}; known: {sorted(DEFAULTS)}")
+    stack = _stack()
+    stack.append({**stack[-1], **options})
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def option(name: str, given=None):
+    """``given`` when not None, else the innermost :func:`pass_config` value."""
+    return given if given is not None else _stack()[-1][name]

@@ -1,0 +1,128 @@
+"""PlanMemory: one static arena for a training step, with byte offsets and a proof of no overlap.
+
+Every buffer of ``train_step`` (see ``_buffers.py``: kernel outputs, masks,
+gradients, kernel workspaces, the image) gets a fixed offset in one arena.
+Offsets come from a greedy best-fit over lifetimes (largest buffers first);
+:func:`validate_plan` then checks that no two buffers alive at the same time
+share a byte, so the C step function can use the offsets as they are.
+
+Peak SRAM = arena + trainable parameters kept in RAM (the frozen ones and the
+fixed-point constants are ``const``, in flash).  The plan and its report go to
+the function attribute ``tinytrain.memory_plan`` (JSON), and
+:func:`memory_plan` returns them as a :class:`MemoryPlan`.
+
+Before::
+
+    def train_step(input, label, lr, ...):
+        lv = R.call_tir(cls.conv2d_acc, ...)
+
+After: the same function, with ``R.func_attr({"tinytrain.memory_plan": "{\\"arena_bytes\\": 150528, ...}"})``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import tvm
+
+from tvm_tinytrain.errors import TinyTrainError
+
+from ._buffers import Buffer, analyze, live_bytes_timeline
+from ._ir import get_function, with_function
+from .config import option
+
+
+@dataclass
+class MemoryPlan:
+    arena_bytes: int  # the arena's size: offsets + sizes, fragmentation included
+    peak_live_bytes: int  # most bytes alive at once (the arena's lower bound)
+    trainable_param_bytes: int
+    frozen_param_bytes: int  # flash
+    peak_index: int
+    peak_parts: dict[str, int]  # bytes by kind at the peak (masks, activations, gradients, ...)
+    timeline: list[dict]  # per op: index, op, node, bytes by kind
+    buffers: list[dict]  # name, size, start, end, kind, offset
+
+    @property
+    def peak_sram_bytes(self) -> int:
+        return self.arena_bytes + self.trainable_param_bytes
+
+    def report(self) -> dict:
+        return {
+            "peak_sram_bytes": self.peak_sram_bytes,
+            "parts": {
+                "arena_bytes": self.arena_bytes,
+                "trainable_param_bytes": self.trainable_param_bytes,
+                **{f"peak_{k}_bytes": v for k, v in self.peak_parts.items()},
+            },
+            "peak_live_bytes": self.peak_live_bytes,
+            "frozen_param_bytes_flash": self.frozen_param_bytes,
+            "peak_op": self.timeline[self.peak_index] if self.timeline else None,
+        }
+
+
+def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
+    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime."""
+
+    def align(v):
+        return (v + alignment - 1) // alignment * alignment
+
+    placed: list[Buffer] = []
+    for b in sorted(buffers, key=lambda b: (-b.size, b.start, b.name)):
+        busy = sorted((p.offset, p.offset + p.size) for p in placed if p.overlaps_in_time(b))
+        offset = 0
+        for lo, hi in busy:
+            if offset + b.size <= lo:
+                break
+            offset = max(offset, align(hi))
+        b.offset = offset
+        placed.append(b)
+    return max((b.offset + b.size for b in buffers), default=0)
+
+
+def validate_plan(buffers: list[Buffer]) -> None:
+    """Raise if two buffers alive at the same time overlap in the arena."""
+    by_offset = sorted(buffers, key=lambda b: b.offset)
+    for i, a in enumerate(by_offset):
+        for b in by_offset[i + 1:]:
+            if b.offset >= a.offset + a.size:
+                break
+            if a.overlaps_in_time(b) and a.size and b.size:
+                raise TinyTrainError(f"PlanMemory: buffers {a.name!r} [{a.offset}, {a.offset + a.size}) and {b.name!r} "
+                                     f"[{b.offset}, {b.offset + b.size}) overlap while both are alive")
+
+
+def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16) -> MemoryPlan:
+    func = get_function(mod, func_name, "PlanMemory")
+    sb = analyze(mod, func)
+    arena = assign_offsets(sb.buffers, alignment)
+    validate_plan(sb.buffers)
+    timeline = live_bytes_timeline(sb)
+    totals = [sum(t.values()) for t in timeline]
+    peak = max(range(len(totals)), key=totals.__getitem__) if totals else 0
+    rows = [{"index": i, "op": sb.ops[i], "node": sb.nodes[i], **t} for i, t in enumerate(timeline)]
+    return MemoryPlan(arena, totals[peak] if totals else 0, sb.trainable_bytes, sb.frozen_bytes, peak,
+                      dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers])
+
+
+def memory_plan(mod: tvm.IRModule, func_name: str = "train_step") -> MemoryPlan:
+    """The plan PlanMemory attached to ``func_name``."""
+    func = get_function(mod, func_name, "memory_plan")
+    if not func.attrs or "tinytrain.memory_plan" not in func.attrs:
+        raise TinyTrainError(f"function {func_name!r} has no memory plan; run PlanMemory first")
+    return MemoryPlan(**json.loads(str(func.attrs["tinytrain.memory_plan"])))
+
+
+@tvm.transform.module_pass(opt_level=0, name="PlanMemory")
+class PlanMemory:
+    """Attach a validated static arena plan to ``train_step``."""
+
+    def __init__(self, func_name: str = "train_step", alignment: int | None = None):
+        self.func_name = func_name
+        self.alignment = alignment
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        result = plan(mod, self.func_name, int(option("alignment", self.alignment)))
+        func = mod[self.func_name].with_attr("tinytrain.memory_plan", json.dumps(asdict(result)))
+        return with_function(mod, self.func_name, func)
