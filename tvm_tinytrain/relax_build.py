@@ -31,7 +31,7 @@ from tvm import relax
 
 from .model import Add, Conv2D, GlobalAvgPool, Linear, Model
 from .ops import te_kernels
-from .ops.constants import add_requant, conv_requant, input_zero, pool_requant
+from .ops.constants import add_requant, conv_requant, pool_requant
 
 
 def param_name(node_name: str, field: str) -> str:
