@@ -30,8 +30,8 @@ def type_bytes(ty) -> int:
 
 
 def _field_kind(op: str, index: int) -> str:
-    if op in ("requantize_with_mask", "add_with_mask"):
-        return "activation" if index == 0 else "mask"
+    if op == "clamp_mask":
+        return "mask"
     if op == "softmax_cross_entropy":
         return "activation" if index == 0 else "gradient"
     if op == "linear_float_grads":

@@ -6,8 +6,8 @@ real values they encode (``real = scale * (q - zero)``).  This pass therefore
 applies our own rule per kernel (read from the ``tinytrain.op`` attribute),
 with float32 backward arithmetic:
 
-- requantize / residual add + clamp: the forward kernel also emits a packed
-  1-bit mask of unsaturated outputs; the backward multiplies by it;
+- requantize / residual add + clamp: a ``clamp_mask`` kernel packs 1 bit per
+  output (1 = strictly inside the clamp range); the backward selects by it;
 - conv2d: input gradient (transposed conv with ``w_scale * W``), weight and
   bias gradients;
 - global average pool, the float32 classifier, softmax cross-entropy.
@@ -35,10 +35,10 @@ Before (``main`` from AppendLoss)::
 After (added)::
 
     def train_step(input, label, lr: R.Tensor((1,), "float32"), w0, b0, ...):
-        t = R.call_tir(cls.requantize_with_mask, (lv, b0, c0, c1), [R.Tensor(.., "int8"), R.Tensor((n,), "uint8")])
-        lv1 = t[0]
+        lv1 = R.call_tir(cls.requantize, (lv, b0, c0, c1), R.Tensor((1, 8, 64, 64), "int8"))
+        m1 = R.call_tir(cls.clamp_mask, (lv1,), R.Tensor((4096,), "uint8"))
         ...
-        g_acc = R.call_tir(cls.apply_mask, (g_lv1, t[1]), ...)
+        g_acc = R.call_tir(cls.apply_mask, (g_lv1, m1), ...)
         g_w0 = R.call_tir(cls.conv2d_weight_grad, (input, g_acc, s), ...)
         ...
         w0_new = R.call_tir(cls.sgd_update_int8, (w0, g_w0, lr), ...)
@@ -161,9 +161,6 @@ def emit_weight_grad(bb, args, node: str, attrs: dict, depthwise_channels):
                        args, "conv2d_weight_grad", node, attrs)
 
 
-_FORWARD_WITH_MASK = {"requantize": "requantize_with_mask", "add_int8": "add_with_mask"}
-
-
 @tvm.transform.module_pass(opt_level=0, name="QuantizedGradient")
 class QuantizedGradient:
     """Add ``train_step``: forward with masks, backward, QAS, and SGD updates of every parameter."""
@@ -205,7 +202,7 @@ class QuantizedGradient:
 
     @staticmethod
     def _forward(mod, bb, bindings, calls, back: _Backward):
-        """Re-emit the forward, switching clamping kernels to their masked twins; seed d loss / d logits."""
+        """Re-emit the forward with a mask kernel after each clamp; seed d loss / d logits."""
         loss = ce_var = None
         for binding, call in zip(bindings, calls):
             if call is None:
@@ -215,24 +212,14 @@ class QuantizedGradient:
                     loss = binding.var
                 continue
             back.producers[call.var] = call
-            masked = _FORWARD_WITH_MASK.get(call.op)
-            if masked is None:
-                bb.emit_normalized(binding)
-                if call.op == "softmax_cross_entropy":
-                    ce_var = call.var
-                    back.adjoint[call.args[0]] = bb.emit(relax.TupleGetItem(call.var, 1))
-                continue
-            a = call.attrs
-            if call.op == "requantize":
-                te_args = (a["y_zero"], a["qmin"], a["qmax"])
-                fn = te_backward.requantize_with_mask
-            else:
-                te_args = (a["a_zero"], a["b_zero"], a["a_mult"], a["b_mult"], a["shift"], a["y_zero"], a["qmin"], a["qmax"])
-                fn = te_backward.add_with_mask
-            pair = emit_kernel(bb, fn, call.args, masked, call.node, a, te_args)
-            # Keep the original var bound to the int8 output so later bindings stay valid.
-            bb.emit_normalized(relax.VarBinding(call.var, relax.TupleGetItem(pair, 0)))
-            back.masks[call.var] = bb.emit(relax.TupleGetItem(pair, 1))
+            bb.emit_normalized(binding)
+            if call.op == "softmax_cross_entropy":
+                ce_var = call.var
+                back.adjoint[call.args[0]] = bb.emit(relax.TupleGetItem(call.var, 1))
+            elif call.op in ("requantize", "add_int8"):  # the clamp's gradient, if SparseUpdate keeps a reader
+                qmin, qmax = call.attrs["qmin"], call.attrs["qmax"]
+                back.masks[call.var] = emit_kernel(bb, te_backward.clamp_mask, (call.var,), "clamp_mask", call.node,
+                                                   {"qmin": qmin, "qmax": qmax}, (qmin, qmax))
         if loss is None:
             raise TinyTrainError("QuantizedGradient: could not find the loss output of softmax_cross_entropy")
         return loss

@@ -8,8 +8,8 @@ channels), so its gradient kernel reads a saved slice of the conv input
 (``gather_channels``, taken right after the forward conv) instead of the
 whole input.  Then dead-code elimination removes every backward kernel no
 kept update needs; in particular the input-gradient chain stops at the
-earliest trained layer, frozen layers keep no activations, and a clamp whose
-mask nobody reads goes back to the mask-free kernel.
+earliest trained layer, frozen layers keep no activations, and no mask is
+computed for a clamp the gradient does not cross.
 
 The scheme is a spelling of ``tvm_tinytrain.scheme.parse_scheme`` (e.g.
 ``paper-99kb``, ``bias-only:8``, ``last-k:4``, ``full`` or a JSON path), or a
@@ -38,7 +38,7 @@ import tvm
 from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
-from tvm_tinytrain.ops import te_backward, te_kernels
+from tvm_tinytrain.ops import te_backward
 from tvm_tinytrain.relax_build import emit_kernel
 from tvm_tinytrain.scheme import SparseScheme, selected_channels, validate_scheme
 
@@ -116,8 +116,7 @@ class SparseUpdate:
         new_func = out[self.func_name].with_attrs({**attrs, "tinytrain.updated_params": updated,
                                                     "tinytrain.scheme": scheme.name, "tinytrain.scheme_json": str(scheme.to_json())})
         out = with_function(out, self.func_name, new_func)
-        out = relax.transform.DeadCodeElimination(_relax_functions(out))(out)
-        return _drop_unread_masks(out, self.func_name)
+        return relax.transform.DeadCodeElimination(_relax_functions(out))(out)
 
     @staticmethod
     def _rewrite(mod, bb, bindings, calls, keep, channels):
@@ -127,6 +126,7 @@ class SparseUpdate:
             raise TinyTrainError("SparseUpdate: 'train_step' must end in the (loss, *updated params) tuple of QuantizedGradient")
         partial = {name: chans for name, chans in channels.items() if len(chans) < _channel_count(mod, calls, name)}
         saved: dict[relax.Var, relax.Var] = {}  # conv input -> its saved channel slice
+        sliced_grads: dict[relax.Var, relax.Var] = {}  # full weight gradient -> its channel-sliced replacement
         new_values = []
         for binding, call in zip(bindings[:-1], calls[:-1]):
             param = call.attrs.get("param") if call is not None else None
@@ -136,13 +136,18 @@ class SparseUpdate:
                 new_values.append((param, binding.var))
                 if param in partial and call.op == "sgd_update_int8":
                     a = call.attrs
-                    _rebind(bb, binding, emit_kernel(bb, te_backward.sgd_update_int8, tuple(call.args), call.op, call.node,
+                    p, g, lr = call.args
+                    _rebind(bb, binding, emit_kernel(bb, te_backward.sgd_update_int8, (p, sliced_grads[g], lr), call.op, call.node,
                                                      {**a, "channels": list(partial[param])}, (a["channel_axis"], partial[param])))
                     continue
             elif call is not None and call.op == "conv2d_weight_grad" and param in partial:
                 a, chans = call.attrs, partial[param]
-                _rebind(bb, binding, emit_weight_grad(bb, (saved[call.args[0]], *call.args[1:]), call.node, {**a, "channels": list(chans)},
-                                                      chans if a["depthwise"] else None))
+                scale = call.args[2]
+                if a["depthwise"]:  # one scale per gradient row: the kept channels'
+                    scale = relax.const(scale.value.numpy()[list(chans)])
+                # A new var: the sliced gradient has another shape than the full one it replaces.
+                sliced_grads[binding.var] = emit_weight_grad(bb, (saved[call.args[0]], call.args[1], scale), call.node,
+                                                             {**a, "channels": list(chans)}, chans if a["depthwise"] else None)
                 continue
             bb.emit_normalized(binding)
             if call is not None and call.op == "conv2d_acc" and call.args[1].name in partial:
@@ -168,38 +173,9 @@ def _channel_count(mod, calls, weight_name) -> int:
 def _bias_of(calls, conv_call):
     """The bias parameter of a conv: the second argument of the clamp kernel reading its accumulator."""
     for c in calls:
-        if c is not None and c.op in ("requantize", "requantize_with_mask") and c.args[0].same_as(conv_call.var):
+        if c is not None and c.op == "requantize" and c.args[0].same_as(conv_call.var):
             return c.args[1]
     raise TinyTrainError(f"SparseUpdate: node {conv_call.node!r}: no requantize follows the conv")
-
-
-def _drop_unread_masks(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
-    """A masked clamp whose mask no kernel reads goes back to the plain clamp kernel (no mask memory)."""
-    func = mod[func_name]
-    bindings = list(func.body.blocks[0].bindings)
-    mask_read = {b.value.tuple_value for b in bindings if isinstance(b.value, relax.TupleGetItem) and b.value.index == 1}
-    plain = {"requantize_with_mask": (te_kernels.requantize, "requantize"), "add_with_mask": (te_kernels.add, "add_int8")}
-    replaced: dict[relax.Var, relax.Var] = {}
-    bb = builder_without(mod, func_name)
-    with bb.function(func_name, list(func.params), attrs=dict(func.attrs.items())):
-        with bb.dataflow():
-            for b in bindings:
-                call = decode(mod, b)
-                value = b.value
-                if call is not None and call.op in plain and b.var not in mask_read:
-                    fn, op = plain[call.op]
-                    a = call.attrs
-                    te_args = ((a["y_zero"], a["qmin"], a["qmax"]) if op == "requantize" else
-                               (a["a_zero"], a["b_zero"], a["a_mult"], a["b_mult"], a["shift"], a["y_zero"], a["qmin"], a["qmax"]))
-                    replaced[b.var] = emit_kernel(bb, fn, tuple(call.args), op, call.node, a, te_args)
-                elif isinstance(value, relax.TupleGetItem) and value.tuple_value in replaced:
-                    _rebind(bb, b, replaced[value.tuple_value])
-                else:
-                    bb.emit_normalized(b)
-            out = bb.emit_output(func.body.body)
-        bb.emit_func_output(out)
-    out_mod = bb.get()
-    return relax.transform.DeadCodeElimination(_relax_functions(out_mod))(out_mod)
 
 
 def _relax_functions(mod) -> list[str]:

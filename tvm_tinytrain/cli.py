@@ -70,6 +70,67 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from .trainer import build_training_module
+
+    model = _load(args)
+    from relax_passes import memory_plan
+
+    plan = memory_plan(build_training_module(model, args.scheme, args.num_classes, reorder=not args.no_reorder))
+    report = {"model": model.name, "scheme": args.scheme, "reorder": not args.no_reorder, **plan.report()}
+    if args.plot:
+        from .plots import plot_memory_timeline
+
+        plot_memory_timeline({f"{args.scheme}{'' if not args.no_reorder else ' (no reorder)'}": plan}, args.plot, model.name)
+        report["plot"] = args.plot
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    kb = 1024
+    print(f"{model.name} {args.scheme} ({'reordered' if report['reorder'] else 'updates after the backward'}): "
+          f"peak SRAM {plan.peak_sram_bytes / kb:.1f} KB = arena {plan.arena_bytes / kb:.1f} KB + trainable params "
+          f"{plan.trainable_param_bytes / kb:.1f} KB")
+    print("  at the peak (op %d, %s %s): " % (plan.peak_index, report["peak_op"]["op"], report["peak_op"]["node"])
+          + ", ".join(f"{k} {v / kb:.1f} KB" for k, v in plan.peak_parts.items() if v))
+    print(f"  frozen weights in flash: {plan.frozen_param_bytes / kb:.1f} KB")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .data import load_data
+    from .trainer import Int8Trainer
+
+    model = _load(args)
+    trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas)
+    train_x, train_y, test_x, test_y = load_data(args.data, model.input_info.shape, args.num_classes, args.seed)
+    if test_x is None:
+        test_x, test_y = train_x, train_y
+    log = {"model": model.name, "scheme": args.scheme, "epochs": [], "accuracy_before": trainer.evaluate(test_x, test_y)}
+    print(f"accuracy before: {log['accuracy_before']:.1%} on {len(test_y)} test images", file=sys.stderr)
+    rng = np.random.default_rng(args.seed)
+    for epoch in range(args.epochs):
+        order = rng.permutation(len(train_y))
+        losses = []
+        for i, k in enumerate(order):
+            losses.append(trainer.step(train_x[k], int(train_y[k])))
+            _progress(f"epoch {epoch + 1}/{args.epochs}", i + 1, len(order), np.mean(losses[-50:]))
+        acc = trainer.evaluate(test_x, test_y)
+        print(f"\repoch {epoch + 1}/{args.epochs}: mean loss {np.mean(losses):.3f}, test accuracy {acc:.1%}" + " " * 20, file=sys.stderr)
+        log["epochs"].append({"mean_loss": float(np.mean(losses)), "accuracy": acc})
+    if args.save:
+        trainer.save(args.save)
+        log["weights"] = args.save
+    if args.json:
+        print(json.dumps(log))
+    return 0
+
+
+def _progress(label: str, done: int, total: int, loss: float) -> None:
+    width = 30
+    filled = width * done // total
+    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.3f}", end="", file=sys.stderr, flush=True)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -92,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("images", nargs="+", help="image files (RGB; centre-cropped and resized to the model input)")
     sp.add_argument("--top", type=int, default=5, help="how many classes to report")
     sp.set_defaults(func=cmd_predict)
+    sp = model_cmd("memory", "peak SRAM of one training step and its parts (static arena plan)")
+    sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
+    sp.add_argument("--no-reorder", action="store_true", help="run every update after the whole backward (the baseline)")
+    sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
+    sp.add_argument("--plot", help="write the per-op memory timeline to this .png")
+    sp.set_defaults(func=cmd_memory)
+    sp = model_cmd("train", "train on the host with the TVM-compiled int8 step")
+    sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
+    sp.add_argument("--data", default="digits", help="'digits' (scikit-learn) or a .npz with images/labels (+ test_images/test_labels)")
+    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--lr", type=float, default=0.05)
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--no-qas", action="store_true", help="train without quantization-aware scaling")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--save", help="write all parameters to this .npz")
+    sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("demo", help="the main job on the default model and data")
     sp.set_defaults(func=cmd_demo)
     return p

@@ -69,8 +69,15 @@ def linear_acc(x: np.ndarray, w: np.ndarray, x_zero: int) -> np.ndarray:
 
 
 def linear_float(x: np.ndarray, x_zero: int, x_scale: float, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 logits: dequantize, sum the products over the inputs in order, then add the bias.
+
+    The sum runs in the kernel's order (not BLAS's) so training can compare logits bit for bit.
+    """
     xf = (x.astype(np.float32) - np.float32(x_zero)) * np.float32(x_scale)
-    return (xf @ w.T + b).astype(np.float32)
+    acc = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    for k in range(x.shape[1]):
+        acc = acc + xf[:, k, None] * w[None, :, k]
+    return acc + b
 
 
 def run_node(model: Model, node, values: dict[str, np.ndarray]) -> np.ndarray:

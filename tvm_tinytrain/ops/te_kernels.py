@@ -43,19 +43,31 @@ def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int
     return te.compute((n, o, ho, wo), body, name="acc")
 
 
+def clamp_int8(v, qmin: int, qmax: int):
+    """The output clamp (which is also the folded activation) and the cast to int8."""
+    return tirx.max(tirx.min(v, qmax), qmin).astype("int8")
+
+
+def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor, y_zero: int, idx):
+    """int64 value of :func:`requantize` at ``idx`` before the clamp (the backward's mask tests it)."""
+    c = idx[1]
+    total = acc[idx].astype("int64")
+    if bias is not None:
+        total = tirx.max(tirx.min(total + bias[c].astype("int64"), INT32_MAX), INT32_MIN)
+    return _rshift_round(total * mult[c].astype("int64"), shift[c].astype("int64")) + y_zero
+
+
 def requantize(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor,
                y_zero: int, qmin: int, qmax: int) -> te.Tensor:
     """Per-channel (axis 1) int32 -> int8 with saturating bias add and clamp."""
+    return te.compute(acc.shape, lambda *idx: clamp_int8(requant_preclamp(acc, bias, mult, shift, y_zero, idx), qmin, qmax), name="requant")
 
-    def body(*idx):
-        c = idx[1]
-        total = acc[idx].astype("int64")
-        if bias is not None:
-            total = tirx.max(tirx.min(total + bias[c].astype("int64"), INT32_MAX), INT32_MIN)
-        y = _rshift_round(total * mult[c].astype("int64"), shift[c].astype("int64")) + y_zero
-        return tirx.max(tirx.min(y, qmax), qmin).astype("int8")
 
-    return te.compute(acc.shape, body, name="requant")
+def add_preclamp(a: te.Tensor, b: te.Tensor, a_zero: int, b_zero: int, a_mult: int, b_mult: int, shift: int, y_zero: int, idx):
+    """int64 value of :func:`add` at ``idx`` before the clamp (the backward's mask tests it)."""
+    ta = (a[idx].astype("int64") - a_zero) * tirx.const(a_mult, "int64")
+    tb = (b[idx].astype("int64") - b_zero) * tirx.const(b_mult, "int64")
+    return _rshift_round(ta + tb, tirx.const(shift, "int64")) + y_zero
 
 
 def add(a: te.Tensor, b: te.Tensor, a_zero: int, b_zero: int, a_mult: int, b_mult: int,
@@ -63,10 +75,7 @@ def add(a: te.Tensor, b: te.Tensor, a_zero: int, b_zero: int, a_mult: int, b_mul
     """Residual add, both operands rescaled to the output's params with one shared shift."""
 
     def body(*idx):
-        ta = (a[idx].astype("int64") - a_zero) * tirx.const(a_mult, "int64")
-        tb = (b[idx].astype("int64") - b_zero) * tirx.const(b_mult, "int64")
-        y = _rshift_round(ta + tb, tirx.const(shift, "int64")) + y_zero
-        return tirx.max(tirx.min(y, qmax), qmin).astype("int8")
+        return clamp_int8(add_preclamp(a, b, a_zero, b_zero, a_mult, b_mult, shift, y_zero, idx), qmin, qmax)
 
     return te.compute(a.shape, body, name="add")
 
@@ -93,11 +102,16 @@ def linear_acc(x: te.Tensor, w: te.Tensor, x_zero: int) -> te.Tensor:
     return te.compute((n, o), lambda b, oc: te.sum((x[b, r].astype("int32") - x_zero) * w[oc, r].astype("int32"), axis=r), name="acc")
 
 
+def dequantize_f32(v, zero: int, scale: float):
+    """float32 real value ``(float(v) - zero) * scale`` of one int8 element; the float head and its gradient share it."""
+    return (v.astype("float32") - tirx.const(zero, "float32")) * tirx.const(scale, "float32")
+
+
 def linear_float(x: te.Tensor, w: te.Tensor, bias: te.Tensor, x_zero: int, x_scale: float) -> te.Tensor:
     """float32 logits of the dequantized int8 input: ``((x - x_zero) * x_scale) @ w.T + bias``."""
     n, i = x.shape
     o = w.shape[0]
     r = te.reduce_axis((0, i), "ri")
-    xf = te.compute((n, i), lambda b, k: (x[b, k].astype("float32") - tirx.const(x_zero, "float32")) * tirx.const(x_scale, "float32"), name="xf")
+    xf = te.compute((n, i), lambda b, k: dequantize_f32(x[b, k], x_zero, x_scale), name="xf")
     mm = te.compute((n, o), lambda b, oc: te.sum(xf[b, r] * w[oc, r], axis=r), name="mm")
     return te.compute((n, o), lambda b, oc: mm[b, oc] + bias[oc], name="logits")

@@ -1,0 +1,383 @@
+"""Backward kernels: TIR (llvm) == numpy reference bit for bit, and the math is right.
+
+Bit-exactness is checked on random shapes; correctness separately, against
+central finite differences of the real-valued forward in float64 (convs,
+softmax cross-entropy, pooling, the float classifier), against the QAS
+relation of ``../shared/PAPER.md`` section 2, and on hand-made saturating
+updates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_ops import add_cases, requant_cases
+from tvm import te
+
+from tvm_tinytrain.errors import TinyTrainError
+from tvm_tinytrain.ops import reference, te_backward, te_kernels
+from tvm_tinytrain.ops import reference_backward as ref
+from tvm_tinytrain.quant import INT32_MAX, INT32_MIN
+
+SETTINGS = settings(max_examples=15, deadline=None)
+F32 = np.float32
+
+
+def compile_te(build, *arrays):
+    """Compile ``build(*placeholders)`` (one tensor or a tuple) for llvm; returns ``call(*arrays) -> output(s)``.
+
+    The placeholders take the shapes and dtypes of ``arrays``; the returned function may be called with any
+    arrays of those shapes, so a config is compiled once however many values it is tested on.
+    """
+    phs = [te.placeholder(a.shape, str(a.dtype), f"in{i}") for i, a in enumerate(arrays)]
+    outs = build(*phs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    fn = tvm.compile(te.create_prim_func([*phs, *outs]), target="llvm")
+
+    def call(*values):
+        res = [tvm.runtime.empty([int(d) for d in o.shape], o.dtype) for o in outs]
+        fn(*[tvm.runtime.tensor(np.ascontiguousarray(v)) for v in values], *res)
+        res = [r.numpy() for r in res]
+        return res[0] if len(res) == 1 else tuple(res)
+
+    return call
+
+
+def run_te(build, *arrays):
+    return compile_te(build, *arrays)(*arrays)
+
+
+def assert_same(got, want):
+    """Bit-exact float32 equality (dtype and every bit, so -0.0 != 0.0)."""
+    assert got.dtype == want.dtype == F32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def central_diff(f, x: np.ndarray, eps: float) -> np.ndarray:
+    """float64 gradient of scalar ``f`` at ``x`` by central differences, element by element."""
+    x = x.astype(np.float64)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = eps
+        grad[i] = (f(x + e) - f(x - e)) / (2 * eps)
+    return grad
+
+
+def conv_real(x: np.ndarray, w: np.ndarray, stride: int, groups: int) -> np.ndarray:
+    """float64 real-valued conv with zero padding ``(k-1)//2`` (the forward of the int8 conv)."""
+    _, c, h, wd = x.shape
+    o, cg, k, _ = w.shape
+    pad = (k - 1) // 2
+    xs = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    ih = (np.arange(ho) * stride)[:, None] + np.arange(k)
+    iw = (np.arange(wo) * stride)[:, None] + np.arange(k)
+    patches = xs[:, :, ih[:, None, :, None], iw[None, :, None, :]]  # n, c, ho, wo, kh, kw
+    og = o // groups
+    return np.concatenate([np.einsum("nchwij,ocij->nohw", patches[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og]) for g in range(groups)], axis=1)
+
+
+# ---------------------------------------------------------------- masks
+@given(requant_cases())
+@SETTINGS
+def test_clamp_mask_of_requantize(case):
+    acc, bias, rq = case
+    y = reference.requantize(acc, bias, rq)
+    mask = run_te(lambda t: te_backward.clamp_mask(t, rq.qmin, rq.qmax), y)
+    np.testing.assert_array_equal(mask, ref.clamp_mask(y, rq.qmin, rq.qmax))
+    check_mask_semantics(y, mask, rq.qmin, rq.qmax)
+
+
+@given(add_cases())
+@SETTINGS
+def test_clamp_mask_of_add(case):
+    a, b, p = case
+    y = reference.add(a, b, p)
+    mask = run_te(lambda t: te_backward.clamp_mask(t, p.qmin, p.qmax), y)
+    np.testing.assert_array_equal(mask, ref.clamp_mask(y, p.qmin, p.qmax))
+    check_mask_semantics(y, mask, p.qmin, p.qmax)
+
+
+def check_mask_semantics(y, mask, qmin, qmax):
+    """Exactly the outputs strictly inside the range are unsaturated; padding bits are 0."""
+    assert mask.dtype == np.uint8 and mask.shape == ((y.size + 7) // 8,)
+    bits = ref.unpack_mask(mask, y.shape)
+    np.testing.assert_array_equal(bits, (y > qmin) & (y < qmax))
+    assert not np.unpackbits(mask, bitorder="little")[y.size:].any()
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(0, 2**31))
+@SETTINGS
+def test_apply_mask(shape, seed):
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=shape).astype(F32)
+    g.flat[0] = np.inf  # a masked-out inf must become 0, not NaN
+    bits = rng.random(shape) < 0.5
+    bits.flat[0] = False
+    mask = np.packbits(bits.ravel(), bitorder="little")
+    got = run_te(te_backward.apply_mask, g, mask)
+    assert_same(got, ref.apply_mask(g, mask))
+    assert_same(got, np.where(bits, g, F32(0)))
+
+
+# ---------------------------------------------------------------- convolution
+@st.composite
+def conv_grad_cases(draw, max_c=5, max_hw=9, kernels=(1, 3, 5, 7)):
+    """A conv (depthwise or groups 1), its output gradient, and a channel selection (possibly a strict, unsorted subset)."""
+    depthwise = draw(st.booleans())
+    c = draw(st.integers(1, max_c))
+    o = c if depthwise else draw(st.integers(1, max_c))
+    k, stride, n = draw(st.sampled_from(kernels)), draw(st.sampled_from([1, 2])), draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    order = draw(st.permutations(range(c)))
+    channels = tuple(order[:draw(st.integers(1, c))])
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    pad = (k - 1) // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    return {
+        "x": rng.integers(-128, 128, (n, c, h, w)).astype(np.int8),
+        "x_zero": int(rng.integers(-128, 128)),
+        "w": rng.integers(-128, 128, (o, 1 if depthwise else c, k, k)).astype(np.int8),
+        "w_scales": rng.uniform(0.001, 0.02, o).astype(F32),
+        "g": rng.normal(size=(n, o, ho, wo)).astype(F32),
+        "stride": stride, "groups": c if depthwise else 1, "channels": channels,
+    }
+
+
+def conv_grads(case, scale_fn):
+    """(TIR, reference) pairs of the input, weight and bias gradients; ``scale_fn(rows)`` gives the per-row scales."""
+    x, g, w, ws, stride, groups, channels = (case[key] for key in ("x", "g", "w", "w_scales", "stride", "groups", "channels"))
+    k, zx = w.shape[2], case["x_zero"]
+    dw = channels if groups > 1 else None
+    x_sel = run_te(lambda a: te_backward.gather_channels(a, channels), x)
+    np.testing.assert_array_equal(x_sel, ref.gather_channels(x, channels))
+    w_scale = scale_fn(len(channels) if dw else w.shape[0])
+    b_scale = scale_fn(w.shape[0])
+    return {
+        "input": (run_te(lambda a, b, c: te_backward.conv2d_input_grad(a, b, c, x.shape, stride, groups), g, w, ws),
+                  ref.conv2d_input_grad(g, w, ws, x.shape, stride, groups)),
+        "weight": (run_te(lambda a, b, c: te_backward.conv2d_weight_grad(a, b, zx, stride, k, c, dw), x_sel, g, w_scale),
+                   ref.conv2d_weight_grad(x_sel, g, zx, stride, k, w_scale, dw)),
+        "bias": (run_te(te_backward.bias_grad, g, b_scale), ref.bias_grad(g, b_scale)),
+    }
+
+
+@given(conv_grad_cases(), st.integers(0, 2**31))
+@settings(max_examples=25, deadline=None)
+def test_conv_grads_match_reference(case, seed):
+    rng = np.random.default_rng(seed)
+    for got, want in conv_grads(case, lambda rows: rng.uniform(0.1, 10.0, rows).astype(F32)).values():
+        assert_same(got, want)
+
+
+@given(conv_grad_cases(max_c=3, max_hw=5, kernels=(1, 3, 5)))
+@settings(max_examples=8, deadline=None)
+def test_conv_grads_match_finite_differences(case):
+    """With scale 1 the kernels are the gradients of ``sum(G * conv(x_real, W_real))`` w.r.t. x_real and W_real."""
+    x, g, w, ws, stride, groups, channels = (case[key] for key in ("x", "g", "w", "w_scales", "stride", "groups", "channels"))
+    x_real = x.astype(np.float64) - case["x_zero"]
+    w_real = w.astype(np.float64) * ws.astype(np.float64)[:, None, None, None]
+    got = {name: pair[0] for name, pair in conv_grads(case, lambda rows: np.ones(rows, F32)).items()}
+    g64 = g.astype(np.float64)
+    want_x = central_diff(lambda v: np.sum(g64 * conv_real(v, w_real, stride, groups)), x_real, 1.0)
+    want_w = central_diff(lambda v: np.sum(g64 * conv_real(x_real, v, stride, groups)), w_real, 1.0)
+    want_w = want_w[list(channels)] if groups > 1 else want_w[:, list(channels)]
+    np.testing.assert_allclose(got["input"], want_x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["weight"], want_w, rtol=1e-4, atol=1e-4 * np.abs(want_w).max(initial=1.0))
+    np.testing.assert_allclose(got["bias"], g64.sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_grads_reject_a_mismatched_output_shape():
+    g = te.placeholder((1, 2, 3, 3), "float32")
+    with pytest.raises(TinyTrainError, match="gives no 3x3 output"):
+        te_backward.conv2d_input_grad(g, te.placeholder((2, 2, 3, 3), "int8"), te.placeholder((2,), "float32"), (1, 2, 5, 5), 1, 1)
+    with pytest.raises(TinyTrainError, match="gives no 3x3 output"):
+        te_backward.conv2d_weight_grad(te.placeholder((1, 2, 5, 5), "int8"), g, 0, 1, 3, te.placeholder((2,), "float32"))
+
+
+def test_qas_scaling_of_int8_weight_and_bias_gradients():
+    """PAPER.md section 2: ``scale = x_scale / w_scale[o]`` yields ``G_Wbar * w_scale**-2`` and
+    ``1 / (x_scale * w_scale[o])`` yields ``G_bbar * (w_scale * x_scale)**-2``, where Wbar, bbar are the
+    int8 weight and int32 bias of ``y = conv(s_x (x - z_x), s_w Wbar) + s_x s_w bbar``."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-128, 128, (1, 2, 4, 5)).astype(np.int8)
+    w_bar = rng.integers(-127, 128, (3, 2, 3, 3)).astype(np.int8)
+    b_bar = rng.integers(-500, 500, 3).astype(np.int32)
+    s_x, z_x = 0.02, -7
+    s_w = np.array([0.004, 0.01, 0.0007], F32)
+    g = rng.normal(size=(1, 3, 4, 5)).astype(F32)
+    x_real = s_x * (x.astype(np.float64) - z_x)
+    sw64 = s_w.astype(np.float64)
+
+    def loss(wb, bb):
+        y = conv_real(x_real, wb * sw64[:, None, None, None], 1, 1) + (s_x * sw64 * bb)[None, :, None, None]
+        return np.sum(g.astype(np.float64) * y)
+
+    g_wbar = central_diff(lambda v: loss(v, b_bar.astype(np.float64)), w_bar.astype(np.float64), 1.0)
+    g_bbar = central_diff(lambda v: loss(w_bar.astype(np.float64), v), b_bar.astype(np.float64), 1.0)
+    got_w = run_te(lambda a, b, c: te_backward.conv2d_weight_grad(a, b, z_x, 1, 3, c), x, g, (F32(s_x) / s_w).astype(F32))
+    got_b = run_te(te_backward.bias_grad, g, (F32(1) / (F32(s_x) * s_w)).astype(F32))
+    np.testing.assert_allclose(got_w, g_wbar * sw64[:, None, None, None] ** -2, rtol=1e-4)
+    np.testing.assert_allclose(got_b, g_bbar * (sw64 * s_x) ** -2, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- updates
+def test_sgd_update_int8_saturates_and_rounds_half_up():
+    w = np.array([[127, -128, 0, 0, 5, 5, 100, -100, 3]], np.int8)
+    grad = np.array([[-1e30, 1e30, -0.5, 0.5, 1.49, -2.5, np.inf, -np.inf, 3e38]], F32)
+    lr = np.array([1.0], F32)
+    call = compile_te(te_backward.sgd_update_int8, w, grad, lr)
+    got = call(w, grad, lr)
+    np.testing.assert_array_equal(got, [[127, -128, 1, 0, 4, 8, -128, 127, -128]])
+    np.testing.assert_array_equal(got, ref.sgd_update_int8(w, grad, lr))
+    huge_lr = np.array([3e38], F32)  # lr*G overflows to +-inf: still a clamped step, never a wrap
+    np.testing.assert_array_equal(call(w, grad, huge_lr), ref.sgd_update_int8(w, grad, huge_lr))
+
+
+def test_sgd_update_int32_saturates_at_the_int32_limits():
+    b = np.array([INT32_MAX, INT32_MIN, INT32_MAX - 3, INT32_MIN + 3, 0, 0, 7, -7], np.int32)
+    grad = np.array([-1e20, 1e20, -10.0, 10.0, 3e38, -3e38, -0.5, 0.5], F32)
+    lr = np.array([1.0], F32)
+    got = run_te(te_backward.sgd_update_int32, b, grad, lr)
+    np.testing.assert_array_equal(got, [INT32_MAX, INT32_MIN, INT32_MAX, INT32_MIN, INT32_MIN, 2147483520, 8, -7])
+    np.testing.assert_array_equal(got, ref.sgd_update_int32(b, grad, lr))
+
+
+@st.composite
+def sparse_updates(draw):
+    """An int8 conv weight, a (possibly strict, unsorted) channel selection on axis 0 or 1 and its gradient."""
+    shape = (draw(st.integers(1, 5)), draw(st.integers(1, 5)), *(draw(st.sampled_from([1, 3])),) * 2)
+    axis = draw(st.sampled_from([0, 1]))
+    order = draw(st.permutations(range(shape[axis])))
+    channels = tuple(order[:draw(st.integers(1, shape[axis]))])
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    w = rng.integers(-128, 128, shape).astype(np.int8)
+    g_shape = list(shape)
+    g_shape[axis] = len(channels)
+    grad = (rng.normal(size=g_shape) * 10.0 ** rng.integers(-1, 4, g_shape)).astype(F32)
+    return w, grad, np.array([draw(st.floats(1e-3, 10.0))], F32), axis, channels
+
+
+@given(sparse_updates())
+@SETTINGS
+def test_sgd_update_int8_sparse_channels(case):
+    w, grad, lr, axis, channels = case
+    got = run_te(lambda a, b, c: te_backward.sgd_update_int8(a, b, c, axis, channels), w, grad, lr)
+    np.testing.assert_array_equal(got, ref.sgd_update_int8(w, grad, lr, axis, channels))
+    untouched = [c for c in range(w.shape[axis]) if c not in channels]
+    np.testing.assert_array_equal(np.take(got, untouched, axis=axis), np.take(w, untouched, axis=axis))
+    updated = np.take(got, list(channels), axis=axis).astype(np.int64)
+    exact = np.floor(np.take(w, list(channels), axis=axis) - lr[0].astype(np.float64) * grad.astype(np.float64) + 0.5)
+    assert np.all(np.abs(updated - np.clip(exact, -128, 127)) <= 1)  # float32 lr*G may round across a half
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**31))
+@SETTINGS
+def test_float_updates_and_accumulation(n, c, seed):
+    rng = np.random.default_rng(seed)
+    w, grad = rng.normal(size=(n, c)).astype(F32), rng.normal(size=(n, c)).astype(F32)
+    lr = np.array([rng.uniform(0, 1)], F32)
+    assert_same(run_te(te_backward.sgd_update_f32, w, grad, lr), ref.sgd_update_f32(w, grad, lr))
+    assert_same(run_te(te_backward.add_f32, w, grad), ref.add_f32(w, grad))
+
+
+# ---------------------------------------------------------------- head
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7), st.integers(0, 2**31))
+@SETTINGS
+def test_global_avg_pool_grad(n, c, h, w, seed):
+    g = np.random.default_rng(seed).normal(size=(n, c)).astype(F32)
+    got = run_te(lambda a: te_backward.global_avg_pool_grad(a, h, w), g)
+    assert_same(got, ref.global_avg_pool_grad(g, h, w))
+    want = central_diff(lambda x: np.sum(g.astype(np.float64) * x.mean(axis=(2, 3))), np.zeros((n, c, h, w)), 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(-128, 127), st.floats(0.005, 0.5), st.integers(0, 2**31))
+@SETTINGS
+def test_linear_float_forward_and_grads(n, i, o, x_zero, x_scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (n, i)).astype(np.int8)
+    w = rng.normal(size=(o, i)).astype(F32)
+    g = rng.normal(size=(n, o)).astype(F32)
+    bias = rng.normal(size=o).astype(F32)
+    logits = run_te(lambda a, b, c: te_kernels.linear_float(a, b, c, x_zero, x_scale), x, w, bias)
+    assert_same(logits, reference.linear_float(x, x_zero, x_scale, w, bias))
+    got = run_te(lambda a, b, c: te_backward.linear_float_grads(a, x_zero, x_scale, b, c), x, w, g)
+    for a, b in zip(got, ref.linear_float_grads(x, x_zero, x_scale, w, g)):
+        assert_same(a, b)
+    x_real = (x.astype(F32) - F32(x_zero)) * F32(x_scale)
+    g64 = g.astype(np.float64)
+
+    def loss(xr, wr, br):
+        return np.sum(g64 * (xr @ wr.T + br))
+
+    want = (central_diff(lambda v: loss(v, w, 0.0), x_real, 1.0), central_diff(lambda v: loss(x_real, v, 0.0), w, 1.0),
+            central_diff(lambda v: loss(x_real, w, v), np.zeros(o), 1.0))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(initial=1.0))
+
+
+# ---------------------------------------------------------------- softmax cross-entropy
+def test_exp_f32_is_bit_exact_and_within_two_ulp():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.linspace(-87, 0, 400001, dtype=F32), rng.uniform(-87, 0, 200000).astype(F32),
+                        F32([-87, -86.99999, -1e-30, -0.0, 0.0, -0.34657359, -0.34657362, -0.6931472])])
+    got = ref.exp_f32(x)
+    want = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(got - want) <= 2 * np.spacing(want.astype(F32)).astype(np.float64))
+    outside = F32([-200, -88, 1, 50])  # clamped to [-87, 0]
+    np.testing.assert_array_equal(ref.exp_f32(outside), ref.exp_f32(F32([-87, -87, 0, 0])))
+    both = np.concatenate([x, outside])
+    assert_same(run_te(lambda a: te.compute(a.shape, lambda j: te_backward.exp_f32(a[j]), name="exp"), both), ref.exp_f32(both))
+
+
+@st.composite
+def logits_cases(draw):
+    n, k = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    z = (rng.normal(size=(n, k)) * draw(st.sampled_from([0.1, 3.0, 40.0]))).astype(F32)
+    return z, rng.integers(0, k, n).astype(np.int32)
+
+
+@given(logits_cases())
+@SETTINGS
+def test_softmax_cross_entropy(case):
+    z, label = case
+    loss, g = run_te(te_backward.softmax_cross_entropy, z, label)
+    want_loss, want_g = ref.softmax_cross_entropy(z, label)
+    assert_same(g, want_g)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+    n = z.shape[0]
+
+    def ce(v):
+        v = v - v.max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(v).sum(axis=1)) - v[np.arange(n), label])
+
+    z64 = z.astype(np.float64)
+    np.testing.assert_allclose(loss[0], ce(z64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g, central_diff(ce, z64, 1e-6), atol=2e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_sparse_weight_grad_feeds_sparse_update(axis):
+    """The channel layouts agree: a depthwise (axis 0) or groups-1 (axis 1) weight gradient of a selection
+    updates exactly those channels of the full weight."""
+    rng = np.random.default_rng(axis)
+    channels = (2, 0)
+    x = rng.integers(-128, 128, (1, 3, 5, 5)).astype(np.int8)
+    w = rng.integers(-128, 128, (3, 1, 3, 3) if axis == 0 else (4, 3, 3, 3)).astype(np.int8)
+    g = rng.normal(size=(1, w.shape[0], 5, 5)).astype(F32)
+    dw = channels if axis == 0 else None
+    x_sel = ref.gather_channels(x, channels)
+    grad = ref.conv2d_weight_grad(x_sel, g, 0, 1, 3, np.ones(len(channels) if dw else w.shape[0], F32), dw)
+    lr = np.array([0.01], F32)
+    got = run_te(lambda a, b, c: te_backward.sgd_update_int8(a, b, c, axis, channels), w, grad, lr)
+    full = ref.conv2d_weight_grad(x, g, 0, 1, 3, np.ones(3 if dw else w.shape[0], F32), tuple(range(3)) if dw else None)
+    want = w.copy()
+    sel = (slice(None),) * axis + (list(channels),)
+    want[sel] = ref.sgd_update_int8(w, full, lr)[sel]
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,105 @@
+"""Host trainer: the int8 training step compiled by TVM (llvm) and driven from Python.
+
+It runs the same pipeline the device build uses: model -> Relax -> AppendLoss
+-> QuantizedGradient -> SparseUpdate -> ReorderUpdates -> PlanMemory, then
+compiles ``train_step`` and ``infer`` and keeps the parameters between steps
+(the VM returns updated parameters; on the device they are updated in place).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import ShapeError, TinyTrainError
+from .model import Model
+from .relax_build import build_relax
+
+
+def build_training_module(model: Model, scheme: str = "full", num_classes: int = 10, qas: bool = True, reorder: bool = True,
+                          batch: int = 1, head_seed: int = 0) -> tvm.IRModule:
+    """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``."""
+    from relax_passes import AppendLoss, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
+
+    mod, _ = build_relax(model, batch)
+    seq = tvm.transform.Sequential([
+        AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder), PlanMemory(),
+    ])
+    return _run_passes(seq, mod)
+
+
+def _run_passes(seq, mod):
+    """Run passes, surfacing our own errors as TinyTrainError (TVM's FFI turns them into RuntimeError)."""
+    try:
+        return seq(mod)
+    except TinyTrainError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with its message when it is ours
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        for prefix in ("TinyTrainError: ", "ModelFormatError: ", "ShapeError: ", "UnsupportedOpError: "):
+            if prefix in msg:
+                raise TinyTrainError(msg.split(prefix, 1)[1]) from None
+        if any(k in str(err) for k in ("scheme", "SparseUpdate", "AppendLoss", "QuantizedGradient", "PlanMemory", "ReorderUpdates")):
+            raise TinyTrainError(msg) from None
+        raise
+
+
+class Int8Trainer:
+    """``step(image, label) -> loss`` on TVM-compiled int8 training, plus evaluation and saving."""
+
+    def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.05, qas: bool = True,
+                 reorder: bool = True, head_seed: int = 0, target: str = "llvm"):
+        self.model = model
+        self.num_classes = num_classes
+        self.lr = float(lr)
+        self.mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed)
+        step = self.mod["train_step"]
+        self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]
+        self._step_params = [p.name for p in step.params[3:]]
+        self._infer_params = [p.name for p in self.mod["infer"].params[1:]]
+        self.params = {k: v.numpy() for k, v in self.mod.attrs["tinytrain.param_init"].items()}
+        self._vm = relax.VirtualMachine(tvm.compile(self.mod, target=target), tvm.cpu())
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, *self.model.input_info.shape)
+
+    def _check_image(self, image) -> np.ndarray:
+        image = np.asarray(image)
+        if image.shape == self.input_shape[1:]:
+            image = image[None]
+        if image.shape != self.input_shape or image.dtype != np.int8:
+            raise ShapeError(f"model {self.model.name!r} input expects int8 {self.input_shape[1:]}, got {image.dtype} {image.shape[1:]}")
+        return np.ascontiguousarray(image)
+
+    def step(self, image: np.ndarray, label: int) -> float:
+        """One SGD step (batch 1); updates the trained parameters and returns the loss."""
+        image = self._check_image(image)
+        if not 0 <= int(label) < self.num_classes:
+            raise TinyTrainError(f"label {label} out of range [0, {self.num_classes - 1}]")
+        args = [image, np.array([label], np.int32), np.array([self.lr], np.float32)] + [self.params[n] for n in self._step_params]
+        out = self._vm["train_step"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args])
+        for i, name in enumerate(self.updated):
+            self.params[name] = out[i + 1].numpy()
+        return float(out[0].numpy()[0])
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        image = self._check_image(image)
+        args = [image] + [self.params[n] for n in self._infer_params]
+        return self._vm["infer"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]).numpy()[0]
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> float:
+        hits = sum(int(np.argmax(self.predict(img)) == int(lab)) for img, lab in zip(images, labels))
+        return hits / max(1, len(labels))
+
+    def memory_plan(self):
+        from relax_passes import memory_plan
+
+        return memory_plan(self.mod)
+
+    def save(self, path: str | Path) -> None:
+        """All parameters (trained and frozen) as a .npz, by Relax parameter name."""
+        np.savez(path, **self.params)
