@@ -6,16 +6,17 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
 
 from .append_loss import AppendLoss
 from .config import pass_config
+from .fuse_conv_requant import FuseConvRequant
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
 
-__all__ = ["AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config"]
+__all__ = ["AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config"]

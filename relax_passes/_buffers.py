@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tvm import relax
+import tvm
+from tvm import relax, s_tir, tirx
 
 from ._ir import decode
 
@@ -136,12 +137,20 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
 
 
 def _workspace_bytes(prim_func) -> int:
-    """Bytes of the intermediate stages a kernel allocates for itself (upper bound, before compaction)."""
-    body = prim_func.body
-    block = getattr(body, "block", None)
-    if block is None:
-        return 0
-    return sum(int(np.prod([int(d) for d in b.shape])) * DTYPE_BYTES[str(b.dtype)] for b in block.alloc_buffers)
+    """Bytes a kernel allocates for itself, after TVM compacts its intermediate buffers to what each loop needs.
+
+    E.g. the accumulator of a fused conv + requantize shrinks to one int32.
+    """
+    mod = tvm.IRModule({"main": prim_func.with_attr("global_symbol", "main")})
+    lowered = _COMPACT(mod)
+    sizes = s_tir.analysis.calculate_allocated_bytes(lowered)["main"]
+    return int(sum(int(v) for v in sizes.values()))
+
+
+_COMPACT = tvm.transform.Sequential([
+    s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(), s_tir.transform.ConvertBlocksToOpaque(),
+    s_tir.transform.CompactBufferAllocation(), s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+])
 
 
 def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:

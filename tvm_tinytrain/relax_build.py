@@ -27,11 +27,12 @@ import re
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from .model import Add, Conv2D, GlobalAvgPool, Linear, Model
 from .ops import te_kernels
 from .ops.constants import add_requant, conv_requant, pool_requant
+from .ops.schedule import compact_schedule
 
 
 def param_name(node_name: str, field: str) -> str:
@@ -92,9 +93,15 @@ def kernel_attrs(op: str, node: str, **static) -> dict:
 
 
 def emit_kernel(bb, te_fn, args, op: str, node: str, static: dict, te_args=()):
-    """Emit ``call_tir`` of the PrimFunc built from ``te_fn(*args, *te_args)`` with :func:`kernel_attrs`."""
+    """Emit ``call_tir`` of the PrimFunc built from ``te_fn(*args, *te_args)``, compacted and tagged with :func:`kernel_attrs`."""
     static = {k: v for k, v in static.items() if k not in ("op", "node")}  # when re-emitting decoded attrs
-    return bb.emit_te(te_fn, *args, *te_args, primfunc_name_hint=op, primfunc_attrs=kernel_attrs(op, node, **static))
+    placeholders = [te.placeholder([int(d) for d in a.ty.shape], str(a.ty.dtype), f"arg{i}") for i, a in enumerate(args)]
+    outs = te_fn(*placeholders, *te_args)
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    func = compact_schedule(te.create_prim_func([*placeholders, *outs])).without_attr("global_symbol")
+    gv = bb.add_func(func.with_attrs(kernel_attrs(op, node, **static)), op)
+    out_ty = [relax.TensorType([int(d) for d in o.shape], o.dtype) for o in outs]
+    return bb.emit(relax.call_tir(gv, relax.Tuple(list(args)), out_ty if len(out_ty) > 1 else out_ty[0]))
 
 
 def _emit_node(bb, model: Model, node, values, pvars):

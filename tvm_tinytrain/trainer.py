@@ -22,11 +22,12 @@ from .relax_build import build_relax
 def build_training_module(model: Model, scheme: str = "full", num_classes: int = 10, qas: bool = True, reorder: bool = True,
                           batch: int = 1, head_seed: int = 0) -> tvm.IRModule:
     """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``."""
-    from relax_passes import AppendLoss, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
+    from relax_passes import AppendLoss, FuseConvRequant, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
 
     mod, _ = build_relax(model, batch)
     seq = tvm.transform.Sequential([
-        AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder), PlanMemory(),
+        AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
+        FuseConvRequant(), PlanMemory(),
     ])
     return _run_passes(seq, mod)
 
