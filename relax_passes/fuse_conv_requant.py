@@ -3,9 +3,10 @@
 ``conv2d_acc`` writes an int32 accumulator tensor that only ``requantize``
 reads: four bytes per output element that exist just to be narrowed to one.
 This pass replaces each such pair by one ``conv2d_requant`` PrimFunc whose
-requantization TVM schedules inside the conv's output-pixel loop
-(``reverse_compute_at``), so the accumulator shrinks to a single int32
-during lowering and the int32 tensor disappears from the memory plan.
+requantization the compact schedule (``tvm_tinytrain/ops/schedule.py``)
+computes inside the conv's output-pixel loop, so the accumulator shrinks to
+a single int32 during lowering and the int32 tensor disappears from the
+memory plan.
 The integer results are unchanged (same TE expressions, same order).
 
 Before::
@@ -21,27 +22,33 @@ After::
 from __future__ import annotations
 
 import tvm
-from tvm import relax, s_tir, te
+from tvm import relax, te
 
-from tvm_tinytrain.ops import te_kernels
+from tvm_tinytrain.ops import te_backward, te_kernels
+from tvm_tinytrain.ops.schedule import compact_schedule
 from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._ir import builder_without, decode, shape_of
 
 
-def fused_conv_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor, acc_attrs: dict, rq_attrs: dict):
-    """TE of conv (or linear) accumulation followed by requantize, as one PrimFunc with a scalar accumulator."""
-    if len(x.shape) == 4:
-        acc = te_kernels.conv2d_acc(x, w, acc_attrs["x_zero"], acc_attrs["stride"], acc_attrs["groups"])
-    else:
-        acc = te_kernels.linear_acc(x, w, acc_attrs["x_zero"])
-    y = te_kernels.requantize(acc, bias, mult, shift, rq_attrs["y_zero"], rq_attrs["qmin"], rq_attrs["qmax"])
-    func = te.create_prim_func([x, w, bias, mult, shift, y])
-    sch = s_tir.Schedule(func)
-    acc_block = sch.get_sblock("acc")
-    spatial = len(y.shape)
-    sch.reverse_compute_at(sch.get_sblock("requant"), sch.get_loops(acc_block)[spatial - 1])
-    return sch.mod["main"].without_attr("global_symbol")
+def _accumulator(acc_call, args: list[te.Tensor]) -> te.Tensor:
+    """The TE of an accumulating kernel call, including a weight merged from a flash original and a RAM slice."""
+    a = acc_call.attrs
+    if acc_call.op == "linear_acc":
+        return te_kernels.linear_acc(*args, a["x_zero"])
+    x, w = args[0], args[1]
+    if len(args) == 3:  # SparseUpdate's partially trained weight: (x, frozen, trained slice)
+        w = te_backward.merge_channels(args[1], args[2], 0 if a["groups"] > 1 else 1, tuple(a["merged_channels"]))
+    return te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"])
+
+
+def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
+    """One PrimFunc: the accumulation then requantize, scheduled so the accumulator is a scalar."""
+    acc_args = _placeholders(acc_call.args)
+    rq_args = _placeholders(rq_call.args[1:], len(acc_args))
+    r = rq_call.attrs
+    y = te_kernels.requantize(_accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"])
+    return compact_schedule(te.create_prim_func([*acc_args, *rq_args, y])).without_attr("global_symbol")
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseConvRequant")
@@ -53,6 +60,7 @@ class FuseConvRequant:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         names = self.func_names or tuple(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function))
+        mod = relax.transform.CanonicalizeBindings()(mod)  # an alias between the conv and its requantize would hide the pair
         for name in names:
             mod = self._fuse_function(mod, name)
         return relax.transform.DeadCodeElimination(list(names))(mod)
@@ -68,7 +76,8 @@ class FuseConvRequant:
         for v in relax.analysis.free_vars(func.body.body):
             readers[v] = readers.get(v, 0) + 1
         calls = [decode(mod, b) for b in bindings]
-        acc_calls = {c.var: c for c in calls if c is not None and c.op in ("conv2d_acc", "linear_acc") and readers.get(c.var) == 1}
+        single = {c.var: c for c in calls if c is not None and c.op in ("conv2d_acc", "linear_acc") and readers.get(c.var) == 1}
+        acc_calls = {c.args[0]: single[c.args[0]] for c in calls if c is not None and c.op == "requantize" and c.args[0] in single}
         bb = builder_without(mod, name)
         with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
             with bb.dataflow():
@@ -77,7 +86,7 @@ class FuseConvRequant:
                         continue
                     if call is not None and call.op == "requantize" and call.args[0] in acc_calls:
                         acc = acc_calls[call.args[0]]
-                        prim = fused_conv_requant(*_placeholders(acc.args + call.args[1:]), acc.attrs, call.attrs)
+                        prim = fused_conv_requant(acc, call)
                         op = "conv2d_requant" if acc.op == "conv2d_acc" else "linear_requant"
                         prim = prim.with_attrs(kernel_attrs(op, call.node, **{k: v for k, v in {**acc.attrs, **call.attrs}.items() if k != "node"}))
                         gv = bb.add_func(prim, op)
@@ -89,5 +98,5 @@ class FuseConvRequant:
         return bb.get()
 
 
-def _placeholders(args) -> list[te.Tensor]:
-    return [te.placeholder(shape_of(a), str(a.ty.dtype), f"arg{i}") for i, a in enumerate(args)]
+def _placeholders(args, first: int = 0) -> list[te.Tensor]:
+    return [te.placeholder(shape_of(a), str(a.ty.dtype), f"arg{first + i}") for i, a in enumerate(args)]

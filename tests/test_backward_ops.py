@@ -381,3 +381,20 @@ def test_sparse_weight_grad_feeds_sparse_update(axis):
     sel = (slice(None),) * axis + (list(channels),)
     want[sel] = ref.sgd_update_int8(w, full, lr)[sel]
     np.testing.assert_array_equal(got, want)
+
+
+@given(st.integers(1, 6), st.integers(1, 6), st.sampled_from([0, 1]), st.integers(0, 2**31))
+@SETTINGS
+def test_merge_channels(o, c, axis, seed):
+    rng = np.random.default_rng(seed)
+    frozen = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
+    size = frozen.shape[axis]
+    channels = tuple(int(v) for v in rng.permutation(size)[: int(rng.integers(1, size + 1))])
+    trained_shape = list(frozen.shape)
+    trained_shape[axis] = len(channels)
+    trained = rng.integers(-128, 128, trained_shape).astype(np.int8)
+    got = run_te(lambda f, t: te_backward.merge_channels(f, t, axis, channels), frozen, trained)
+    np.testing.assert_array_equal(got, ref.merge_channels(frozen, trained, axis, channels))
+    np.testing.assert_array_equal(np.take(got, channels, axis=axis), trained)
+    rest = [k for k in range(size) if k not in channels]
+    np.testing.assert_array_equal(np.take(got, rest, axis=axis), np.take(frozen, rest, axis=axis))

@@ -44,13 +44,14 @@ def test_train_step_matches_numpy_reference_bit_for_bit(model, tmp_path, spec, q
     for step in range(2):  # the second step starts from the first one's weights
         x = rng.integers(-128, 128, (1, 3, 16, 16)).astype(np.int8)
         label = int(rng.integers(0, 4))
-        current = dict(trainer.params)
+        current = trainer.weights()
         loss = trainer.step(x, label)
         ref = train_step(_with_weights(model, current), current["classifier_weight"], current["classifier_bias"], x,
                          np.array([label], np.int32), lr, ups, qas=qas)
-        assert sorted(ref.params) == sorted(trainer.updated)
-        for name in trainer.updated:
-            np.testing.assert_array_equal(trainer.params[name], ref.params[name], err_msg=f"{spec} step {step}: {name}")
+        assert sorted(ref.params) == sorted(n.removesuffix("_trained") for n in trainer.updated)
+        weights = trainer.weights()
+        for name in ref.params:
+            np.testing.assert_array_equal(weights[name], ref.params[name], err_msg=f"{spec} step {step}: {name}")
         assert abs(loss - ref.loss) <= 1e-5 * max(1.0, abs(ref.loss))
     changed = [n for n in trainer.updated if not np.array_equal(trainer.params[n], init[n])]
     assert len(changed) >= len(trainer.updated) - 1, "a step that moves almost nothing cannot show bit-exactness"
@@ -94,6 +95,11 @@ def test_partial_weights_save_only_their_channel_slice(model, tmp_path):
     assert {c.node for c in gathers} == {"b0.dw", "b0.project", "b1.project"}
     wgrads = {c.node: c for c in _step_calls(mod) if c.op == "conv2d_weight_grad"}
     assert [int(d) for d in wgrads["b0.project"].var.ty.shape] == [8, 4, 1, 1]  # 0.25 of 16 input channels
+    step = mod["train_step"]
+    slices = {p.name: [int(d) for d in p.ty.shape] for p in step.params if p.name.endswith("_trained")}
+    assert slices == {"b0_dw_weight_trained": [8, 1, 5, 5], "b0_project_weight_trained": [8, 4, 1, 1], "b1_project_weight_trained": [12, 4, 1, 1]}
+    updated = {str(n) for n in step.attrs["tinytrain.updated_params"]}
+    assert set(slices) <= updated and not {"b0_dw_weight", "b0_project_weight", "b1_project_weight"} & updated
 
 
 def test_reorder_frees_each_gradient_at_its_update(model):

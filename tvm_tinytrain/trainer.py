@@ -8,6 +8,7 @@ compiles ``train_step`` and ``infer`` and keeps the parameters between steps
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,23 @@ class Int8Trainer:
         hits = sum(int(np.argmax(self.predict(img)) == int(lab)) for img, lab in zip(images, labels))
         return hits / max(1, len(labels))
 
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every parameter of the model by name, with trained channel slices merged into their full weights."""
+        slices = json.loads(str(self.mod.attrs["tinytrain.trained_slices"])) if "tinytrain.trained_slices" in self.mod.attrs else {}
+        out = {k: v for k, v in self.params.items() if k not in slices}
+        for name, sl in slices.items():
+            full = out[sl["base"]].copy()
+            index = [slice(None)] * full.ndim
+            index[sl["axis"]] = sl["channels"]
+            full[tuple(index)] = self.params[name]
+            out[sl["base"]] = full
+        return out
+
     def memory_plan(self):
         from relax_passes import memory_plan
 
         return memory_plan(self.mod)
 
     def save(self, path: str | Path) -> None:
-        """All parameters (trained and frozen) as a .npz, by Relax parameter name."""
-        np.savez(path, **self.params)
+        """All parameters (trained and frozen) as a .npz, by Relax parameter name (see :meth:`weights`)."""
+        np.savez(path, **self.weights())

@@ -80,6 +80,14 @@ def gather_channels(x: np.ndarray, channels) -> np.ndarray:
     return x[:, list(channels)]
 
 
+def merge_channels(frozen: np.ndarray, trained: np.ndarray, channel_axis: int, channels) -> np.ndarray:
+    merged = frozen.copy()
+    index = [slice(None)] * frozen.ndim
+    index[channel_axis] = list(channels)
+    merged[tuple(index)] = trained
+    return merged
+
+
 def conv2d_weight_grad(x_sel: np.ndarray, g_acc: np.ndarray, x_zero: int, stride: int, kernel: int, scale: np.ndarray,
                        depthwise_channels=None) -> np.ndarray:
     """Reduction order (n, ho, wo), vectorised over the (row, col, kh, kw) output; padding terms are ``0.0f``."""

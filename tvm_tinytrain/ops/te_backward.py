@@ -251,6 +251,23 @@ def gather_channels(x: te.Tensor, channels: tuple[int, ...]) -> te.Tensor:
     return te.compute(shape, lambda b, j, *rest: x[(b, _static_index(j, channels), *rest)], name="x_sel")
 
 
+def merge_channels(frozen: te.Tensor, trained: te.Tensor, channel_axis: int, channels: tuple[int, ...]) -> te.Tensor:
+    """The whole weight of a partially trained conv: ``trained`` (RAM) at ``channels``, ``frozen`` (flash) elsewhere.
+
+    Only the trained slices have to live in RAM between steps; the merged weight
+    is a temporary that each reader of the weight builds when it runs.
+    """
+    position = [-1] * int(frozen.shape[channel_axis])
+    for j, ch in enumerate(channels):
+        position[ch] = j
+
+    def body(*idx):
+        j = _static_index(idx[channel_axis], position)
+        return tirx.if_then_else(j >= 0, trained[(*idx[:channel_axis], j, *idx[channel_axis + 1:])], frozen[idx])  # lazy
+
+    return te.compute(frozen.shape, body, name="w_merged")
+
+
 # ---------------------------------------------------------------- head
 def global_avg_pool_grad(g: te.Tensor, h: int, w: int) -> te.Tensor:
     """(N, C) -> (N, C, H, W): each input pixel gets ``g / (H*W)`` of the mean's gradient."""

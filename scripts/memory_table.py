@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Peak SRAM of one training step for the paper's three models, every published scheme, with and without reordering.
+
+Writes results/memory_table.json, results/memory_table.md (the README table) and
+results/memory_timeline_mcunet.png.  Needs ../shared/models (or $TINYTRAIN_PAPER_MODELS).
+
+    .venv/bin/python scripts/memory_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from relax_passes import memory_plan
+from tvm_tinytrain.demo import PAPER_MODELS, paper_models_dir
+from tvm_tinytrain.importers.paper_pkl import load_paper_model
+from tvm_tinytrain.plots import plot_memory_timeline
+from tvm_tinytrain.scheme import PAPER_SCHEMES
+from tvm_tinytrain.trainer import build_training_module
+
+# PAPER.md section 4: full / sparse / sparse+reorder (KB) for the largest published scheme of each model.
+PAPER_KB = {"mcunet-5fps": (3650, 560, 173), "mbv2-w0.35": (2939, 335, 141), "proxyless-w0.3": (2745, 326, 135)}
+OUT = Path(__file__).resolve().parents[1] / "results"
+
+
+def measure(model, scheme: str, reorder: bool) -> dict:
+    t = time.time()
+    plan = memory_plan(build_training_module(model, scheme, num_classes=10, reorder=reorder))
+    return {"scheme": scheme, "reorder": reorder, "seconds": round(time.time() - t, 1), **plan.report()}, plan
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    rows, timelines = [], {}
+    for name in PAPER_MODELS:
+        path = paper_models_dir() / f"{name}.pkl"
+        if not path.exists():
+            print(f"{path} missing; set TINYTRAIN_PAPER_MODELS", file=sys.stderr)
+            return 2
+        model = load_paper_model(path)
+        for scheme in ["full", *(f"paper-{label}" for label in PAPER_SCHEMES[name])]:
+            for reorder in (False, True):
+                row, plan = measure(model, scheme, reorder)
+                row["model"] = name
+                rows.append(row)
+                print(f"{name:15s} {scheme:12s} reorder={reorder!s:5s} peak {row['peak_sram_bytes'] / 1024:7.1f} KB "
+                      f"(arena {row['parts']['arena_bytes'] / 1024:.1f} + params {row['parts']['trainable_param_bytes'] / 1024:.1f})", flush=True)
+                if name == "mcunet-5fps" and scheme == "paper-99kb":
+                    timelines[f"{scheme}, {'reordered' if reorder else 'updates after backward'}"] = plan
+    meta = {"machine": f"{platform.node()} {platform.machine()} {platform.processor()}", "python": platform.python_version(),
+            "command": "python scripts/memory_table.py", "batch": 1, "resolution": 128, "num_classes": 10}
+    (OUT / "memory_table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (OUT / "memory_table.md").write_text(markdown(rows))
+    plot_memory_timeline(timelines, str(OUT / "memory_timeline_mcunet.png"), "MCUNet-5FPS, paper-99kb, 128x128, batch 1")
+    print((OUT / "memory_table.md").read_text())
+    return 0
+
+
+def markdown(rows) -> str:
+    kb = lambda b: f"{b / 1024:.0f}"  # noqa: E731
+    lines = ["| model | scheme | peak SRAM, updates after backward (KB) | peak SRAM, reordered (KB) | of which arena / trainable params (KB) | paper (KB) |",
+             "|---|---|---|---|---|---|"]
+    by = {(r["model"], r["scheme"], r["reorder"]): r for r in rows}
+    for (model, scheme, reorder), r in by.items():
+        if reorder:
+            continue
+        rr = by[(model, scheme, True)]
+        full, sparse, sparse_reorder = PAPER_KB[model]
+        paper = f"{full}" if scheme == "full" else (f"{sparse} / {sparse_reorder} (largest scheme)" if scheme.endswith(_largest(model)) else "")
+        lines.append(f"| {model} | {scheme} | {kb(r['peak_sram_bytes'])} | {kb(rr['peak_sram_bytes'])} | "
+                     f"{kb(rr['parts']['arena_bytes'])} / {kb(rr['parts']['trainable_param_bytes'])} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def _largest(model: str) -> str:
+    return max(PAPER_SCHEMES[model], key=lambda label: int(label.rstrip("kb")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
