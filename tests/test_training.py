@@ -164,3 +164,32 @@ def test_bad_training_input(model):
     with pytest.raises(TinyTrainError, match="unknown tinytrain pass option"):
         with pass_config(schem="full"):
             pass
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_int8_gradients_agree_with_float_autodiff(seed):
+    """The int8 backward (QAS gradients mapped back to real weights) against TVM's own Gradient on the
+    dequantized float network, itself checked against finite differences in test_float_mode.py.
+
+    They differ only through activation quantization, so every tensor's gradient must point the same
+    way (cosine > 0.9) with a similar norm.  (Random models whose activations sit mostly on the clamp
+    bounds, e.g. seed 1, disagree more: there int8 and float clamp different elements.)
+    """
+    from tvm_tinytrain.float_mode import FloatTrainer
+    from tvm_tinytrain.relax_build import param_name
+
+    m = make_random_model(seed)
+    ft = FloatTrainer(m, 4, lr=0.001, seed=0)
+    x = np.random.default_rng(seed).integers(-128, 128, (1, 3, 16, 16)).astype(np.int8)
+    loss, g_float = ft.gradients(x, np.array([1]))
+    head_w, head_b = (ft.state_dict()[k] for k in ("head_weight", "head_bias"))
+    ref = train_step(m, head_w, head_b, x, np.array([1], np.int32), 0.0, layer_updates(parse_scheme("full", m), m))
+    assert abs(loss - ref.loss) < 0.05 * loss
+    for node in m.convs():
+        ws = node.weight_scales.astype(np.float64)
+        x_scale = m.tensors[node.input].quant.scale
+        for field, real in (("weight", ref.grads[param_name(node.name, "weight")] * ws[:, None, None, None]),
+                            ("bias", ref.grads[param_name(node.name, "bias")] * ws * x_scale)):
+            a, b = real.ravel(), g_float[param_name(node.name, field)].ravel().astype(np.float64)
+            cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            assert cos > 0.9 and 0.8 < np.linalg.norm(a) / np.linalg.norm(b) < 1.25, (node.name, field, cos)

@@ -22,6 +22,7 @@ from .scheme import LayerUpdate
 class StepResult:
     loss: float
     params: dict[str, np.ndarray]  # every updated parameter, by Relax parameter name
+    grads: dict[str, np.ndarray]  # the gradient each update used (QAS-scaled for int8 parameters), same names
 
 
 def qas_scales(x_scale: float, w_scales: np.ndarray, qas: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +50,9 @@ def train_step(model: Model, head_w: np.ndarray, head_b: np.ndarray, x: np.ndarr
     logits = fwd.linear_float(values[head.input], pq.zero_point, pq.scale, head_w, head_b)
     loss, g_logits = bwd.softmax_cross_entropy(logits, label)
 
-    new = {}
+    new, grads = {}, {}
     g_x, g_w, g_b = bwd.linear_float_grads(values[head.input], pq.zero_point, pq.scale, head_w, g_logits)
+    grads["classifier_weight"], grads["classifier_bias"] = g_w, g_b
     new["classifier_weight"] = bwd.sgd_update_f32(head_w, g_w, lr_t)
     new["classifier_bias"] = bwd.sgd_update_f32(head_b, g_b, lr_t)
     adjoint = {head.input: g_x}
@@ -76,16 +78,20 @@ def train_step(model: Model, head_w: np.ndarray, head_b: np.ndarray, x: np.ndarr
             w_scale, b_scale = qas_scales(xq.scale, node.weight_scales, qas)
             up = by_node[node.name]
             if up.bias:
-                new[param_name(node.name, "bias")] = bwd.sgd_update_int32(node.bias, bwd.bias_grad(g_acc, b_scale), lr_t)
+                name = param_name(node.name, "bias")
+                grads[name] = bwd.bias_grad(g_acc, b_scale)
+                new[name] = bwd.sgd_update_int32(node.bias, grads[name], lr_t)
             if up.channels is not None:
-                new[param_name(node.name, "weight")] = _weight_update(node, values[node.input], g_acc, w_scale, up.channels, lr_t, xq.zero_point)
+                name = param_name(node.name, "weight")
+                new[name], grads[name] = _weight_update(node, values[node.input], g_acc, w_scale, up.channels, lr_t, xq.zero_point)
             if node.input != model.input:
                 accumulate(node.input, bwd.conv2d_input_grad(g_acc, node.weight, node.weight_scales, values[node.input].shape,
                                                              node.stride, node.groups))
-    return StepResult(float(loss[0]), new)
+    return StepResult(float(loss[0]), new, grads)
 
 
-def _weight_update(node: Conv2D, x, g_acc, scale, channels, lr_t, x_zero) -> np.ndarray:
+def _weight_update(node: Conv2D, x, g_acc, scale, channels, lr_t, x_zero) -> tuple[np.ndarray, np.ndarray]:
+    """(updated weight, the gradient of its trained channels)."""
     full = node.out_channels if node.depthwise else node.in_channels
     partial = len(channels) < full
     chans = tuple(channels) if partial else tuple(range(full))
@@ -95,4 +101,4 @@ def _weight_update(node: Conv2D, x, g_acc, scale, channels, lr_t, x_zero) -> np.
     else:
         g_w = bwd.conv2d_weight_grad(x_sel, g_acc, x_zero, node.stride, node.kernel, scale)
     axis = 0 if node.depthwise else 1
-    return bwd.sgd_update_int8(node.weight, g_w, lr_t, axis if partial else None, chans if partial else None)
+    return bwd.sgd_update_int8(node.weight, g_w, lr_t, axis if partial else None, chans if partial else None), g_w

@@ -52,7 +52,7 @@ def _run_passes(seq, mod):
 class Int8Trainer:
     """``step(image, label) -> loss`` on TVM-compiled int8 training, plus evaluation and saving."""
 
-    def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.05, qas: bool = True,
+    def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.003, qas: bool = True,
                  reorder: bool = True, head_seed: int = 0, target: str = "llvm"):
         self.model = model
         self.num_classes = num_classes

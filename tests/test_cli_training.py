@@ -1,0 +1,63 @@
+"""``tinytrain memory`` and ``tinytrain train`` on a tiny model, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tvm_tinytrain.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_memory_json_and_plot(capsys, tiny_pkl, tmp_path):
+    plot = tmp_path / "mem.png"
+    code, out, _ = run_cli(capsys, "memory", tiny_pkl, "--scheme", "last-k:2", "--json", "--plot", plot)
+    assert code == 0
+    r = json.loads(out)
+    parts = r["parts"]
+    assert r["peak_sram_bytes"] == parts["arena_bytes"] + parts["trainable_param_bytes"]
+    assert parts["trainable_param_bytes"] > 0 and plot.stat().st_size > 1000
+    code, out, _ = run_cli(capsys, "memory", tiny_pkl, "--scheme", "last-k:2", "--no-reorder", "--json")
+    assert json.loads(out)["peak_sram_bytes"] >= r["peak_sram_bytes"]
+
+
+def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 24)
+    images = np.zeros((24, 3, 16, 16), np.int8)
+    images[np.arange(24), labels] = 100  # the class is which channel is bright: learnable
+    data = tmp_path / "d.npz"
+    np.savez(data, images=images, labels=labels)
+    code, out, err = run_cli(capsys, "train", tiny_pkl, "--scheme", "bias-only:2", "--data", data, "--epochs", "2",
+                             "--num-classes", "3", "--lr", "0.01", "--json", "--save", tmp_path / "w.npz")
+    assert code == 0, err
+    log = json.loads(out)
+    assert len(log["epochs"]) == 2 and "epoch 2/2" in err
+    assert log["epochs"][-1]["mean_loss"] < log["epochs"][0]["mean_loss"]
+    saved = np.load(tmp_path / "w.npz")
+    assert saved["classifier_weight"].shape == (3, 8) and saved["first_conv_weight"].dtype == np.int8
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": np.zeros((4, 3, 15, 16), np.int8), "labels": np.zeros(4, int)}, "'images' must be int8 \\(N, 3, 16, 16\\)"),
+    ({"images": np.zeros((4, 3, 16, 16), np.int8), "labels": np.array([0, 1, 2, 7])}, "'labels' must be in \\[0, 2\\], found 0..7"),
+    ({"images": np.zeros((4, 3, 16, 16), np.int8)}, "missing array 'labels'"),
+])
+def test_bad_training_data(capsys, tiny_pkl, tmp_path, arrays, message):
+    data = tmp_path / "bad.npz"
+    np.savez(data, **arrays)
+    code, _, err = run_cli(capsys, "train", tiny_pkl, "--data", data, "--num-classes", "3")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err)
+
+
+def test_bad_scheme_cli(capsys, tiny_pkl):
+    code, _, err = run_cli(capsys, "memory", tiny_pkl, "--scheme", "last-k:9")
+    assert code == 2 and "field 'n_bias_update' = 9 must be in [0, 4]" in err
