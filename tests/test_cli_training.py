@@ -61,3 +61,15 @@ def test_bad_training_data(capsys, tiny_pkl, tmp_path, arrays, message):
 def test_bad_scheme_cli(capsys, tiny_pkl):
     code, _, err = run_cli(capsys, "memory", tiny_pkl, "--scheme", "last-k:9")
     assert code == 2 and "field 'n_bias_update' = 9 must be in [0, 4]" in err
+
+
+def test_budget_that_cannot_fit_names_the_overflow(capsys, tiny_pkl):
+    code, out, _ = run_cli(capsys, "memory", tiny_pkl, "--scheme", "full", "--json")
+    peak = json.loads(out)["peak_sram_bytes"]
+    code, _, err = run_cli(capsys, "memory", tiny_pkl, "--scheme", "full", "--budget", str(peak - 100))
+    assert code == 2 and f"needs {peak} bytes" in err and "100 bytes over the budget" in err
+    code, _, _ = run_cli(capsys, "memory", tiny_pkl, "--scheme", "full", "--budget", str(peak))
+    assert code == 0
+    with pytest.raises(SystemExit):
+        main(["memory", str(tiny_pkl), "--budget", "lots"])
+    assert "expected bytes such as" in capsys.readouterr().err

@@ -76,7 +76,7 @@ def cmd_memory(args) -> int:
     model = _load(args)
     from relax_passes import memory_plan
 
-    plan = memory_plan(build_training_module(model, args.scheme, args.num_classes, reorder=not args.no_reorder))
+    plan = memory_plan(build_training_module(model, args.scheme, args.num_classes, reorder=not args.no_reorder, budget_bytes=args.budget))
     report = {"model": model.name, "scheme": args.scheme, "reorder": not args.no_reorder, **plan.report()}
     if args.plot:
         from .plots import plot_memory_timeline
@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
     from .trainer import Int8Trainer
 
     model = _load(args)
-    trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas)
+    trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas, budget_bytes=args.budget)
     train_x, train_y, test_x, test_y = load_data(args.data, model.input_info.shape, args.num_classes, args.seed)
     if test_x is None:
         test_x, test_y = train_x, train_y
@@ -123,6 +123,20 @@ def cmd_train(args) -> int:
     if args.json:
         print(json.dumps(log))
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """``256KB``, ``0.5MB``, ``262144``: a memory budget in bytes (KB = 1024 bytes)."""
+    units = {"": 1, "B": 1, "KB": 1024, "K": 1024, "KIB": 1024, "MB": 1024**2, "M": 1024**2, "MIB": 1024**2}
+    t = text.strip().upper()
+    num = t.rstrip("KMIB")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"budget {text!r}: expected bytes such as 262144, 256KB or 0.25MB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"budget {text!r} must be positive")
+    return int(value)
 
 
 def _progress(label: str, done: int, total: int, loss: float) -> None:
@@ -158,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-reorder", action="store_true", help="run every update after the whole backward (the baseline)")
     sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
     sp.add_argument("--plot", help="write the per-op memory timeline to this .png")
+    sp.add_argument("--budget", type=parse_bytes, help="fail if the step needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_memory)
     sp = model_cmd("train", "train on the host with the TVM-compiled int8 step")
     sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
@@ -168,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-qas", action="store_true", help="train without quantization-aware scaling")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--save", help="write all parameters to this .npz")
+    sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("demo", help="the main job on the default model and data")
     sp.set_defaults(func=cmd_demo)

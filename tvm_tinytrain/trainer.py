@@ -21,8 +21,11 @@ from .relax_build import build_relax
 
 
 def build_training_module(model: Model, scheme: str = "full", num_classes: int = 10, qas: bool = True, reorder: bool = True,
-                          batch: int = 1, head_seed: int = 0) -> tvm.IRModule:
-    """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``."""
+                          batch: int = 1, head_seed: int = 0, budget_bytes: int | None = None) -> tvm.IRModule:
+    """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``.
+
+    With ``budget_bytes``, a step whose planned peak SRAM exceeds it is an error saying by how much.
+    """
     from relax_passes import AppendLoss, FuseConvRequant, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
 
     mod, _ = build_relax(model, batch)
@@ -30,7 +33,15 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
         FuseConvRequant(), PlanMemory(),
     ])
-    return _run_passes(seq, mod)
+    out = _run_passes(seq, mod)
+    if budget_bytes is not None:
+        from relax_passes import memory_plan
+
+        peak = memory_plan(out).peak_sram_bytes
+        if peak > budget_bytes:
+            raise TinyTrainError(f"budget: scheme {scheme!r} on {model.name} needs {peak} bytes ({peak / 1024:.1f} KB) of SRAM, "
+                                 f"{peak - budget_bytes} bytes over the budget of {budget_bytes} bytes ({budget_bytes / 1024:.1f} KB)")
+    return out
 
 
 def _run_passes(seq, mod):
@@ -53,11 +64,11 @@ class Int8Trainer:
     """``step(image, label) -> loss`` on TVM-compiled int8 training, plus evaluation and saving."""
 
     def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.003, qas: bool = True,
-                 reorder: bool = True, head_seed: int = 0, target: str = "llvm"):
+                 reorder: bool = True, head_seed: int = 0, target: str = "llvm", budget_bytes: int | None = None):
         self.model = model
         self.num_classes = num_classes
         self.lr = float(lr)
-        self.mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed)
+        self.mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes)
         step = self.mod["train_step"]
         self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]
         self._step_params = [p.name for p in step.params[3:]]
