@@ -11,6 +11,7 @@ why not ``PassContext(config=...)``)::
     train_mod = seq(inference_mod)
 """
 
+from .accumulate_gradients import AccumulateGradients
 from .append_loss import AppendLoss
 from .config import pass_config
 from .fuse_conv_requant import FuseConvRequant
@@ -19,4 +20,7 @@ from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
 
-__all__ = ["AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config"]
+__all__ = [
+    "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "PlanMemory",
+    "MemoryPlan", "memory_plan", "pass_config",
+]

@@ -73,8 +73,10 @@ class StepBuffers:
 def analyze(mod, func: relax.Function) -> StepBuffers:
     """Liveness of every buffer of ``func`` (a single dataflow block) in its current binding order."""
     bindings = list(func.body.blocks[0].bindings)
-    updated = set(func.attrs["tinytrain.updated_params"]) if func.attrs and "tinytrain.updated_params" in func.attrs else set()
-    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 1
+    attrs = func.attrs or {}
+    ram_key = "tinytrain.ram_params" if "tinytrain.ram_params" in attrs else "tinytrain.updated_params"
+    in_ram = {str(n) for n in attrs[ram_key]} if ram_key in attrs else set()  # parameters that must live in RAM
+    num_input = int(attrs["num_input"]) if "num_input" in attrs else 1
     buffers: list[Buffer] = []
     root: dict[relax.Var, object] = {}  # var -> buffer index, tuple of indices, or None (not in the arena)
     trainable = frozen = 0
@@ -84,7 +86,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
             buffers.append(Buffer(p.name, type_bytes(p.ty), -1, -1, "input"))
         else:
             root[p] = None
-            if p.name in updated:
+            if p.name in in_ram:
                 trainable += type_bytes(p.ty)
             else:
                 frozen += type_bytes(p.ty)

@@ -36,7 +36,7 @@ def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, images=images, labels=labels)
     code, out, err = run_cli(capsys, "train", tiny_pkl, "--scheme", "bias-only:2", "--data", data, "--epochs", "2",
-                             "--num-classes", "3", "--lr", "0.01", "--json", "--save", tmp_path / "w.npz")
+                             "--num-classes", "3", "--lr", "0.01", "--json", "--save", tmp_path / "w.npz", "--accumulate", "2")
     assert code == 0, err
     log = json.loads(out)
     assert len(log["epochs"]) == 2 and "epoch 2/2" in err

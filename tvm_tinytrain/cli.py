@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
     from .trainer import Int8Trainer
 
     model = _load(args)
-    trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas, budget_bytes=args.budget)
+    trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas, budget_bytes=args.budget,
+                          accumulate=args.accumulate)
     train_x, train_y, test_x, test_y = load_data(args.data, model.input_info.shape, args.num_classes, args.seed)
     if test_x is None:
         test_x, test_y = train_x, train_y
@@ -114,6 +115,7 @@ def cmd_train(args) -> int:
         for i, k in enumerate(order):
             losses.append(trainer.step(train_x[k], int(train_y[k])))
             _progress(f"epoch {epoch + 1}/{args.epochs}", i + 1, len(order), np.mean(losses[-50:]))
+        trainer.flush()
         acc = trainer.evaluate(test_x, test_y)
         print(f"\repoch {epoch + 1}/{args.epochs}: mean loss {np.mean(losses):.3f}, test accuracy {acc:.1%}" + " " * 20, file=sys.stderr)
         log["epochs"].append({"mean_loss": float(np.mean(losses)), "accuracy": acc})
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-classes", type=int, default=10)
     sp.add_argument("--no-qas", action="store_true", help="train without quantization-aware scaling")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--accumulate", type=int, default=1, help="images per update by gradient accumulation (batch 1 each)")
     sp.add_argument("--save", help="write all parameters to this .npz")
     sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_train)

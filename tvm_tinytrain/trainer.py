@@ -64,17 +64,34 @@ class Int8Trainer:
     """``step(image, label) -> loss`` on TVM-compiled int8 training, plus evaluation and saving."""
 
     def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.003, qas: bool = True,
-                 reorder: bool = True, head_seed: int = 0, target: str = "llvm", budget_bytes: int | None = None):
+                 reorder: bool = True, head_seed: int = 0, target: str = "llvm", budget_bytes: int | None = None,
+                 accumulate: int = 1):
+        """``accumulate`` > 1: sum the gradients of that many images (batch 1 each), then update once with their mean."""
+        if accumulate < 1:
+            raise TinyTrainError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
         self.num_classes = num_classes
         self.lr = float(lr)
-        self.mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes)
-        step = self.mod["train_step"]
+        self.accumulate = accumulate
+        mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes)
+        if accumulate > 1:
+            from relax_passes import AccumulateGradients, PlanMemory
+
+            mod = _run_passes(tvm.transform.Sequential([AccumulateGradients(), PlanMemory("accumulate_step")]), mod)
+        self.mod = mod
+        step = mod["train_step"]
         self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]
         self._step_params = [p.name for p in step.params[3:]]
-        self._infer_params = [p.name for p in self.mod["infer"].params[1:]]
-        self.params = {k: v.numpy() for k, v in self.mod.attrs["tinytrain.param_init"].items()}
-        self._vm = relax.VirtualMachine(tvm.compile(self.mod, target=target), tvm.cpu())
+        self._infer_params = [p.name for p in mod["infer"].params[1:]]
+        self.params = {k: v.numpy() for k, v in mod.attrs["tinytrain.param_init"].items()}
+        self._acc = {n: np.zeros([int(d) for d in p.ty.shape], np.float32) for n, p in self._acc_params().items()}
+        self._pending = 0
+        self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+
+    def _acc_params(self) -> dict:
+        if self.accumulate == 1:
+            return {}
+        return {p.name: p for p in self.mod["accumulate_step"].params if p.name.endswith("_acc")}
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -94,10 +111,32 @@ class Int8Trainer:
         if not 0 <= int(label) < self.num_classes:
             raise TinyTrainError(f"label {label} out of range [0, {self.num_classes - 1}]")
         args = [image, np.array([label], np.int32), np.array([self.lr], np.float32)] + [self.params[n] for n in self._step_params]
-        out = self._vm["train_step"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args])
-        for i, name in enumerate(self.updated):
-            self.params[name] = out[i + 1].numpy()
+        if self.accumulate == 1:
+            out = self._call("train_step", args)
+            for i, name in enumerate(self.updated):
+                self.params[name] = out[i + 1].numpy()
+            return float(out[0].numpy()[0])
+        out = self._call("accumulate_step", args + list(self._acc.values()))
+        for i, name in enumerate(self._acc):
+            self._acc[name] = out[i + 1].numpy()
+        self._pending += 1
+        if self._pending == self.accumulate:
+            self.flush()
         return float(out[0].numpy()[0])
+
+    def flush(self) -> None:
+        """Apply the accumulated gradients (their mean) and clear them; a no-op when nothing is pending."""
+        if self._pending == 0:
+            return
+        lr = np.array([self.lr / self._pending], np.float32)
+        out = self._call("apply_updates", [lr] + [self.params[n] for n in self.updated] + list(self._acc.values()))
+        for i, name in enumerate(self.updated):
+            self.params[name] = out[i].numpy()
+        self._acc = {k: np.zeros_like(v) for k, v in self._acc.items()}
+        self._pending = 0
+
+    def _call(self, func: str, args):
+        return self._vm[func](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args])
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         image = self._check_image(image)
@@ -121,9 +160,10 @@ class Int8Trainer:
         return out
 
     def memory_plan(self):
+        """The plan of the step this trainer runs (``accumulate_step`` when accumulating)."""
         from relax_passes import memory_plan
 
-        return memory_plan(self.mod)
+        return memory_plan(self.mod, "accumulate_step" if self.accumulate > 1 else "train_step")
 
     def save(self, path: str | Path) -> None:
         """All parameters (trained and frozen) as a .npz, by Relax parameter name (see :meth:`weights`)."""
