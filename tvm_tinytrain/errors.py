@@ -21,3 +21,14 @@ class UnsupportedOpError(TinyTrainError):
 
 class ShapeError(TinyTrainError):
     """A tensor does not have the shape or dtype the model expects."""
+
+
+def _register_with_tvm_ffi() -> None:
+    """Keep our error types when they cross TVM's FFI (e.g. raised inside a pass run by ``Sequential``)."""
+    import tvm_ffi
+
+    for cls in (TinyTrainError, ModelFormatError, UnsupportedOpError, ShapeError):
+        tvm_ffi.register_error(cls.__name__, cls)
+
+
+_register_with_tvm_ffi()

@@ -33,7 +33,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
         FuseConvRequant(), PlanMemory(),
     ])
-    out = _run_passes(seq, mod)
+    out = seq(mod)
     if budget_bytes is not None:
         from relax_passes import memory_plan
 
@@ -42,22 +42,6 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             raise TinyTrainError(f"budget: scheme {scheme!r} on {model.name} needs {peak} bytes ({peak / 1024:.1f} KB) of SRAM, "
                                  f"{peak - budget_bytes} bytes over the budget of {budget_bytes} bytes ({budget_bytes / 1024:.1f} KB)")
     return out
-
-
-def _run_passes(seq, mod):
-    """Run passes, surfacing our own errors as TinyTrainError (TVM's FFI turns them into RuntimeError)."""
-    try:
-        return seq(mod)
-    except TinyTrainError:
-        raise
-    except Exception as err:  # noqa: BLE001 - re-raised with its message when it is ours
-        msg = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        for prefix in ("TinyTrainError: ", "ModelFormatError: ", "ShapeError: ", "UnsupportedOpError: "):
-            if prefix in msg:
-                raise TinyTrainError(msg.split(prefix, 1)[1]) from None
-        if any(k in str(err) for k in ("scheme", "SparseUpdate", "AppendLoss", "QuantizedGradient", "PlanMemory", "ReorderUpdates")):
-            raise TinyTrainError(msg) from None
-        raise
 
 
 class Int8Trainer:
@@ -77,7 +61,7 @@ class Int8Trainer:
         if accumulate > 1:
             from relax_passes import AccumulateGradients, PlanMemory
 
-            mod = _run_passes(tvm.transform.Sequential([AccumulateGradients(), PlanMemory("accumulate_step")]), mod)
+            mod = tvm.transform.Sequential([AccumulateGradients(), PlanMemory("accumulate_step")])(mod)
         self.mod = mod
         step = mod["train_step"]
         self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]
