@@ -1,0 +1,37 @@
+/* Dataset and output files through C stdio: native files on the host, host files through semihosting on QEMU. */
+#include <stdio.h>
+
+#include "platform.h"
+#include "tinytrain_model.h"
+
+/* One record (int32 label + image) or the 20-byte header, whichever is larger. */
+#define BUFFER_BYTES (4u + TINYTRAIN_INPUT_BYTES > 20u ? 4u + TINYTRAIN_INPUT_BYTES : 20u)
+
+static FILE *dataset;
+static uint8_t buffer[BUFFER_BYTES];
+
+int platform_data_open(const char *path) {
+    dataset = fopen(path, "rb");
+    /* Unbuffered: every read is one whole record, and a stdio buffer would only cost heap on a board. */
+    return dataset != NULL && setvbuf(dataset, NULL, _IONBF, 0) == 0 ? 0 : -1;
+}
+
+const void *platform_data_read(uint32_t offset, uint32_t bytes) {
+    if (bytes > sizeof buffer || fseek(dataset, (long)offset, SEEK_SET) != 0 || fread(buffer, 1, bytes, dataset) != bytes) return NULL;
+    return buffer;
+}
+
+void *platform_out_open(const char *out_dir, const char *name) {
+    char path[512];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, name) >= sizeof path) return NULL;
+    FILE *f = fopen(path, "wb");
+    if (f != NULL && setvbuf(f, NULL, _IONBF, 0) != 0) {
+        fclose(f);
+        return NULL;
+    }
+    return f;
+}
+
+int platform_out_write(void *out, const void *data, uint32_t bytes) { return fwrite(data, 1, bytes, out) == bytes ? 0 : -1; }
+
+int platform_out_close(void *out) { return fclose(out) == 0 ? 0 : -1; }

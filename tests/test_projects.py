@@ -1,0 +1,165 @@
+"""Board projects (microtvm_projects/) with the hand-written stand-in model: the host and QEMU Cortex-M4/M7 builds train
+to the same weights bit for bit, QEMU measures instructions and stack, and images too large for the board, hangs and
+faults come back as clear errors. The STM32F746 template is built, not run."""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECTS = Path(__file__).resolve().parents[1] / "microtvm_projects"
+STANDIN = PROJECTS / "common" / "testmodel"
+STEPS = 40
+RECORDS = 24
+LR = 0.05
+
+needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
+needs_qemu = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+                                reason="arm-none-eabi-gcc or qemu-system-arm not installed")
+
+
+def load_board(board: str):
+    spec = importlib.util.spec_from_file_location(f"tinytrain_project_{board.replace('-', '_')}", PROJECTS / board / "project.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def symbol_address(executable: Path, name: str) -> int:
+    symbols = subprocess.run(["arm-none-eabi-nm", str(executable)], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0], 16) for line in symbols.splitlines() if line.endswith(f" {name}"))
+
+
+host, qemu, stm32 = load_board("host"), load_board("qemu-cortex-m"), load_board("stm32f746")
+driver = host.driver
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four classes a linear model over channel means can learn: class k > 0 brightens channel k - 1."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(RECORDS) % 4
+    images = rng.integers(-60, 60, (RECORDS, 3, 8, 8))
+    for image, label in zip(images, labels):
+        if label:
+            image[label - 1] += 50
+    return driver.write_dataset(tmp_path_factory.mktemp("data") / "data.bin", images.astype(np.int8), labels, num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def host_project(tmp_path_factory) -> Path:
+    return host.generate_project(STANDIN, tmp_path_factory.mktemp("host") / "project")
+
+
+@pytest.fixture(scope="module")
+def host_run(host_project, dataset, tmp_path_factory) -> dict:
+    return host.run(host_project, dataset, STEPS, tmp_path_factory.mktemp("host_out"), lr=LR, eval_count=RECORDS)
+
+
+def test_dataset_format(tmp_path):
+    images = np.arange(2 * 3 * 8 * 8).astype(np.int8).reshape(2, 3, 8, 8)
+    blob = driver.write_dataset(tmp_path / "d.bin", images, [3, 1], num_classes=4).read_bytes()
+    assert blob[:4] == b"TTDS" and np.frombuffer(blob[4:20], "<u4").tolist() == [1, 2, 192, 4]
+    assert np.frombuffer(blob[20:24], "<i4")[0] == 3 and blob[24:216] == images[0].tobytes()
+    assert np.frombuffer(blob[216:220], "<i4")[0] == 1 and len(blob) == 20 + 2 * 196
+    with pytest.raises(ValueError, match="int8"):
+        driver.write_dataset(tmp_path / "bad.bin", images.astype(np.int16), [0, 1])
+
+
+def test_host_trains_and_writes_outputs(host_run, host_project, dataset, tmp_path):
+    assert len(host_run["losses"]) == STEPS and host_run["counter"] is None
+    assert host_run["accuracy_after"] > host_run["accuracy_before"]
+    meta = driver.read_meta(host_project / "model")
+    trained = driver.read_weights(meta, host_run["weights"])
+    assert trained["fc.weight"].shape == (4, 3) and trained["fc.bias"].shape == (4,)
+    initial = driver.read_weights(meta, host.run(host_project, dataset, 0, tmp_path, eval_count=0)["weights"])
+    assert not np.array_equal(initial["fc.weight"], trained["fc.weight"])
+
+
+def test_host_sanitizers_agree(host_run, dataset, tmp_path):
+    project = host.generate_project(STANDIN, tmp_path / "project", sanitize=True)
+    result = host.run(project, dataset, STEPS, tmp_path / "out", lr=LR, eval_count=RECORDS)
+    assert Path(result["weights"]).read_bytes() == Path(host_run["weights"]).read_bytes()
+
+
+def test_dataset_that_does_not_fit_the_model(host_project, tmp_path):
+    data = driver.write_dataset(tmp_path / "wide.bin", np.zeros((2, 3, 8, 9), np.int8), [0, 1], num_classes=4)
+    with pytest.raises(driver.RunError, match="216-byte images and 4 classes; the model takes 192-byte images") as error:
+        host.run(host_project, data, 1, tmp_path / "out")
+    assert error.value.returncode == 2
+
+
+def test_unknown_option(tmp_path):
+    with pytest.raises(driver.ProjectError, match="unknown option.*ram_size"):
+        qemu.generate_project(STANDIN, tmp_path / "project", ram_size=1024)
+
+
+@pytest.fixture(scope="module", params=["mps2-an386", "mps2-an500"])
+def qemu_run(request, dataset, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp(request.param)
+    project = qemu.generate_project(STANDIN, root / "project", machine=request.param)
+    return qemu.run(project, dataset, STEPS, root / "out", lr=LR, eval_count=RECORDS, timeout_s=60)
+
+
+@needs_qemu
+def test_qemu_matches_host_bit_for_bit(qemu_run, host_run):
+    assert Path(qemu_run["weights"]).read_bytes() == Path(host_run["weights"]).read_bytes()
+    assert qemu_run["losses"] == host_run["losses"]
+    assert (qemu_run["accuracy_before"], qemu_run["accuracy_after"]) == (host_run["accuracy_before"], host_run["accuracy_after"])
+
+
+@needs_qemu
+def test_qemu_measures_instructions_stack_and_memory(qemu_run):
+    assert qemu_run["counter"] == "instructions" and qemu_run["instructions_per_step"] > 0
+    assert all(step["instructions"] > 0 for step in qemu_run["step_log"])
+    sram = qemu_run["sram_bytes"]
+    assert 0 < sram["stack_peak"] < 8 * 1024 and sram["bss"] >= sram["arena"] + sram["trainable"]
+    assert sram["total"] == sram["data"] + sram["bss"] + sram["heap_peak"] + sram["stack_peak"] <= sram["reserved"] <= 320 * 1024
+    assert qemu_run["flash_bytes"] > 0
+
+
+@needs_arm
+def test_image_too_large_names_region_and_overflow(tmp_path):
+    fits = qemu.build(qemu.generate_project(STANDIN, tmp_path / "fits"))
+    needed = symbol_address(fits.executable, "__stack_end") - qemu.RAM_ORIGIN  # RAM in use, alignment padding included
+    project = qemu.generate_project(STANDIN, tmp_path / "project", ram_bytes=8 * 1024)
+    with pytest.raises(driver.BuildError, match=r"region RAM overflowed by \d+ bytes \(RAM is 8192 bytes") as error:
+        qemu.build(project)
+    assert error.value.region == "RAM" and error.value.overflow_bytes == needed - 8 * 1024
+
+
+@needs_qemu
+def test_hang_is_reported_as_timeout(dataset, tmp_path):
+    project = qemu.generate_project(STANDIN, tmp_path / "project", defines={"TINYTRAIN_TEST_HANG": 1})
+    qemu.build(project)  # the timeout is for the run, not the compiler
+    with pytest.raises(driver.RunTimeout, match="no result after 1 s, killed"):
+        qemu.run(project, dataset, 1, tmp_path / "out", timeout_s=1)
+
+
+@needs_qemu
+def test_fault_is_reported(dataset, tmp_path):
+    project = qemu.generate_project(STANDIN, tmp_path / "project", machine="mps2-an500", defines={"TINYTRAIN_TEST_FAULT": "0xF0000000"})
+    with pytest.raises(driver.RunError, match=r"exited with code 3[\s\S]*fault: BusFault .*BFAR=0xf0000000") as error:
+        qemu.run(project, dataset, 1, tmp_path / "out", timeout_s=30)
+    assert error.value.returncode == 3
+
+
+@needs_arm
+def test_stm32f746_builds(dataset, tmp_path):
+    project = stm32.generate_project(STANDIN, tmp_path / "project", dataset=dataset, steps=STEPS, lr=LR, eval_count=RECORDS)
+    info = stm32.build(project)
+    assert info.flash_bytes > dataset.stat().st_size and info.data_bytes + info.bss_bytes + info.heap_reserved_bytes + info.stack_reserved_bytes <= 320 * 1024
+    assert symbol_address(info.executable, "vectors") == 0x08000000  # the vector table where the F746 boots from flash
+    with pytest.raises(driver.ProjectError, match="openocd"):
+        stm32.run(project, dataset, STEPS, tmp_path / "out")
+
+
+def test_stm32f746_serial_capture(tmp_path):
+    capture = "tinytrain starting\r\n#file weights.bin\r\n00ff10\r\n#end weights.bin\r\n#file log.json\r\n7b7d\r\n#end log.json\r\n\r\n#exit 0\r\n"
+    assert stm32.read_serial_capture(capture, tmp_path) == 0
+    assert (tmp_path / "weights.bin").read_bytes() == b"\x00\xff\x10" and (tmp_path / "log.json").read_text() == "{}"
+    with pytest.raises(driver.RunError, match="no #exit"):
+        stm32.read_serial_capture("#file log.json\r\n7b\r\n", tmp_path)
