@@ -1,0 +1,182 @@
+"""The generated C training step (tvm_tinytrain.codegen) == Int8Trainer bit for bit, on host gcc, under sanitizers, and for Cortex-M."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from conftest import make_random_model, paper_model_path
+from test_training import partial_scheme
+from tvm import te
+
+from relax_passes import memory_plan
+from relax_passes.plan_memory import plan
+from tvm_tinytrain.codegen import generate, kernels
+from tvm_tinytrain.errors import TinyTrainError
+from tvm_tinytrain.trainer import Int8Trainer
+
+HARNESS = Path(__file__).with_name("codegen_harness.c")
+SOURCES = ("tinytrain_model.c", "tinytrain_kernels.c")
+HOST_FLAGS = ["-O2", "-std=c99", "-ffp-contract=off", "-Wall", "-Werror"]
+SANITIZE_FLAGS = ["-O1", "-g", "-std=c99", "-ffp-contract=off", "-Wall", "-Werror",
+                  "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
+ARM_FLAGS = ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16", "-c", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-std=c99"]
+CLASSES, STEPS, LR = 4, 3, 0.5  # lr 0.5 with QAS moves almost every trained weight (see test_training.py)
+
+
+@dataclass
+class Case:
+    """A generated C model and what the host trainer did on the same data."""
+
+    out: Path
+    meta: dict
+    trainer: Int8Trainer
+    images: np.ndarray
+    labels: np.ndarray
+    losses: list[float]
+    params: list[dict[str, np.ndarray]]  # trained parameters after each step
+    logits: np.ndarray  # predict() of every image after the last step
+    c_lr: float | None  # lr the harness sets with tinytrain_set_lr (None: generate's default)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_random_model(3)
+
+
+@pytest.fixture(scope="module", params=["full", "bias-only:2", "partial"])
+def case(request, model, tmp_path_factory) -> Case:
+    tmp = tmp_path_factory.mktemp(request.param.replace(":", "_"))
+    spec = partial_scheme(tmp) if request.param == "partial" else request.param
+    trainer = Int8Trainer(model, spec, num_classes=CLASSES, lr=LR)
+    c_lr = LR if request.param == "full" else None  # one case checks tinytrain_set_lr over a different default
+    meta = generate(trainer.mod, tmp / "gen", lr=0.003 if c_lr else LR)
+    rng = np.random.default_rng(11)
+    images = rng.integers(-128, 128, (STEPS, 3, 16, 16)).astype(np.int8)
+    labels = rng.integers(0, CLASSES, STEPS).astype(np.int32)
+    losses, params = [], []
+    for image, label in zip(images, labels):
+        losses.append(trainer.step(image, int(label)))
+        params.append({n: trainer.params[n].copy() for n in trainer.updated})
+    logits = np.stack([trainer.predict(image) for image in images])
+    return Case(tmp / "gen", meta, trainer, images, labels, losses, params, logits, c_lr)
+
+
+def build(case: Case, compiler: str, flags: list[str], name: str) -> Path:
+    exe = case.out / name
+    cmd = [compiler, *flags, "-I", str(case.out), *(str(case.out / s) for s in SOURCES), str(HARNESS), "-lm", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+def run(case: Case, exe: Path) -> tuple[list[float], list[dict[str, bytes]], np.ndarray]:
+    """Run the harness on the case's data; parse its losses, parameters after each step, and final logits."""
+    data = struct.pack("<i", len(case.images)) + b"".join(img.tobytes() + struct.pack("<i", int(lab)) for img, lab in zip(case.images, case.labels))
+    (case.out / "in.bin").write_bytes(data)
+    lr = [float(np.float32(case.c_lr)).hex()] if case.c_lr else []
+    proc = subprocess.run([str(exe), str(case.out / "in.bin"), str(case.out / "out.bin"), *lr], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{exe.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, proc.stderr[-3000:]
+    blob, pos = (case.out / "out.bin").read_bytes(), 0
+    losses, params = [], []
+    for _ in case.images:
+        losses.append(struct.unpack_from("<f", blob, pos)[0])
+        pos += 4
+        step = {}
+        for _ in case.meta["trainable_params"]:
+            end = blob.index(b"\0", pos)
+            name = blob[pos:end].decode()
+            (size,) = struct.unpack_from("<I", blob, end + 1)
+            step[name] = blob[end + 5:end + 5 + size]
+            pos = end + 5 + size
+        params.append(step)
+    logits = np.frombuffer(blob[pos:], np.float32).reshape(len(case.images), case.meta["num_classes"])
+    return losses, params, logits
+
+
+def assert_matches_trainer(case: Case, exe: Path) -> None:
+    losses, params, logits = run(case, exe)
+    for step, (c_loss, want_loss, c_params, want_params) in enumerate(zip(losses, case.losses, params, case.params)):
+        assert np.float32(c_loss).tobytes() == np.float32(want_loss).tobytes(), f"step {step}: loss {c_loss!r} != {want_loss!r}"
+        assert list(c_params) == case.trainer.updated, "tinytrain_params must list the trained parameters in updated_params order"
+        for name, raw in c_params.items():
+            assert raw == np.ascontiguousarray(want_params[name]).tobytes(), f"step {step}: parameter {name} differs"
+    assert logits.tobytes() == case.logits.astype(np.float32).tobytes(), "infer after training must equal predict bit for bit"
+
+
+def test_host_build_matches_trainer_bit_for_bit(case):
+    moved = [n for n in case.trainer.updated if not np.array_equal(case.params[-1][n], case.trainer.mod.attrs["tinytrain.param_init"][n].numpy())]
+    assert len(moved) >= len(case.trainer.updated) - 1, "a run that moves almost nothing cannot show bit-exactness"
+    assert_matches_trainer(case, build(case, "gcc", HOST_FLAGS, "harness"))
+
+
+def test_sanitized_build_matches_trainer(case):
+    assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))
+
+
+def test_sources_are_standalone_and_build_for_cortex_m7(case):
+    for name in (*SOURCES, "tinytrain_model.h"):
+        text = re.sub(r"/\*.*?\*/|//[^\n]*", "", (case.out / name).read_text(), flags=re.S)  # code only: comments credit TVM
+        assert "malloc" not in text and "free(" not in text, name
+        assert not re.search(r"\bTVM\w*|__tvm|tvm/|#include \"(?!tinytrain_model\.h)", text), f"{name} still refers to TVM's runtime"
+    if shutil.which("arm-none-eabi-gcc") is None:
+        pytest.skip("arm-none-eabi-gcc not installed")
+    for src in SOURCES:
+        subprocess.run(["arm-none-eabi-gcc", *ARM_FLAGS, str(case.out / src), "-o", str(case.out / f"{src}.arm.o")], check=True, capture_output=True, text=True)
+
+
+def test_header_and_meta_follow_the_plan(case):
+    mod = case.trainer.mod
+    train, infer = memory_plan(mod), plan(mod, "infer")
+    text = (case.out / "tinytrain_model.h").read_text()
+    defines = {k: int(v) for k, v in re.findall(r"#define (TINYTRAIN_\w+) (\d+)", text)}
+    assert defines["TINYTRAIN_ARENA_BYTES"] == max(train.arena_bytes, infer.arena_bytes) == case.meta["arena_bytes"]
+    assert defines["TINYTRAIN_TRAINABLE_BYTES"] == train.trainable_param_bytes == case.meta["trainable_bytes"]
+    assert defines["TINYTRAIN_NUM_TRAINABLE"] == len(case.trainer.updated) and defines["TINYTRAIN_NUM_CLASSES"] == CLASSES
+    assert (defines["TINYTRAIN_INPUT_C"], defines["TINYTRAIN_INPUT_H"], defines["TINYTRAIN_INPUT_W"], defines["TINYTRAIN_INPUT_BYTES"]) == (3, 16, 16, 768)
+    meta = json.loads((case.out / "tinytrain_meta.json").read_text())
+    assert meta == case.meta and meta["peak_sram_bytes"] == train.peak_sram_bytes
+    assert [p["name"] for p in meta["trainable_params"]] == case.trainer.updated
+
+
+def test_float_constants_are_printed_exactly(case):
+    """TVM prints floats with 7 digits: the int32 SGD clamp 2147483520.0f would come out as 2.147484e+09f == 2**31."""
+    text = (case.out / "tinytrain_kernels.c").read_text()
+    assert "2.14748352e+09f" in text and "2.147484e+09f" not in text
+
+
+def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():
+    a = te.placeholder((1024,), "float32", name="a")
+    b = te.compute((1024,), lambda i: a[i] * 2.0, name="b")  # a 4 KB intermediate that nothing compacts
+    c = te.compute((1024,), lambda i: b[1023 - i] + 1.0, name="c")
+    func = kernels.pointer_form(te.create_prim_func([a, c]))
+    with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+        lowered = kernels.lower(tvm.IRModule({tvm.ir.GlobalVar("tinytrain_k_0"): func}), tvm.target.Target("c"))
+    with pytest.raises(TinyTrainError, match="kernel tinytrain_k_0 .*4096 bytes"):
+        kernels.stack_bytes(lowered["tinytrain_k_0"], "tinytrain_k_0")
+
+
+def test_mcunet_paper_99kb_first_step(tmp_path):
+    from tvm_tinytrain.importers.paper_pkl import load_paper_model
+
+    model = load_paper_model(paper_model_path("mcunet-5fps"))
+    trainer = Int8Trainer(model, "paper-99kb", num_classes=10, lr=0.003)
+    meta = generate(trainer.mod, tmp_path / "gen")
+    train = memory_plan(trainer.mod)
+    text = (tmp_path / "gen" / "tinytrain_model.h").read_text()
+    assert f"#define TINYTRAIN_ARENA_BYTES {train.arena_bytes}\n" in text
+    assert f"#define TINYTRAIN_TRAINABLE_BYTES {train.trainable_param_bytes}\n" in text
+    assert meta["peak_sram_bytes"] == train.peak_sram_bytes
+    images = np.random.default_rng(0).integers(-128, 128, (1, 3, 128, 128)).astype(np.int8)
+    loss = trainer.step(images[0], 3)
+    case = Case(tmp_path / "gen", meta, trainer, images, np.array([3], np.int32), [loss], [{n: trainer.params[n] for n in trainer.updated}],
+                np.stack([trainer.predict(images[0])]), None)
+    assert_matches_trainer(case, build(case, "gcc", HOST_FLAGS, "harness"))

@@ -1,0 +1,248 @@
+"""Every kernel a training step calls, as ONE standalone C source (``tinytrain_kernels.c``).
+
+Each PrimFunc called by ``train_step`` / ``infer`` is rewritten into raw-pointer
+form (one ``T.handle`` per buffer parameter, the buffer re-declared in the body
+with ``T.decl_buffer(shape, dtype, data=ptr)``) with ``calling_conv`` 0 and no
+``global_symbol``: TVM's C host codegen then prints a plain
+``void tinytrain_k_<i>(int8_t* arg0_ptr, ...)`` instead of a packed-API wrapper.
+We run TVM's default TIR pipeline ourselves (not ``tvm.tirx.build``) because
+
+* ``LowerTVMBuiltin`` turns any allocation of 1 KB or more into
+  ``TVMBackendAllocWorkspace`` (and fails outside a packed function); we skip it,
+  keep every kernel-internal buffer a stack array and bound them ourselves
+  (:data:`MAX_STACK_BYTES`), so the C needs no allocator;
+* the printer writes float constants with 7 significant digits (``%.6e``), which
+  does not round-trip float32 (``2147483520.0f`` prints as ``2.147484e+09f``);
+  we need the lowered TIR to know each constant's exact value and print every
+  float constant again with 9 significant digits (which round-trip float32).
+
+What remains of TVM's runtime in the printed source (its headers, the FFI
+library context, ``TVM_DLL``, ``extern "C"`` guards, repeated libm prototypes)
+is removed, the one pointer-cast bit reinterpretation TVM prints
+(``*(float *)(&(bits))``, a strict-aliasing violation) becomes a ``memcpy``, and
+stack arrays are zero-initialized (see :data:`_STACK_ARRAY`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+
+from relax_passes._buffers import DTYPE_BYTES, SGD_OPS
+from relax_passes._ir import decode
+from tvm_tinytrain.errors import TinyTrainError
+
+PREFIX = "tinytrain_k_"
+MAX_STACK_BYTES = 2048  # kernel-internal buffers of one kernel, on the caller's stack
+C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int32": "int32_t", "int64": "int64_t", "float32": "float"}
+# Functions TVM's C codegen may call: the C standard library only (math.h).
+LIBM = {"floorf", "ceilf", "logf", "expf", "sqrtf", "fabsf", "roundf", "truncf", "fmaxf", "fminf", "powf", "nearbyintf"}
+_PASS_CONFIG = {"tirx.disable_assert": True, "tirx.disable_vectorize": True}  # no runtime checks, no vector types
+_PRELUDE = """\
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+/* TVM prints a bit reinterpretation as *(float *)(&(bits)); memcpy is the defined way to say it. */
+static inline float tinytrain_i32_as_f32(int32_t bits) {
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+"""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One emitted C function and the PrimFunc it came from."""
+
+    symbol: str  # C name, tinytrain_k_<i>
+    prim_func: str  # the PrimFunc's name in the training module
+    op: str
+    node: str
+    dtypes: tuple[str, ...]  # element dtype of each pointer parameter, in order
+    stack_bytes: int
+    prototype: str  # the C declaration, as printed in tinytrain_kernels.c
+
+
+@dataclass
+class KernelLibrary:
+    source: str  # tinytrain_kernels.c
+    kernels: dict[str, Kernel]  # by PrimFunc name
+
+
+def called_prim_funcs(mod: tvm.IRModule, func_names) -> list[relax.GlobalVar]:
+    """The PrimFuncs the given Relax functions call, in first-call order (so kernel numbers follow the step)."""
+    seen: dict[str, relax.GlobalVar] = {}
+    for name in func_names:
+        for binding in mod[name].body.blocks[0].bindings:
+            call = decode(mod, binding)
+            if call is not None:
+                seen.setdefault(call.gvar.name_hint, call.gvar)
+    return list(seen.values())
+
+
+def pointer_form(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with one raw pointer per buffer parameter, the buffers declared on those pointers.
+
+    The buffer Vars themselves are reused as the declared buffers, so the body is untouched.
+    SGD kernels run in place (output pointer == parameter pointer), so they lose ``tirx.noalias``.
+    """
+    ptrs, decls = [], []
+    for param in func.params:
+        ptr = tirx.Var(f"{param.name}_ptr", tvm.ir.PointerType(tvm.ir.PrimType(param.dtype)))
+        ptrs.append(ptr)
+        decls.append(tirx.stmt.DeclBuffer(param, data=ptr))
+    attrs = {k: v for k, v in func.attrs.items() if not k.startswith("tinytrain.") and k != "global_symbol"}
+    attrs["calling_conv"] = 0  # kDefault: a plain C function, not the packed API
+    if str(func.attrs.get("tinytrain.op", "")) in SGD_OPS:
+        attrs.pop("tirx.noalias", None)
+    return tirx.PrimFunc(ptrs, tirx.SeqStmt([*decls, func.body]), attrs=tvm.ir.make_node("ir.DictAttrs", **attrs))
+
+
+def lower(ptr_mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """TVM's default TIR pipeline plus ``LowerIntrin`` (libm names), without ``LowerTVMBuiltin`` (see the module doc)."""
+    mod = tirx.transform.BindTarget(target.with_host(target))(ptr_mod)
+    pipeline, _, _ = tvm.tirx.get_tir_pipeline("default")
+    mod = tirx.transform.LowerIntrin()(pipeline(mod))
+    # AnnotateEntryFunc marks a lone function as the packed entry point, which the C host codegen rejects.
+    return tvm.IRModule({gv: f.with_attr("tirx.is_entry_func", False) for gv, f in mod.functions.items()})
+
+
+def _walk(func, node_type) -> list:
+    found = []
+    tvm_ffi.structural_walk(func.body, [(node_type, found.append)])
+    return found
+
+
+def stack_bytes(func: tirx.PrimFunc, kernel: str) -> int:
+    """Bytes of the stack arrays a lowered kernel declares; over :data:`MAX_STACK_BYTES` is an error naming it."""
+    total = 0
+    for alloc in _walk(func, tirx.stmt.AllocBuffer):
+        buf = alloc.buffer
+        dtype = str(buf.dtype)
+        if dtype not in DTYPE_BYTES or not all(isinstance(d, tirx.IntImm) for d in buf.shape):
+            raise TinyTrainError(f"codegen: kernel {kernel} allocates {buf.name} with {dtype} {list(buf.shape)}, not a static stack array")
+        total += int(np.prod([int(d) for d in buf.shape])) * DTYPE_BYTES[dtype]
+    if total > MAX_STACK_BYTES:
+        raise TinyTrainError(f"codegen: kernel {kernel} keeps {total} bytes of internal buffers, over the {MAX_STACK_BYTES}-byte stack limit "
+                             f"(its intermediate stages were not compacted)")
+    return total
+
+
+def float_constants(func: tirx.PrimFunc, kernel: str) -> dict[str, float]:
+    """The exact float32 value behind each ``%.6e`` text TVM prints for this kernel's constants."""
+    exact: dict[str, float] = {}
+    for imm in _walk(func, tirx.FloatImm):
+        if str(imm.ty) != "float32":
+            raise TinyTrainError(f"codegen: kernel {kernel} has a {imm.ty} constant {float(imm.value)!r}; only float32 is supported")
+        value = float(np.float32(float(imm.value)))
+        text = f"{float(imm.value):.6e}"
+        if exact.setdefault(text, value) != value:
+            raise TinyTrainError(f"codegen: kernel {kernel} has two float constants that both print as {text}")
+    return exact
+
+
+def c_float(value: float, what: str) -> str:
+    """An exact C literal of a float32 value: 9 significant digits always round-trip a float32."""
+    text = f"{value:.9g}"
+    if not np.isfinite(value) or float(np.float32(float(text))) != float(np.float32(value)):
+        raise TinyTrainError(f"codegen: {what}: cannot write {value!r} as an exact float32 C constant")
+    return text + ("f" if any(c in text for c in ".e") else ".0f")
+
+
+# A float literal as TVM prints it; a '-' glued to the digits is its sign (binary minus is printed " - ").
+_FLOAT_TEXT = re.compile(r"(?<![\w.)\]])(-?\d\.\d{6}e[+-]\d{2,3})f\b")
+_BITCAST = re.compile(r"\(\*\((\w+) \*\)\(&\((\w+)\)\)\)")
+# A kernel-internal stack array.  Its init runs under ``if (k == 0)`` inside the reduction loop, which gcc
+# cannot prove runs first (-Wmaybe-uninitialized under -Wall -Werror), so it is zero-initialized too.
+_STACK_ARRAY = re.compile(r"^(\s+\w+ \w+\[\d+\]);$", re.M)
+_EXTERN_C = '#ifdef __cplusplus\nextern "C"\n#endif\n'
+_DECL = re.compile(r"^(\w[\w ]*?\**) ?(\w+)\(([^)]*)\);$", re.M)
+# TVM's runtime prelude, replaced by _PRELUDE.
+_RUNTIME_LINES = re.compile(r'^(// tvm target: .*|#define TVM_EXPORTS|#include "tvm/.*"|#include <(math|stdbool)\.h>'
+                            r'|void\* __tvm_ffi__library_ctx = NULL;)$', re.M)
+
+
+def _exact_literals(body: str, exact: dict[str, float], kernel: str) -> str:
+    def fix(match):
+        text = match.group(1)
+        if text not in exact:
+            raise TinyTrainError(f"codegen: kernel {kernel} prints a float {text} that is not one of its constants")
+        return c_float(exact[text], f"kernel {kernel}")
+
+    return _FLOAT_TEXT.sub(fix, body)
+
+
+def _bitcasts(body: str, kernel: str) -> str:
+    def fix(match):
+        if match.group(1) != "float":
+            raise TinyTrainError(f"codegen: kernel {kernel} reinterprets bits as {match.group(1)}; only int32 -> float is supported")
+        return f"tinytrain_i32_as_f32({match.group(2)})"
+
+    return _BITCAST.sub(fix, body)
+
+
+def split_functions(source: str) -> tuple[dict[str, str], dict[str, str]]:
+    """TVM's printed source as {symbol: definition} and {name: prototype}; anything else but its runtime prelude is an error."""
+    source = source.replace(_EXTERN_C, "").replace("TVM_DLL ", "")
+    definitions = {name: text for text, name in re.findall(rf"^(void ({PREFIX}\d+)\([^)]*\) \{{\n.*?\n\}}\n)", source, re.M | re.S)}
+    declarations = {m.group(2): m.group(0) for m in _DECL.finditer(source)}
+    rest = source
+    for text in [*definitions.values(), *declarations.values()]:
+        rest = rest.replace(text, "")
+    rest = _RUNTIME_LINES.sub("", rest).strip()
+    if rest:
+        raise TinyTrainError(f"codegen: TVM's C source has code outside the kernels that the standalone source would lose: {rest[:300]!r}")
+    return definitions, declarations
+
+
+def _check_externs(declarations: dict[str, str], definitions: dict[str, str]) -> None:
+    for name in declarations:
+        if name.startswith(PREFIX) or name in LIBM:
+            continue
+        users = [sym for sym, text in definitions.items() if re.search(rf"\b{name}\(", text)]
+        raise TinyTrainError(f"codegen: TVM's C for kernel(s) {', '.join(users) or '?'} calls {name}, which is not in the C library")
+
+
+def emit(mod: tvm.IRModule, func_names=("train_step", "infer")) -> KernelLibrary:
+    """Lower every kernel of ``func_names`` with target ``c`` and print one standalone C source."""
+    gvars = called_prim_funcs(mod, func_names)
+    symbols = {gv.name_hint: f"{PREFIX}{i}" for i, gv in enumerate(gvars)}
+    ptr_mod = tvm.IRModule({tvm.ir.GlobalVar(symbols[gv.name_hint]): pointer_form(mod[gv]) for gv in gvars})
+    target = tvm.target.Target("c")
+    with tvm.transform.PassContext(config=_PASS_CONFIG):
+        lowered = lower(ptr_mod, target)
+        printed = tvm.tirx.transform.SkipAssert()(lowered)
+        source = tvm.get_global_func("target.build.c")(printed, target).inspect_source()
+    definitions, declarations = split_functions(source)
+    _check_externs(declarations, definitions)
+    if sorted(definitions) != sorted(symbols.values()):
+        raise TinyTrainError(f"codegen: TVM printed functions {sorted(definitions)}, expected {sorted(symbols.values())}")
+    kernels, bodies = {}, {}
+    for gv in gvars:
+        sym, func = symbols[gv.name_hint], mod[gv]
+        low = lowered[sym]
+        label = f"{sym} ({gv.name_hint})"
+        text = _STACK_ARRAY.sub(r"\1 = {0};", _exact_literals(definitions[sym], float_constants(low, label), label))
+        bodies[sym] = _bitcasts(text, label)
+        attrs = func.attrs
+        kernels[gv.name_hint] = Kernel(sym, gv.name_hint, str(attrs.get("tinytrain.op", "")), str(attrs.get("tinytrain.node", "")),
+                                       tuple(str(p.dtype) for p in func.params), stack_bytes(low, label), declarations[sym])
+    return KernelLibrary(_render(kernels, bodies), kernels)
+
+
+def _render(kernels: dict[str, Kernel], bodies: dict[str, str]) -> str:
+    table = "\n".join(f" *   {k.symbol:<16} {k.op:<24} {k.node:<24} stack {k.stack_bytes} B" for k in kernels.values())
+    head = ("/* tinytrain_kernels.c: the int8 training kernels, printed by Apache TVM's C codegen (target \"c\")\n"
+            " * from the TIR of each kernel and made standalone by tvm_tinytrain.codegen.  Generated; do not edit.\n"
+            " * Compile with -ffp-contract=off (float operations stay in source order); no allocator, no runtime.\n *\n"
+            f" *   symbol           op                       node                     internal buffers\n{table}\n */\n")
+    protos = "\n".join(k.prototype for k in kernels.values())
+    return head + _PRELUDE + "\n" + protos + "\n\n" + "\n".join(bodies[k.symbol] for k in kernels.values())
