@@ -91,7 +91,7 @@ def run(case: Case, exe: Path) -> tuple[list[float], list[dict[str, bytes]], np.
         losses.append(struct.unpack_from("<f", blob, pos)[0])
         pos += 4
         step = {}
-        for _ in case.meta["trainable_params"]:
+        for _ in case.meta["trainable"]:
             end = blob.index(b"\0", pos)
             name = blob[pos:end].decode()
             (size,) = struct.unpack_from("<I", blob, end + 1)
@@ -144,7 +144,7 @@ def test_header_and_meta_follow_the_plan(case):
     assert (defines["TINYTRAIN_INPUT_C"], defines["TINYTRAIN_INPUT_H"], defines["TINYTRAIN_INPUT_W"], defines["TINYTRAIN_INPUT_BYTES"]) == (3, 16, 16, 768)
     meta = json.loads((case.out / "tinytrain_meta.json").read_text())
     assert meta == case.meta and meta["peak_sram_bytes"] == train.peak_sram_bytes
-    assert [p["name"] for p in meta["trainable_params"]] == case.trainer.updated
+    assert [p["name"] for p in meta["trainable"]] == case.trainer.updated
 
 
 def test_float_constants_are_printed_exactly(case):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -147,6 +148,51 @@ def _progress(label: str, done: int, total: int, loss: float) -> None:
     print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.3f}", end="", file=sys.stderr, flush=True)
 
 
+def cmd_build(args) -> int:
+    from .boards import build_project
+
+    record = build_project(args.model, _load(args), args.scheme, args.target, args.output, args.num_classes, args.lr)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        b = record["build"]
+        print(f"built {record['target']} project in {args.output}: planned peak SRAM {record['planned_peak_sram_bytes'] / 1024:.1f} KB"
+              + (f", flash {b['flash_bytes'] / 1024:.1f} KB, .data+.bss {(b['data_bytes'] + b['bss_bytes']) / 1024:.1f} KB"
+                 if b.get("flash_bytes") is not None else ""))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .boards import read_build, run_project, write_dataset
+    from .data import load_data
+
+    record = read_build(args.build_dir)
+    data = args.data
+    if not data.endswith(".bin"):  # digits or a .npz: convert to the boards' dataset format
+        x, y, _, _ = load_data(data, tuple(record["input_shape"]), record["num_classes"], args.seed)
+        data = str(write_dataset(Path(args.build_dir) / "data.bin", x, y, record["num_classes"]))
+    result = run_project(args.build_dir, data, args.steps, lr=args.lr, eval_count=args.eval_count, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    losses = result["losses"]
+    print(f"{record['target']}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {result['weights']}")
+    sram = result.get("sram_bytes", {})
+    print("  SRAM: " + ", ".join(f"{k} {v / 1024:.1f} KB" for k, v in sram.items() if isinstance(v, (int, float))))
+    if result.get("instructions_per_step"):
+        print(f"  instructions per step: {result['instructions_per_step'] / 1e6:.1f} M")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .boards import trained_model
+    from .importers.onnx_export import export_onnx
+
+    export_onnx(trained_model(args.build_dir), args.onnx)
+    print(f"wrote {args.onnx}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -188,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save", help="write all parameters to this .npz")
     sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_train)
+    sp = model_cmd("build", "emit the training step as C and build it for a board")
+    sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
+    sp.add_argument("--target", default="host", choices=["host", "qemu-m4", "qemu-m7", "stm32f746"])
+    sp.add_argument("-o", "--output", required=True, help="build folder")
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--lr", type=float, default=0.003)
+    sp.set_defaults(func=cmd_build)
+    sp = sub.add_parser("run", help="train on the built project (host or emulated board)")
+    sp.add_argument("build_dir")
+    sp.add_argument("--data", default="digits", help="a dataset .bin, 'digits', or a .npz with images/labels")
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--lr", type=float, help="override the built-in learning rate")
+    sp.add_argument("--eval-count", type=int, default=0, help="records to evaluate before and after training")
+    sp.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is killed")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("export", help="write the trained weights of a build folder as a QDQ ONNX model")
+    sp.add_argument("build_dir")
+    sp.add_argument("--onnx", required=True, help="output .onnx path")
+    sp.set_defaults(func=cmd_export)
     sp = sub.add_parser("demo", help="the main job on the default model and data")
     sp.set_defaults(func=cmd_demo)
     return p

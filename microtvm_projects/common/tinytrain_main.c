@@ -51,22 +51,24 @@ static int open_dataset(const char *path) {
         return 2;
     }
     if (record_count > (UINT32_MAX - HEADER_BYTES) / RECORD_BYTES ||
-        platform_data_read(HEADER_BYTES + (record_count - 1) * RECORD_BYTES, RECORD_BYTES) == NULL) {
+        platform_data_read(HEADER_BYTES + record_count * RECORD_BYTES - 1, 1) == NULL) {
         fprintf(stderr, "tinytrain: %s is shorter than the %lu records its header announces\n", path, (unsigned long)record_count);
         return 2;
     }
     return 0;
 }
 
-/* Record i as label + image; NULL (after a message) on a read error. */
+/* Record i: its label, and its image read into the model's own input buffer; NULL (after a message) on a read error. */
 static const int8_t *read_record(uint32_t i, int32_t *label) {
-    const uint8_t *r = platform_data_read(HEADER_BYTES + i * RECORD_BYTES, RECORD_BYTES);
-    if (r == NULL) {
+    uint32_t offset = HEADER_BYTES + i * RECORD_BYTES;
+    const uint8_t *r = platform_data_read(offset, 4);
+    const void *image = r == NULL ? NULL : platform_data_read_to(offset + 4, TINYTRAIN_INPUT_BYTES, tinytrain_input_buffer());
+    if (image == NULL) {
         fprintf(stderr, "tinytrain: cannot read record %lu of %lu\n", (unsigned long)i, (unsigned long)record_count);
         return NULL;
     }
     *label = (int32_t)read_u32(r);
-    return (const int8_t *)(r + 4);
+    return (const int8_t *)image;
 }
 
 /* Correct predictions (argmax, first index on ties) on the first `count` records; -1 on a read error. */

@@ -104,6 +104,11 @@ const void *platform_data_read(uint32_t offset, uint32_t bytes) {
     return offset <= tinytrain_dataset_bytes && bytes <= tinytrain_dataset_bytes - offset ? tinytrain_dataset + offset : NULL;
 }
 
+const void *platform_data_read_to(uint32_t offset, uint32_t bytes, void *dst) {
+    (void)dst; /* the dataset is in flash: the model copies the image into its arena itself */
+    return platform_data_read(offset, bytes);
+}
+
 static uint32_t hex_column;
 
 void *platform_out_open(const char *out_dir, const char *name) {

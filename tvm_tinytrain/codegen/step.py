@@ -300,6 +300,7 @@ int tinytrain_init(void);                /* copy the trainable parameters' initi
 void tinytrain_set_lr(float lr);         /* default {layout.lr!r} */
 int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);   /* 0 = ok, 1 = label out of range */
 int tinytrain_infer(const int8_t *input, float *logits);                      /* logits[TINYTRAIN_NUM_CLASSES] */
+int8_t *tinytrain_input_buffer(void);    /* the arena's image buffer: an image loaded here is not copied again */
 
 #endif /* TINYTRAIN_MODEL_H */
 """
@@ -352,11 +353,17 @@ void tinytrain_set_lr(float lr) {{
   tinytrain_lr = lr;
 }}
 
+int8_t *tinytrain_input_buffer(void) {{
+  return (int8_t *)(tinytrain_arena + {inp.offset});
+}}
+
 int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {{
   if (label < 0 || label >= TINYTRAIN_NUM_CLASSES) {{
     return 1;
   }}
-  memcpy(tinytrain_arena + {inp.offset}, input, TINYTRAIN_INPUT_BYTES);
+  if (input != tinytrain_input_buffer()) {{
+    memcpy(tinytrain_arena + {inp.offset}, input, TINYTRAIN_INPUT_BYTES);
+  }}
   memcpy(tinytrain_arena + {label.offset}, &label, sizeof label);
   memcpy(tinytrain_arena + {lr.offset}, &tinytrain_lr, sizeof tinytrain_lr);
 {chr(10).join(train.calls)}
@@ -367,7 +374,7 @@ int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {{
 }}
 
 int tinytrain_infer(const int8_t *input, float *logits) {{
-  memcpy(tinytrain_arena + {infer.inputs["input"].offset}, input, TINYTRAIN_INPUT_BYTES);
+  memmove(tinytrain_arena + {infer.inputs["input"].offset}, input, TINYTRAIN_INPUT_BYTES);  /* may be tinytrain_input_buffer() */
 {chr(10).join(infer.calls)}
   memcpy(logits, tinytrain_arena + {logits.offset}, TINYTRAIN_NUM_CLASSES * sizeof(float));
   return 0;
@@ -401,6 +408,8 @@ def generate(mod: tvm.IRModule, out_dir, lr: float = 0.003) -> dict:
     (out / "tinytrain_model.h").write_text(header(layout, model_name, scheme))
     (out / "tinytrain_model.c").write_text(source(layout, lib, train, infer))
     meta = _meta(layout, model_name, scheme, train_plan, infer_plan.arena_bytes, lib)
+    # Where each `<weight>_trained` RAM slice sits in its full weight, for export after training.
+    meta["trained_slices"] = json.loads(str(mod.attrs["tinytrain.trained_slices"])) if "tinytrain.trained_slices" in mod.attrs else {}
     (out / "tinytrain_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -420,7 +429,7 @@ def _meta(layout: Layout, model_name: str, scheme: str, train_plan, infer_arena:
         "trainable_bytes": layout.trainable_bytes(),
         "frozen_param_bytes": layout.frozen_param_bytes(),
         "constant_bytes": layout.constant_bytes(),
-        "trainable_params": [{"name": s.param, "dtype": s.dtype, "shape": list(st.init[s.param].shape), "bytes": st.bytes_of(s), "order": i}
+        "trainable": [{"name": s.param, "dtype": s.dtype, "shape": list(st.init[s.param].shape), "bytes": st.bytes_of(s), "order": i}
                              for i, s in enumerate(layout.trainable)],
         "peak_sram_bytes": report["peak_sram_bytes"],
         "parts": report["parts"],

@@ -4,8 +4,8 @@
 #include "platform.h"
 #include "tinytrain_model.h"
 
-/* One record (int32 label + image) or the 20-byte header, whichever is larger. */
-#define BUFFER_BYTES (4u + TINYTRAIN_INPUT_BYTES > 20u ? 4u + TINYTRAIN_INPUT_BYTES : 20u)
+/* The 20-byte header or a 4-byte label; images are read straight into the model's input buffer. */
+#define BUFFER_BYTES 20u
 
 static FILE *dataset;
 static uint8_t buffer[BUFFER_BYTES];
@@ -16,9 +16,13 @@ int platform_data_open(const char *path) {
     return dataset != NULL && setvbuf(dataset, NULL, _IONBF, 0) == 0 ? 0 : -1;
 }
 
+const void *platform_data_read_to(uint32_t offset, uint32_t bytes, void *dst) {
+    if (fseek(dataset, (long)offset, SEEK_SET) != 0 || fread(dst, 1, bytes, dataset) != bytes) return NULL;
+    return dst;
+}
+
 const void *platform_data_read(uint32_t offset, uint32_t bytes) {
-    if (bytes > sizeof buffer || fseek(dataset, (long)offset, SEEK_SET) != 0 || fread(buffer, 1, bytes, dataset) != bytes) return NULL;
-    return buffer;
+    return bytes <= sizeof buffer ? platform_data_read_to(offset, bytes, buffer) : NULL;
 }
 
 void *platform_out_open(const char *out_dir, const char *name) {

@@ -13,6 +13,9 @@
 static const float initial_weight[K][C] = {{0.1f, -0.2f, 0.05f}, {-0.1f, 0.15f, 0.0f}, {0.2f, 0.1f, -0.1f}, {0.0f, -0.05f, 0.1f}};
 static const float initial_bias[K] = {0.05f, -0.05f, 0.0f, 0.1f};
 static float weight[K][C], bias[K];
+static int8_t input_buffer[TINYTRAIN_INPUT_BYTES];
+
+int8_t *tinytrain_input_buffer(void) { return input_buffer; }
 
 const tinytrain_param_t tinytrain_params[TINYTRAIN_NUM_TRAINABLE] = {
     {"fc.weight", weight, sizeof weight, "float32"},

@@ -26,5 +26,6 @@ int tinytrain_init(void);
 void tinytrain_set_lr(float lr);
 int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);
 int tinytrain_infer(const int8_t *input, float *logits);
+int8_t *tinytrain_input_buffer(void);
 
 #endif
