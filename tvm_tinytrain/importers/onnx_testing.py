@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 13
 
 
-class _CnnBuilder:
+class CnnBuilder:
     """Accumulates nodes and He-initialised initializers; every node's output is named after the node."""
 
     def __init__(self, rng: np.random.Generator, channels: int):
@@ -75,7 +75,7 @@ def make_fp32_cnn(seed: int = 0, input_shape: tuple[int, int, int] = (3, 32, 32)
     Input ``input`` is float32 ``(N, *input_shape)``, output ``logits`` ``(N, num_classes)``.
     """
     c, h, w = input_shape
-    b = _CnnBuilder(np.random.default_rng(seed), c)
+    b = CnnBuilder(np.random.default_rng(seed), c)
     x = b.act("stem_relu", b.conv("stem", "input", 16, 3, 2), relu6=False)
     x = b.block("block1", x, expand=2, out_ch=16, stride=1)
     x = b.block("block2", x, expand=3, out_ch=24, stride=2)
