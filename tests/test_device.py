@@ -89,3 +89,20 @@ def test_mcunet_paper_99kb_on_emulated_cortex_m7(tmp_path):
     assert sram["total"] < 256 * 1024, sram
     meta = json.loads((tmp_path / "qemu-m7/model/tinytrain_meta.json").read_text())
     assert sram["data"] + sram["bss"] >= meta["arena_bytes"] + meta["trainable_bytes"]
+
+
+@needs_arm
+def test_stm32f746_template_builds_the_default_model(tmp_path):
+    """The real-board template: the default model's training step and a small dataset compiled into flash (built, not run)."""
+    from tvm_tinytrain.default_model import DEFAULT_MODEL_PATH
+
+    model = load_model(DEFAULT_MODEL_PATH)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "small.npz"
+    np.savez(data, images=rng.integers(-128, 128, (20, *model.input_info.shape)).astype(np.int8), labels=rng.integers(0, 5, 20))
+    argv = ["build", str(DEFAULT_MODEL_PATH), "--scheme", "last-k:6", "--num-classes", "5", "--target", "stm32f746",
+            "-o", str(tmp_path / "stm32"), "--data", str(data), "--steps", "20", "--json"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "stm32" / "tinytrain_build.json").read_text())
+    assert record["target"] == "stm32f746" and 0 < record["build"]["flash_bytes"] <= 1024 * 1024
+    assert (tmp_path / "stm32" / "project" / "build").exists()

@@ -151,7 +151,12 @@ def _progress(label: str, done: int, total: int, loss: float) -> None:
 def cmd_build(args) -> int:
     from .boards import build_project
 
-    record = build_project(args.model, _load(args), args.scheme, args.target, args.output, args.num_classes, args.lr)
+    model = _load(args)
+    board_options = {}
+    if args.target == "stm32f746":  # a real board has no files: the dataset is compiled into flash
+        board_options["dataset"] = str(_dataset_file(args.data, Path(args.output), model.input_info.shape, args.num_classes, args.seed))
+        board_options["steps"] = args.steps
+    record = build_project(args.model, model, args.scheme, args.target, args.output, args.num_classes, args.lr, board_options)
     if args.json:
         print(json.dumps(record))
     else:
@@ -163,14 +168,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .boards import read_build, run_project, write_dataset
-    from .data import load_data
+    from .boards import read_build, run_project
 
     record = read_build(args.build_dir)
-    data = args.data
-    if not data.endswith(".bin"):  # digits or a .npz: convert to the boards' dataset format
-        x, y, _, _ = load_data(data, tuple(record["input_shape"]), record["num_classes"], args.seed)
-        data = str(write_dataset(Path(args.build_dir) / "data.bin", x, y, record["num_classes"]))
+    data = _dataset_file(args.data, Path(args.build_dir), tuple(record["input_shape"]), record["num_classes"], args.seed)
     result = run_project(args.build_dir, data, args.steps, lr=args.lr, eval_count=args.eval_count, timeout_s=args.timeout)
     if args.json:
         print(json.dumps(result))
@@ -182,6 +183,18 @@ def cmd_run(args) -> int:
     if result.get("instructions_per_step"):
         print(f"  instructions per step: {result['instructions_per_step'] / 1e6:.1f} M")
     return 0
+
+
+def _dataset_file(spec: str, folder: Path, input_shape, num_classes: int, seed: int) -> Path:
+    """A boards' dataset file: ``spec`` itself when it is one (.bin), else digits or a .npz converted into ``folder``."""
+    from .boards import write_dataset
+    from .data import load_data
+
+    if spec.endswith(".bin"):
+        return Path(spec)
+    x, y, _, _ = load_data(spec, tuple(input_shape), num_classes, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_dataset(folder / "data.bin", x, y, num_classes)
 
 
 def cmd_export(args) -> int:
@@ -240,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = training_cmd("build", "emit the training step as C and build it for a board", with_lr=True)
     sp.add_argument("--target", default="host", choices=["host", "qemu-m4", "qemu-m7", "stm32f746"])
     sp.add_argument("-o", "--output", required=True, help="build folder")
+    sp.add_argument("--data", default="digits", help="stm32f746 only (no files on a board): dataset compiled in, as for `run`")
+    sp.add_argument("--steps", type=int, default=100, help="stm32f746 only: training steps the board runs")
+    sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_build)
     sp = sub.add_parser("run", help="train on the built project (host or emulated board)")
     sp.add_argument("build_dir")
