@@ -15,12 +15,13 @@ from .accumulate_gradients import AccumulateGradients
 from .append_loss import AppendLoss
 from .config import pass_config
 from .fuse_conv_requant import FuseConvRequant
+from .fuse_expand_depthwise import FuseExpandDepthwise
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
 
 __all__ = [
-    "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "PlanMemory",
+    "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise", "PlanMemory",
     "MemoryPlan", "memory_plan", "pass_config",
 ]

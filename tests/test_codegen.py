@@ -154,13 +154,14 @@ def test_float_constants_are_printed_exactly(case):
 
 
 def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():
-    a = te.placeholder((1024,), "float32", name="a")
-    b = te.compute((1024,), lambda i: a[i] * 2.0, name="b")  # a 4 KB intermediate that nothing compacts
-    c = te.compute((1024,), lambda i: b[1023 - i] + 1.0, name="c")
+    n = kernels.MAX_STACK_BYTES // 4 + 256  # a float intermediate just over the limit that nothing compacts
+    a = te.placeholder((n,), "float32", name="a")
+    b = te.compute((n,), lambda i: a[i] * 2.0, name="b")
+    c = te.compute((n,), lambda i: b[n - 1 - i] + 1.0, name="c")
     func = kernels.pointer_form(te.create_prim_func([a, c]))
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         lowered = kernels.lower(tvm.IRModule({tvm.ir.GlobalVar("tinytrain_k_0"): func}), tvm.target.Target("c"))
-    with pytest.raises(TinyTrainError, match="kernel tinytrain_k_0 .*4096 bytes"):
+    with pytest.raises(TinyTrainError, match=f"kernel tinytrain_k_0 .*{4 * n} bytes"):
         kernels.stack_bytes(lowered["tinytrain_k_0"], "tinytrain_k_0")
 
 

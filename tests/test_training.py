@@ -250,3 +250,15 @@ def test_gradient_accumulation_matches_reference(model, tmp_path):
         np.testing.assert_array_equal(weights[name], want, err_msg=name)
     assert sum(not np.array_equal(weights[k], init[k]) for k in acc) >= len(acc) - 1
     assert trainer.memory_plan().trainable_param_bytes > Int8Trainer(model, spec, num_classes=4).memory_plan().trainable_param_bytes
+
+
+def test_frozen_expansion_is_fused_into_its_depthwise_conv(model):
+    """bias-only:2 leaves block b0 frozen: its 1x1 expansion runs inside the depthwise conv, one channel plane at a
+    time, so the expanded tensor is never a buffer (the step stays bit-exact: see the reference test above)."""
+    mod = build_training_module(model, "bias-only:2", num_classes=4)
+    calls = _step_calls(mod)
+    assert [c.node for c in calls if c.op == "expand_depthwise"] == ["b0.expand+b0.dw"]
+    assert not [c for c in calls if c.node in ("b0.expand", "b0.dw")]
+    sb = analyze(mod, mod["train_step"])
+    fused = next(b for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "expand_depthwise")
+    assert fused.size < 16 * 8 * 8  # one 8x8 plane (+ a scalar), not the 16-channel expanded tensor

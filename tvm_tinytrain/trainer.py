@@ -26,12 +26,12 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
 
     With ``budget_bytes``, a step whose planned peak SRAM exceeds it is an error saying by how much.
     """
-    from relax_passes import AppendLoss, FuseConvRequant, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
+    from relax_passes import AppendLoss, FuseConvRequant, FuseExpandDepthwise, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
 
     mod, _ = build_relax(model, batch)
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
-        FuseConvRequant(), PlanMemory(),
+        FuseConvRequant(), FuseExpandDepthwise(), PlanMemory(),
     ])
     out = seq(mod)
     if budget_bytes is not None:

@@ -38,7 +38,7 @@ from relax_passes._ir import decode
 from tvm_tinytrain.errors import TinyTrainError
 
 PREFIX = "tinytrain_k_"
-MAX_STACK_BYTES = 2048  # kernel-internal buffers of one kernel, on the caller's stack
+MAX_STACK_BYTES = 8192  # kernel-internal buffers of one kernel (e.g. an expanded channel plane), on the caller's stack
 C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int32": "int32_t", "int64": "int64_t", "float32": "float"}
 # Functions TVM's C codegen may call: the C standard library only (math.h).
 LIBM = {"floorf", "ceilf", "logf", "expf", "sqrtf", "fabsf", "roundf", "truncf", "fmaxf", "fminf", "powf", "nearbyintf"}

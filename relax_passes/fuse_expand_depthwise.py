@@ -1,0 +1,98 @@
+"""FuseExpandDepthwise: an inverted block's 1x1 expansion and depthwise conv as one kernel, one channel at a time.
+
+A depthwise conv reads each input channel alone, so the expanded tensor of a
+MobileNetV2 block (up to 192 KB in the paper's models) never has to exist
+whole: this pass fuses ``conv2d_requant`` (1x1, groups 1) with the depthwise
+``conv2d_requant`` that is its only reader into one PrimFunc whose schedule
+computes one expanded channel plane inside the depthwise conv's channel loop
+(PAPER.md section 5).  The plane (H*W bytes) is the kernel's only workspace.
+A block the gradient crosses is left alone: its expanded tensor has other
+readers (masks, saved activations), which the fusion would have to recompute.
+
+Before::
+
+    lv3 = R.call_tir(cls.conv2d_requant, (lv2, w_pw1, b1, c1, c2), R.Tensor((1, 32, 64, 64), "int8"))
+    lv4 = R.call_tir(cls.conv2d_requant1, (lv3, w_dw, b2, c3, c4), R.Tensor((1, 32, 32, 32), "int8"))
+
+After::
+
+    lv4 = R.call_tir(cls.expand_depthwise, (lv2, w_pw1, b1, c1, c2, w_dw, b2, c3, c4), R.Tensor((1, 32, 32, 32), "int8"))
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, te
+
+from tvm_tinytrain.ops import te_kernels
+from tvm_tinytrain.relax_build import kernel_attrs
+
+from ._ir import builder_without, decode, shape_of
+from .fuse_conv_requant import _placeholders
+
+
+def _conv_requant(x, w, b, m, s, a: dict):
+    acc = te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"])
+    return te_kernels.requantize(acc, b, m, s, a["y_zero"], a["qmin"], a["qmax"])
+
+
+def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
+    """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it."""
+    args = _placeholders(expand.args + depthwise.args[1:])
+    y = _conv_requant(_conv_requant(*args[:5], expand.attrs), *args[5:], depthwise.attrs)
+    sch = s_tir.Schedule(te.create_prim_func([*args, y]))
+    acc1, rq1, acc2, rq2 = sch.get_child_blocks(sch.get_sblock("root"))
+    sch.reverse_compute_at(rq2, sch.get_loops(acc2)[3])  # depthwise accumulator: a scalar per output pixel
+    sch.compute_at(rq1, sch.get_loops(acc2)[1])  # one expanded channel plane per depthwise channel
+    sch.compute_at(acc1, sch.get_loops(rq1)[-1])  # expansion accumulator: a scalar per plane pixel
+    return sch.mod["main"].without_attr("global_symbol")
+
+
+def _fusable(expand, depthwise, readers) -> bool:
+    return (expand.op == depthwise.op == "conv2d_requant" and len(expand.args) == 5 and len(depthwise.args) == 5
+            and expand.attrs["groups"] == 1 and shape_of(expand.args[1])[2:] == (1, 1) and depthwise.attrs["groups"] > 1
+            and depthwise.args[0].same_as(expand.var) and readers.get(expand.var) == 1)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseExpandDepthwise")
+class FuseExpandDepthwise:
+    """Fuse each 1x1 expansion whose only reader is a depthwise conv into it (run after FuseConvRequant)."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+        for name in names:
+            mod = self._fuse(mod, name)
+        return relax.transform.DeadCodeElimination(names)(mod)
+
+    @staticmethod
+    def _fuse(mod, name):
+        func = mod[name]
+        bindings = list(func.body.blocks[0].bindings)
+        readers: dict[relax.Var, int] = {}
+        for b in bindings:
+            for v in relax.analysis.free_vars(b.value):
+                readers[v] = readers.get(v, 0) + 1
+        for v in relax.analysis.free_vars(func.body.body):
+            readers[v] = readers.get(v, 0) + 1
+        calls = [decode(mod, b) for b in bindings]
+        producer = {c.var: c for c in calls if c is not None}
+        pairs = {c.var: producer[c.args[0]] for c in calls
+                 if c is not None and c.args and c.args[0] in producer and _fusable(producer[c.args[0]], c, readers)}
+        fused_expansions = {e.var for e in pairs.values()}
+        bb = builder_without(mod, name)
+        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
+            with bb.dataflow():
+                for b, call in zip(bindings, calls):
+                    if b.var in fused_expansions:
+                        continue
+                    if b.var in pairs:
+                        expand = pairs[b.var]
+                        prim = fused_expand_depthwise(expand, call).with_attrs(
+                            kernel_attrs("expand_depthwise", f"{expand.node}+{call.node}", stride=call.attrs["stride"]))
+                        gv = bb.add_func(prim, "expand_depthwise")
+                        value = relax.call_tir(gv, relax.Tuple(expand.args + call.args[1:]), b.var.ty)
+                        bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
+                        continue
+                    bb.emit_normalized(b)
+            bb.emit_func_output(func.body.body)
+        return bb.get()
