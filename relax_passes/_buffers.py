@@ -17,9 +17,9 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
-from ._ir import decode
+from tvm_tinytrain.model import DTYPE_BYTES
 
-DTYPE_BYTES = {"int8": 1, "uint8": 1, "int32": 4, "float32": 4, "int64": 8}
+from ._ir import decode
 
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")

@@ -28,7 +28,7 @@ from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.ops.schedule import compact_schedule
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._ir import builder_without, decode, shape_of
+from ._fusion import fuse_pairs, placeholders, relax_function_names
 
 
 def _accumulator(acc_call, args: list[te.Tensor]) -> te.Tensor:
@@ -44,8 +44,8 @@ def _accumulator(acc_call, args: list[te.Tensor]) -> te.Tensor:
 
 def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
     """One PrimFunc: the accumulation then requantize, scheduled so the accumulator is a scalar."""
-    acc_args = _placeholders(acc_call.args)
-    rq_args = _placeholders(rq_call.args[1:], len(acc_args))
+    acc_args = placeholders(acc_call.args)
+    rq_args = placeholders(rq_call.args[1:], len(acc_args))
     r = rq_call.attrs
     y = te_kernels.requantize(_accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"])
     return compact_schedule(te.create_prim_func([*acc_args, *rq_args, y])).without_attr("global_symbol")
@@ -59,44 +59,20 @@ class FuseConvRequant:
         self.func_names = func_names
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        names = self.func_names or tuple(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function))
+        names = list(self.func_names or relax_function_names(mod))
         mod = relax.transform.CanonicalizeBindings()(mod)  # an alias between the conv and its requantize would hide the pair
         for name in names:
-            mod = self._fuse_function(mod, name)
-        return relax.transform.DeadCodeElimination(list(names))(mod)
-
-    @staticmethod
-    def _fuse_function(mod, name):
-        func = mod[name]
-        bindings = list(func.body.blocks[0].bindings)
-        readers: dict[relax.Var, int] = {}
-        for b in bindings:
-            for v in relax.analysis.free_vars(b.value):
-                readers[v] = readers.get(v, 0) + 1
-        for v in relax.analysis.free_vars(func.body.body):
-            readers[v] = readers.get(v, 0) + 1
-        calls = [decode(mod, b) for b in bindings]
-        single = {c.var: c for c in calls if c is not None and c.op in ("conv2d_acc", "linear_acc") and readers.get(c.var) == 1}
-        acc_calls = {c.args[0]: single[c.args[0]] for c in calls if c is not None and c.op == "requantize" and c.args[0] in single}
-        bb = builder_without(mod, name)
-        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
-            with bb.dataflow():
-                for b, call in zip(bindings, calls):
-                    if call is not None and call.var in acc_calls:
-                        continue
-                    if call is not None and call.op == "requantize" and call.args[0] in acc_calls:
-                        acc = acc_calls[call.args[0]]
-                        prim = fused_conv_requant(acc, call)
-                        op = "conv2d_requant" if acc.op == "conv2d_acc" else "linear_requant"
-                        prim = prim.with_attrs(kernel_attrs(op, call.node, **{k: v for k, v in {**acc.attrs, **call.attrs}.items() if k != "node"}))
-                        gv = bb.add_func(prim, op)
-                        out = relax.call_tir(gv, relax.Tuple(acc.args + call.args[1:]), call.var.ty)
-                        bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(out)))
-                        continue
-                    bb.emit_normalized(b)
-            bb.emit_func_output(func.body.body)
-        return bb.get()
+            mod = fuse_pairs(mod, name, _pairs, _fused_kernel)
+        return relax.transform.DeadCodeElimination(names)(mod)
 
 
-def _placeholders(args, first: int = 0) -> list[te.Tensor]:
-    return [te.placeholder(shape_of(a), str(a.ty.dtype), f"arg{first + i}") for i, a in enumerate(args)]
+def _pairs(calls, readers) -> dict:
+    """requantize var -> the accumulating kernel it alone reads."""
+    single = {c.var: c for c in calls if c is not None and c.op in ("conv2d_acc", "linear_acc") and readers.get(c.var) == 1}
+    return {c.var: single[c.args[0]] for c in calls if c is not None and c.op == "requantize" and c.args[0] in single}
+
+
+def _fused_kernel(acc, rq) -> tuple[tvm.tirx.PrimFunc, str]:
+    op = "conv2d_requant" if acc.op == "conv2d_acc" else "linear_requant"
+    attrs = {k: v for k, v in {**acc.attrs, **rq.attrs}.items() if k != "node"}
+    return fused_conv_requant(acc, rq).with_attrs(kernel_attrs(op, rq.node, **attrs)), op

@@ -27,8 +27,8 @@ from tvm import relax, s_tir, te
 from tvm_tinytrain.ops import te_kernels
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._ir import builder_without, decode, shape_of
-from .fuse_conv_requant import _placeholders
+from ._fusion import fuse_pairs, placeholders, relax_function_names
+from ._ir import shape_of
 
 
 def _conv_requant(x, w, b, m, s, a: dict):
@@ -38,7 +38,7 @@ def _conv_requant(x, w, b, m, s, a: dict):
 
 def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it."""
-    args = _placeholders(expand.args + depthwise.args[1:])
+    args = placeholders(expand.args + depthwise.args[1:])
     y = _conv_requant(_conv_requant(*args[:5], expand.attrs), *args[5:], depthwise.attrs)
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
     acc1, rq1, acc2, rq2 = sch.get_child_blocks(sch.get_sblock("root"))
@@ -54,45 +54,24 @@ def _fusable(expand, depthwise, readers) -> bool:
             and depthwise.args[0].same_as(expand.var) and readers.get(expand.var) == 1)
 
 
+def _pairs(calls, readers) -> dict:
+    """depthwise var -> the 1x1 expansion it alone reads."""
+    producer = {c.var: c for c in calls if c is not None}
+    return {c.var: producer[c.args[0]] for c in calls
+            if c is not None and c.args and c.args[0] in producer and _fusable(producer[c.args[0]], c, readers)}
+
+
+def _fused_kernel(expand, depthwise) -> tuple[tvm.tirx.PrimFunc, str]:
+    attrs = kernel_attrs("expand_depthwise", f"{expand.node}+{depthwise.node}", stride=depthwise.attrs["stride"])
+    return fused_expand_depthwise(expand, depthwise).with_attrs(attrs), "expand_depthwise"
+
+
 @tvm.transform.module_pass(opt_level=0, name="FuseExpandDepthwise")
 class FuseExpandDepthwise:
     """Fuse each 1x1 expansion whose only reader is a depthwise conv into it (run after FuseConvRequant)."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+        names = relax_function_names(mod)
         for name in names:
-            mod = self._fuse(mod, name)
+            mod = fuse_pairs(mod, name, _pairs, _fused_kernel)
         return relax.transform.DeadCodeElimination(names)(mod)
-
-    @staticmethod
-    def _fuse(mod, name):
-        func = mod[name]
-        bindings = list(func.body.blocks[0].bindings)
-        readers: dict[relax.Var, int] = {}
-        for b in bindings:
-            for v in relax.analysis.free_vars(b.value):
-                readers[v] = readers.get(v, 0) + 1
-        for v in relax.analysis.free_vars(func.body.body):
-            readers[v] = readers.get(v, 0) + 1
-        calls = [decode(mod, b) for b in bindings]
-        producer = {c.var: c for c in calls if c is not None}
-        pairs = {c.var: producer[c.args[0]] for c in calls
-                 if c is not None and c.args and c.args[0] in producer and _fusable(producer[c.args[0]], c, readers)}
-        fused_expansions = {e.var for e in pairs.values()}
-        bb = builder_without(mod, name)
-        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
-            with bb.dataflow():
-                for b, call in zip(bindings, calls):
-                    if b.var in fused_expansions:
-                        continue
-                    if b.var in pairs:
-                        expand = pairs[b.var]
-                        prim = fused_expand_depthwise(expand, call).with_attrs(
-                            kernel_attrs("expand_depthwise", f"{expand.node}+{call.node}", stride=call.attrs["stride"]))
-                        gv = bb.add_func(prim, "expand_depthwise")
-                        value = relax.call_tir(gv, relax.Tuple(expand.args + call.args[1:]), b.var.ty)
-                        bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
-                        continue
-                    bb.emit_normalized(b)
-            bb.emit_func_output(func.body.body)
-        return bb.get()

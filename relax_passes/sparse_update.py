@@ -47,6 +47,7 @@ from tvm_tinytrain.relax_build import emit_kernel
 from tvm_tinytrain.scheme import SparseScheme, selected_channels, validate_scheme
 
 from ._buffers import SGD_OPS
+from ._fusion import relax_function_names
 from ._ir import builder_without, decode, get_function, shape_of, with_function
 from .append_loss import HEAD_PARAMS
 from .config import option
@@ -132,7 +133,7 @@ class SparseUpdate:
         out = out.with_attr("tinytrain.param_init", init).with_attr(
             "tinytrain.trained_slices", json.dumps({sp.name: {"base": sp.base, "axis": sp.axis, "channels": list(sp.channels)}
                                                     for sp in splits.values()}))
-        return relax.transform.DeadCodeElimination(_relax_functions(out))(out)
+        return relax.transform.DeadCodeElimination(relax_function_names(out))(out)
 
     @staticmethod
     def _rewrite(bb, bindings, calls, keep, splits, slices):
@@ -242,7 +243,3 @@ def _bias_of(calls, conv_call):
         if c is not None and c.op == "requantize" and c.args[0].same_as(conv_call.var):
             return c.args[1]
     raise TinyTrainError(f"SparseUpdate: node {conv_call.node!r}: no requantize follows the conv")
-
-
-def _relax_functions(mod) -> list[str]:
-    return [gv.name_hint for gv in mod.get_global_vars() if isinstance(mod[gv], relax.Function)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def _board(target: str):
 
 def _project_errors(fn, *args, **kwargs):
     """Run a driver call, turning its ProjectError into our one-line TinyTrainError."""
-    driver = __import__("sys").modules.get("tinytrain_projects_driver")
+    driver = sys.modules.get("tinytrain_projects_driver")
     try:
         return fn(*args, **kwargs)
     except Exception as err:

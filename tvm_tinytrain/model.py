@@ -21,6 +21,7 @@ from .errors import ModelFormatError, ShapeError, UnsupportedOpError
 from .quant import INT8_MAX, INT8_MIN
 
 SUPPORTED_KERNELS = (1, 3, 5, 7)
+DTYPE_BYTES = {"int8": 1, "uint8": 1, "int32": 4, "float32": 4, "int64": 8}  # every tensor dtype the graphs use
 SUPPORTED_STRIDES = (1, 2)
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import Conv2D, Linear, Model
-
-_DTYPE_BYTES = {"int8": 1, "int32": 4, "float32": 4}
+from .model import DTYPE_BYTES, Conv2D, Linear, Model
 
 
 def tensor_bytes(model: Model, name: str) -> int:
     info = model.tensors[name]
-    return int(np.prod(info.shape)) * _DTYPE_BYTES[info.dtype]
+    return int(np.prod(info.shape)) * DTYPE_BYTES[info.dtype]
 
 
 def layer_rows(model: Model) -> list[dict]:

@@ -33,9 +33,10 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from relax_passes._buffers import DTYPE_BYTES, SGD_OPS
+from relax_passes._buffers import SGD_OPS
 from relax_passes._ir import decode
 from tvm_tinytrain.errors import TinyTrainError
+from tvm_tinytrain.model import DTYPE_BYTES
 
 PREFIX = "tinytrain_k_"
 MAX_STACK_BYTES = 8192  # kernel-internal buffers of one kernel (e.g. an expanded channel plane), on the caller's stack
