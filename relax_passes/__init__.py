@@ -6,7 +6,7 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -16,12 +16,13 @@ from .append_loss import AppendLoss
 from .config import pass_config
 from .fuse_conv_requant import FuseConvRequant
 from .fuse_expand_depthwise import FuseExpandDepthwise
+from .fuse_weight_update import FuseWeightUpdate
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
 
 __all__ = [
-    "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise", "PlanMemory",
-    "MemoryPlan", "memory_plan", "pass_config",
+    "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
+    "FuseWeightUpdate", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

@@ -4,7 +4,9 @@ A buffer is one tensor a kernel writes (each field of a multi-output kernel
 is its own buffer), plus each kernel's internal workspace (its PrimFunc's
 intermediate stages), alive only while it runs.  ``TupleGetItem`` and plain
 var-to-var bindings alias a buffer.  SGD updates write in place into their
-parameter, so they allocate nothing.  The image, label and learning rate are
+parameter, so they allocate nothing.  An element-wise gradient kernel
+(:data:`ELEMENTWISE_OPS`) whose operand dies at that kernel writes over the
+operand: its output buffer is an ``alias`` of the operand's storage.  The image, label and learning rate are
 arena buffers; trainable parameters live in RAM outside the arena; frozen
 parameters and constants live in flash.
 """
@@ -22,6 +24,10 @@ from tvm_tinytrain.model import DTYPE_BYTES
 from ._ir import decode
 
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
+# Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
+IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
+# out[i] depends on its operands at index i only, so the output may share an operand's storage.
+ELEMENTWISE_OPS = ("apply_mask", "add_f32")
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "global_avg_pool_grad", "add_f32")
 
@@ -52,6 +58,7 @@ class Buffer:
     end: int  # index of the last binding that reads it (len(bindings): a function output)
     kind: str  # input | activation | mask | gradient | weight_gradient | workspace
     offset: int | None = None
+    alias: int | None = None  # index of the buffer whose storage this one reuses (it then takes no space of its own)
 
     def overlaps_in_time(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -92,6 +99,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 frozen += type_bytes(p.ty)
 
     ops, nodes, reads = [], [], []
+    elementwise: list[tuple[int, list[int], int]] = []  # (binding, operand buffers, output buffer)
 
     def use(expr, i, acc: set[int]):
         if isinstance(expr, relax.Var):
@@ -111,7 +119,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
         if call is not None:
             for a in call.args:
                 use(a, i, acc)
-            if call.op in SGD_OPS:
+            if call.op in IN_PLACE_OPS:
                 root[var] = None  # in place, into the parameter
             else:
                 tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
@@ -121,6 +129,8 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                     name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
                     buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
+                if call.op in ELEMENTWISE_OPS:
+                    elementwise.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0]))
                 ws = _workspace_bytes(mod[call.gvar])
                 if ws:
                     buffers.append(Buffer(f"{var.name}.workspace", ws, i, i, "workspace"))
@@ -135,7 +145,24 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
         nodes.append(call.node if call is not None else "")
         reads.append(acc)
     use(func.body.body, len(bindings), set())
+    _alias_elementwise_outputs(buffers, elementwise)
     return StepBuffers(buffers, trainable, frozen, bindings, ops, nodes, reads)
+
+
+def _alias_elementwise_outputs(buffers: list[Buffer], elementwise) -> None:
+    """Let each element-wise output reuse an operand that dies at its kernel; the storage's lifetime grows to cover it."""
+    for i, operands, out in elementwise:
+        for b in operands:
+            if buffers[b].end == i and buffers[b].size == buffers[out].size and buffers[b].kind == buffers[out].kind:
+                storage = buffers[b].alias if buffers[b].alias is not None else b
+                buffers[out].alias = storage
+                buffers[storage].end = max(buffers[storage].end, buffers[out].end)
+                break
+
+
+def storage_buffers(buffers: list[Buffer]) -> list[Buffer]:
+    """The buffers that take arena space (aliases share another's)."""
+    return [b for b in buffers if b.alias is None]
 
 
 def _workspace_bytes(prim_func) -> int:
@@ -159,7 +186,7 @@ def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:
     """Per binding: bytes alive while it runs, by buffer kind."""
     n = len(sb.bindings)
     timeline = [dict.fromkeys(("input", "activation", "mask", "gradient", "weight_gradient", "workspace"), 0) for _ in range(n)]
-    for b in sb.buffers:
+    for b in storage_buffers(sb.buffers):
         for t in range(max(b.start, 0), min(b.end, n - 1) + 1):
             timeline[t][b.kind] += b.size
     return timeline

@@ -1,8 +1,8 @@
 """What the fusion passes share: fuse a producer kernel into its only reader, re-emitting the function.
 
-A fused kernel takes the producer's arguments followed by the consumer's
-minus its first (the producer's output), and binds the consumer's var, so
-the rest of the function is unchanged.
+By default a fused kernel takes the producer's arguments followed by the
+consumer's minus its first (the producer's output); it binds the consumer's
+var, so the rest of the function is unchanged.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ def reader_counts(func: relax.Function) -> dict[relax.Var, int]:
     return counts
 
 
+def _producer_then_consumer(producer: KernelCall, consumer: KernelCall) -> list:
+    return producer.args + consumer.args[1:]
+
+
 def fuse_pairs(mod: tvm.IRModule, name: str,
                find_pairs: Callable[[list, dict], dict[relax.Var, KernelCall]],
-               fused_kernel: Callable[[KernelCall, KernelCall], tuple[tvm.tirx.PrimFunc, str]]) -> tvm.IRModule:
+               fused_kernel: Callable[[KernelCall, KernelCall], tuple[tvm.tirx.PrimFunc, str]],
+               arguments: Callable[[KernelCall, KernelCall], list] = _producer_then_consumer) -> tvm.IRModule:
     """Re-emit function ``name`` with each (producer, consumer) pair ``find_pairs(calls, readers)`` returns
-    (consumer var -> producer) replaced by one ``call_tir`` of ``fused_kernel(producer, consumer)`` = (PrimFunc, name)."""
+    (consumer var -> producer) replaced by one ``call_tir`` of ``fused_kernel(producer, consumer)`` = (PrimFunc, name)
+    on ``arguments(producer, consumer)``."""
     func = mod[name]
     bindings = list(func.body.blocks[0].bindings)
     calls = [decode(mod, b) for b in bindings]
@@ -45,7 +51,7 @@ def fuse_pairs(mod: tvm.IRModule, name: str,
                     producer = pairs[b.var]
                     prim, op = fused_kernel(producer, call)
                     gv = bb.add_func(prim, op)
-                    value = relax.call_tir(gv, relax.Tuple(producer.args + call.args[1:]), b.var.ty)
+                    value = relax.call_tir(gv, relax.Tuple(arguments(producer, call)), b.var.ty)
                     bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
                     continue
                 bb.emit_normalized(b)

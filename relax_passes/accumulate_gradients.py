@@ -56,7 +56,10 @@ class AccumulateGradients:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         step = get_function(mod, "train_step", "AccumulateGradients")
         bindings = list(step.body.blocks[0].bindings)
-        updates = [c for c in (decode(mod, b) for b in bindings) if c is not None and c.op in SGD_OPS]
+        calls = [c for c in (decode(mod, b) for b in bindings) if c is not None]
+        if any(c.op == "conv2d_weight_grad_sgd" for c in calls):
+            raise TinyTrainError("AccumulateGradients: 'train_step' has fused weight updates; run it before FuseWeightUpdate")
+        updates = [c for c in calls if c.op in SGD_OPS]
         if not updates:
             raise TinyTrainError("AccumulateGradients: 'train_step' updates no parameter")
         if any(len(c.args) != 3 for c in updates):

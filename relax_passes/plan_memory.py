@@ -3,6 +3,8 @@
 Every buffer of ``train_step`` (see ``_buffers.py``: kernel outputs, masks,
 gradients, kernel workspaces, the image) gets a fixed offset in one arena.
 Offsets come from a greedy best-fit over lifetimes (largest buffers first);
+an element-wise gradient kernel whose operand dies there writes in place
+(the output aliases the operand's storage, see ``_buffers.py``).
 :func:`validate_plan` then checks that no two buffers alive at the same time
 share a byte, so the C step function can use the offsets as they are.
 
@@ -28,7 +30,7 @@ import tvm
 
 from tvm_tinytrain.errors import TinyTrainError
 
-from ._buffers import Buffer, analyze, live_bytes_timeline
+from ._buffers import Buffer, analyze, live_bytes_timeline, storage_buffers
 from ._ir import get_function, with_function
 from .config import option
 
@@ -63,13 +65,13 @@ class MemoryPlan:
 
 
 def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
-    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime."""
+    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime; aliases share theirs."""
 
     def align(v):
         return (v + alignment - 1) // alignment * alignment
 
     placed: list[Buffer] = []
-    for b in sorted(buffers, key=lambda b: (-b.size, b.start, b.name)):
+    for b in sorted(storage_buffers(buffers), key=lambda b: (-b.size, b.start, b.name)):
         busy = sorted((p.offset, p.offset + p.size) for p in placed if p.overlaps_in_time(b))
         offset = 0
         for lo, hi in busy:
@@ -78,12 +80,18 @@ def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
             offset = max(offset, align(hi))
         b.offset = offset
         placed.append(b)
+    for b in buffers:
+        if b.alias is not None:
+            b.offset = buffers[b.alias].offset
     return max((b.offset + b.size for b in buffers), default=0)
 
 
 def validate_plan(buffers: list[Buffer]) -> None:
-    """Raise if two buffers alive at the same time overlap in the arena."""
-    by_offset = sorted(buffers, key=lambda b: b.offset)
+    """Raise if two buffers alive at the same time overlap in the arena (an alias is checked as its storage)."""
+    for b in buffers:
+        if b.alias is not None and (b.offset != buffers[b.alias].offset or not buffers[b.alias].start <= b.start <= b.end <= buffers[b.alias].end):
+            raise TinyTrainError(f"PlanMemory: buffer {b.name!r} aliases {buffers[b.alias].name!r} outside its storage or lifetime")
+    by_offset = sorted(storage_buffers(buffers), key=lambda b: b.offset)
     for i, a in enumerate(by_offset):
         for b in by_offset[i + 1:]:
             if b.offset >= a.offset + a.size:

@@ -36,7 +36,7 @@ from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
 
-from ._buffers import SGD_OPS
+from ._buffers import IN_PLACE_OPS
 from ._ir import decode, get_function, with_function
 from .config import option
 
@@ -55,7 +55,7 @@ def dependencies(mod, bindings) -> list[set[int]]:
         defined[binding.var] = i
     for i, binding in enumerate(bindings):
         call = decode(mod, binding)
-        if call is not None and call.op in SGD_OPS:
+        if call is not None and call.op in IN_PLACE_OPS:
             param = call.args[0]
             deps[i] |= {j for j in readers.get(param, []) if j != i}
     return deps
@@ -69,7 +69,7 @@ def schedule(mod, bindings, prefer_updates: bool) -> list[int]:
         for j in d:
             users[j].append(i)
     waiting = [len(d) for d in deps]
-    is_update = [prefer_updates and (c := decode(mod, b)) is not None and c.op in SGD_OPS for b in bindings]
+    is_update = [prefer_updates and (c := decode(mod, b)) is not None and c.op in IN_PLACE_OPS for b in bindings]
     ready = [(not is_update[i], i) for i, w in enumerate(waiting) if w == 0]
     heapq.heapify(ready)
     order = []

@@ -9,8 +9,9 @@ import pytest
 import tvm
 from conftest import make_random_model
 
-from relax_passes import AppendLoss, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate, memory_plan, pass_config
-from relax_passes._buffers import SGD_OPS, analyze
+from relax_passes import (AccumulateGradients, AppendLoss, FuseWeightUpdate, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate,
+                          memory_plan, pass_config)
+from relax_passes._buffers import IN_PLACE_OPS, SGD_OPS, analyze
 from relax_passes._ir import decode
 from relax_passes.plan_memory import validate_plan
 from tvm_tinytrain.errors import TinyTrainError
@@ -19,7 +20,7 @@ from tvm_tinytrain.scheme import layer_updates, parse_scheme
 from tvm_tinytrain.train_reference import train_step
 from tvm_tinytrain.trainer import Int8Trainer, build_training_module
 
-BACKWARD_OPS = {"apply_mask", "conv2d_input_grad", "conv2d_weight_grad", "bias_grad", "add_f32", "global_avg_pool_grad", *SGD_OPS}
+BACKWARD_OPS = {"apply_mask", "conv2d_input_grad", "conv2d_weight_grad", "bias_grad", "add_f32", "global_avg_pool_grad", *IN_PLACE_OPS}
 
 
 def partial_scheme(tmp_path) -> str:
@@ -76,6 +77,12 @@ def _step_calls(mod):
     return [c for c in (decode(mod, b) for b in mod["train_step"].body.blocks[0].bindings) if c is not None]
 
 
+def _reordered(model, spec, reorder=True):
+    """The step right after ReorderUpdates: weight gradients are still tensors of their own."""
+    mod, _ = build_relax(model)
+    return tvm.transform.Sequential([AppendLoss(4), QuantizedGradient(), SparseUpdate(spec), ReorderUpdates(reorder)])(mod)
+
+
 def test_frozen_layers_have_no_backward_ops(model):
     mod = build_training_module(model, "bias-only:2", num_classes=4)
     calls = _step_calls(mod)
@@ -83,7 +90,7 @@ def test_frozen_layers_have_no_backward_ops(model):
     backward = [c for c in calls if c.op in BACKWARD_OPS]
     assert backward, "the step must have a backward"
     assert {c.node for c in backward} <= trained_nodes
-    assert not [c for c in calls if c.op == "conv2d_weight_grad"]
+    assert not [c for c in calls if c.op in ("conv2d_weight_grad", "conv2d_weight_grad_sgd")]
     assert not [c for c in calls if c.op == "conv2d_input_grad" and c.node == "b1.dw"], "the input-gradient chain must stop at b1.dw"
     masked = {c.node for c in calls if c.op == "clamp_mask"}
     assert masked == {"b1.dw", "b1.project"}, "only layers the gradient crosses keep a mask"
@@ -93,8 +100,9 @@ def test_partial_weights_save_only_their_channel_slice(model, tmp_path):
     mod = build_training_module(model, partial_scheme(tmp_path), num_classes=4)
     gathers = [c for c in _step_calls(mod) if c.op == "gather_channels"]
     assert {c.node for c in gathers} == {"b0.dw", "b0.project", "b1.project"}
-    wgrads = {c.node: c for c in _step_calls(mod) if c.op == "conv2d_weight_grad"}
+    wgrads = {c.node: c for c in _step_calls(mod) if c.op == "conv2d_weight_grad_sgd"}
     assert [int(d) for d in wgrads["b0.project"].var.ty.shape] == [8, 4, 1, 1]  # 0.25 of 16 input channels
+    assert wgrads["b0.project"].args[0].name == "b0_project_weight_trained"  # updated in place
     step = mod["train_step"]
     slices = {p.name: [int(d) for d in p.ty.shape] for p in step.params if p.name.endswith("_trained")}
     assert slices == {"b0_dw_weight_trained": [8, 1, 5, 5], "b0_project_weight_trained": [8, 4, 1, 1], "b1_project_weight_trained": [12, 4, 1, 1]}
@@ -108,7 +116,7 @@ def test_reorder_frees_each_gradient_at_its_update(model):
     allowed_between = {"", "conv2d_input_grad", *SGD_OPS}  # "": a tuple-field alias, no kernel
     spans = {}
     for reorder in (True, False):
-        mod = build_training_module(model, "full", num_classes=4, reorder=reorder)
+        mod = _reordered(model, "full", reorder)
         sb = analyze(mod, mod["train_step"])
         grads = [b for b in sb.buffers if b.kind == "weight_gradient"]
         assert len(grads) == 14 and all(sb.ops[b.end] in SGD_OPS for b in grads)
@@ -262,3 +270,39 @@ def test_frozen_expansion_is_fused_into_its_depthwise_conv(model):
     sb = analyze(mod, mod["train_step"])
     fused = next(b for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "expand_depthwise")
     assert fused.size < 16 * 8 * 8  # one 8x8 plane (+ a scalar), not the 16-channel expanded tensor
+
+
+def test_weight_gradients_are_fused_into_their_in_place_updates(model):
+    """After FuseWeightUpdate no int8 weight gradient is a tensor: one kernel sums each element and updates the weight
+    in place (bit-exactness: the reference test above runs this pipeline)."""
+    mod = build_training_module(model, "full", num_classes=4)
+    calls = _step_calls(mod)
+    fused = [c for c in calls if c.op == "conv2d_weight_grad_sgd"]
+    assert len(fused) == len(model.convs()) and not [c for c in calls if c.op == "conv2d_weight_grad"]
+    updated = {str(n) for n in mod["train_step"].attrs["tinytrain.updated_params"]}
+    assert all(c.args[0].name in updated and c.attrs["param"] == c.args[0].name for c in fused)
+    sb = analyze(mod, mod["train_step"])
+    assert {sb.ops[b.start] for b in sb.buffers if b.kind == "weight_gradient"} == {"bias_grad", "linear_float_grads"}
+    assert all(b.size <= 4 for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "conv2d_weight_grad_sgd")  # one float
+    unfused = tvm.transform.Sequential([PlanMemory()])(_reordered(model, "full"))
+    assert memory_plan(mod).peak_parts["weight_gradient"] < memory_plan(unfused).peak_parts["weight_gradient"]
+
+
+def test_accumulation_must_come_before_the_fused_updates(model):
+    fused = FuseWeightUpdate()(_reordered(model, "last-k:2"))
+    with pytest.raises(TinyTrainError, match="run it before FuseWeightUpdate"):
+        AccumulateGradients()(fused)
+
+
+def test_elementwise_gradients_overwrite_a_dying_operand(model):
+    """apply_mask / add_f32 outputs share the storage of an operand that dies there; the validator checks the alias."""
+    plan = memory_plan(build_training_module(model, "full", num_classes=4))
+    from relax_passes._buffers import Buffer
+
+    bufs = [Buffer(**b) for b in plan.buffers]
+    aliases = [b for b in bufs if b.alias is not None]
+    assert aliases and all(b.offset == bufs[b.alias].offset and bufs[b.alias].end >= b.end for b in aliases)
+    validate_plan(bufs)
+    aliases[0].offset += 16
+    with pytest.raises(TinyTrainError, match="aliases"):
+        validate_plan(bufs)

@@ -21,17 +21,22 @@ from .relax_build import build_relax
 
 
 def build_training_module(model: Model, scheme: str = "full", num_classes: int = 10, qas: bool = True, reorder: bool = True,
-                          batch: int = 1, head_seed: int = 0, budget_bytes: int | None = None) -> tvm.IRModule:
+                          batch: int = 1, head_seed: int = 0, budget_bytes: int | None = None,
+                          accumulate: bool = False) -> tvm.IRModule:
     """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``.
 
     With ``budget_bytes``, a step whose planned peak SRAM exceeds it is an error saying by how much.
+    With ``accumulate`` it also has ``accumulate_step`` and ``apply_updates`` (:class:`AccumulateGradients`).
     """
-    from relax_passes import AppendLoss, FuseConvRequant, FuseExpandDepthwise, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate
+    from relax_passes import (AccumulateGradients, AppendLoss, FuseConvRequant, FuseExpandDepthwise, FuseWeightUpdate, PlanMemory,
+                              QuantizedGradient, ReorderUpdates, SparseUpdate)
 
     mod, _ = build_relax(model, batch)
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
-        FuseConvRequant(), FuseExpandDepthwise(), PlanMemory(),
+        *([AccumulateGradients()] if accumulate else []),
+        FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), PlanMemory(),
+        *([PlanMemory("accumulate_step")] if accumulate else []),
     ])
     out = seq(mod)
     if budget_bytes is not None:
@@ -57,11 +62,7 @@ class Int8Trainer:
         self.num_classes = num_classes
         self.lr = float(lr)
         self.accumulate = accumulate
-        mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes)
-        if accumulate > 1:
-            from relax_passes import AccumulateGradients, PlanMemory
-
-            mod = tvm.transform.Sequential([AccumulateGradients(), PlanMemory("accumulate_step")])(mod)
+        mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes, accumulate > 1)
         self.mod = mod
         step = mod["train_step"]
         self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]

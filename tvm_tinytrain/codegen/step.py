@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from relax_passes import memory_plan
-from relax_passes._buffers import SGD_OPS, type_bytes
+from relax_passes._buffers import IN_PLACE_OPS, type_bytes
 from relax_passes._ir import decode
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.errors import TinyTrainError
@@ -179,7 +179,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
         if call is not None:
             what = f"binding {i} ({var.name} = {call.op} of {call.node})"
             args = [locate(a, what) for a in call.args]
-            if call.op in SGD_OPS:
+            if call.op in IN_PLACE_OPS:
                 target = args[0]
                 if not (isinstance(target, Symbol) and not target.const):
                     raise TinyTrainError(f"codegen: {func_name}: {what} updates {target}, which is not a trainable parameter")

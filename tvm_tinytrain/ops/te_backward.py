@@ -164,6 +164,12 @@ def conv2d_weight_grad(x_sel: te.Tensor, g_acc: te.Tensor, x_zero: int, stride: 
     the paper's sparse update; only those input channels need saving from the forward.  ``scale`` has one entry
     per row; with ``x_scale / w_scale[o]`` it yields the paper's QAS-scaled int8 weight gradient.
     """
+    s = _weight_grad_sum(x_sel, g_acc, x_zero, stride, kernel, depthwise_channels)
+    return te.compute(s.shape, lambda row, *rest: scale[row] * s[(row, *rest)], name="wgrad")
+
+
+def _weight_grad_sum(x_sel: te.Tensor, g_acc: te.Tensor, x_zero: int, stride: int, kernel: int,
+                     depthwise_channels: tuple[int, ...] | None) -> te.Tensor:
     n, cs, h, wd = (int(d) for d in x_sel.shape)
     o, ho, wo = (int(d) for d in g_acc.shape[1:])
     pad = _conv_pad(h, wd, kernel, stride, ho, wo)
@@ -179,8 +185,23 @@ def conv2d_weight_grad(x_sel: te.Tensor, g_acc: te.Tensor, x_zero: int, stride: 
         return te.sum(tirx.if_then_else(inside, g_acc[rn, g_ch, rh, rw] * xv, _f32(0.0)), axis=[rn, rh, rw])
 
     shape = (o, cs, kernel, kernel) if depthwise_channels is None else (cs, 1, kernel, kernel)
-    s = te.compute(shape, body, name="wgrad_sum")
-    return te.compute(shape, lambda row, *rest: scale[row] * s[(row, *rest)], name="wgrad")
+    return te.compute(shape, body, name="wgrad_sum")
+
+
+def conv2d_weight_grad_sgd(w: te.Tensor, x_sel: te.Tensor, g_acc: te.Tensor, scale: te.Tensor, lr: te.Tensor, x_zero: int,
+                           stride: int, kernel: int, depthwise_channels: tuple[int, ...] | None = None) -> te.Tensor:
+    """:func:`conv2d_weight_grad` and :func:`sgd_update_int8` of the same elements as one stage.
+
+    ``w`` (shape of the gradient: the whole weight or its trained slice) gets its update as soon as each
+    gradient element is summed, so under the compact schedule the float32 gradient tensor shrinks to one
+    register.  Each output element reads only ``w`` at its own index, so the kernel may run in place.
+    The float operations are those of the two kernels, in the same order: the bits are the same.
+    """
+    s = _weight_grad_sum(x_sel, g_acc, x_zero, stride, kernel, depthwise_channels)
+    if tuple(s.shape) != tuple(w.shape):
+        raise TinyTrainError(f"conv2d_weight_grad_sgd: gradient shape {tuple(s.shape)} does not match the weight's {tuple(w.shape)}")
+    # One stage after the sum (not a separate scaled-gradient stage) so the schedule can put it inside the sum's loop.
+    return te.compute(w.shape, lambda row, *rest: _int8_step(w[(row, *rest)], lr, scale[row] * s[(row, *rest)]), name="w_new")
 
 
 def bias_grad(g_acc: te.Tensor, scale: te.Tensor) -> te.Tensor:

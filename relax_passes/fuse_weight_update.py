@@ -1,0 +1,76 @@
+"""FuseWeightUpdate: compute each int8 weight's gradient and apply its SGD step in the same loop, in place.
+
+After ReorderUpdates a weight's update follows its gradient at once, but the
+float32 gradient tensor still exists whole between the two kernels: four
+bytes per trained weight element, the largest buffer of many sparse steps
+(e.g. 144 KB for a 192x192 pointwise conv).  Each gradient element is only
+needed for the update of the same weight element, so this pass replaces
+every ``conv2d_weight_grad`` whose only reader is an ``sgd_update_int8``
+with one ``conv2d_weight_grad_sgd`` kernel: the compact schedule turns the
+gradient into one float32 register per element and the kernel writes the
+new weight over the old one (argument 0, like the SGD kernels).  The float
+operations and their order are unchanged, so the new weights are the same
+bits.
+
+Run it after ReorderUpdates (which placed the update after every reader of
+the old weight, e.g. the input-gradient kernel) and after any
+AccumulateGradients (which needs the separate gradient).
+
+Before::
+
+    g_w = R.call_tir(cls.conv2d_weight_grad, (x_sel, g_acc, scale), R.Tensor((192, 192, 1, 1), "float32"))
+    w_new = R.call_tir(cls.sgd_update_int8, (w, g_w, lr), R.Tensor((192, 192, 1, 1), "int8"))
+
+After::
+
+    w_new = R.call_tir(cls.conv2d_weight_grad_sgd, (w, x_sel, g_acc, scale, lr), R.Tensor((192, 192, 1, 1), "int8"))
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+
+from tvm_tinytrain.ops import te_backward
+from tvm_tinytrain.ops.schedule import compact_schedule
+from tvm_tinytrain.relax_build import kernel_attrs
+
+from ._fusion import fuse_pairs, placeholders, relax_function_names
+from ._ir import KernelCall
+
+FUSED_OP = "conv2d_weight_grad_sgd"
+
+
+def _pairs(calls, readers) -> dict:
+    """sgd_update_int8 var -> the weight-gradient kernel it alone reads."""
+    grads = {c.var: c for c in calls if c is not None and c.op == "conv2d_weight_grad" and readers.get(c.var) == 1}
+    return {c.var: grads[c.args[1]] for c in calls if c is not None and c.op == "sgd_update_int8" and c.args[1] in grads}
+
+
+def _arguments(grad: KernelCall, sgd: KernelCall) -> list:
+    w, _, lr = sgd.args
+    return [w, *grad.args, lr]
+
+
+def _fused_kernel(grad: KernelCall, sgd: KernelCall) -> tuple[tvm.tirx.PrimFunc, str]:
+    a = grad.attrs
+    depthwise_channels = tuple(a["channels"]) if a["depthwise"] else None
+    args = placeholders(_arguments(grad, sgd))
+    w_new = te_backward.conv2d_weight_grad_sgd(*args, a["x_zero"], a["stride"], a["kernel"], depthwise_channels)
+    prim = compact_schedule(te.create_prim_func([*args, w_new])).without_attr("global_symbol")
+    attrs = {k: v for k, v in a.items() if k not in ("node", "param")}
+    return prim.with_attrs(kernel_attrs(FUSED_OP, grad.node, param=sgd.attrs["param"], **attrs)), FUSED_OP
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseWeightUpdate")
+class FuseWeightUpdate:
+    """Fuse every int8 weight gradient into the SGD update that alone reads it (in place, no gradient tensor)."""
+
+    def __init__(self, func_names: tuple[str, ...] | None = None):
+        self.func_names = func_names
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        names = list(self.func_names or relax_function_names(mod))
+        for name in names:
+            mod = fuse_pairs(mod, name, _pairs, _fused_kernel, _arguments)
+        return relax.transform.DeadCodeElimination(names)(mod)
