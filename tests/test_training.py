@@ -9,8 +9,17 @@ import pytest
 import tvm
 from conftest import make_random_model
 
-from relax_passes import (AccumulateGradients, AppendLoss, FuseWeightUpdate, PlanMemory, QuantizedGradient, ReorderUpdates, SparseUpdate,
-                          memory_plan, pass_config)
+from relax_passes import (
+    AccumulateGradients,
+    AppendLoss,
+    FuseWeightUpdate,
+    PlanMemory,
+    QuantizedGradient,
+    ReorderUpdates,
+    SparseUpdate,
+    memory_plan,
+    pass_config,
+)
 from relax_passes._buffers import IN_PLACE_OPS, SGD_OPS, analyze
 from relax_passes._ir import decode
 from relax_passes.plan_memory import validate_plan

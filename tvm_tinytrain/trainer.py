@@ -28,8 +28,17 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
     With ``budget_bytes``, a step whose planned peak SRAM exceeds it is an error saying by how much.
     With ``accumulate`` it also has ``accumulate_step`` and ``apply_updates`` (:class:`AccumulateGradients`).
     """
-    from relax_passes import (AccumulateGradients, AppendLoss, FuseConvRequant, FuseExpandDepthwise, FuseWeightUpdate, PlanMemory,
-                              QuantizedGradient, ReorderUpdates, SparseUpdate)
+    from relax_passes import (
+        AccumulateGradients,
+        AppendLoss,
+        FuseConvRequant,
+        FuseExpandDepthwise,
+        FuseWeightUpdate,
+        PlanMemory,
+        QuantizedGradient,
+        ReorderUpdates,
+        SparseUpdate,
+    )
 
     mod, _ = build_relax(model, batch)
     seq = tvm.transform.Sequential([
