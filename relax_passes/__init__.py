@@ -6,7 +6,7 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -14,6 +14,7 @@ why not ``PassContext(config=...)``)::
 from .accumulate_gradients import AccumulateGradients
 from .append_loss import AppendLoss
 from .config import pass_config
+from .depthwise_in_place import DepthwiseInPlace
 from .fuse_conv_requant import FuseConvRequant
 from .fuse_expand_depthwise import FuseExpandDepthwise
 from .fuse_weight_update import FuseWeightUpdate
@@ -24,5 +25,5 @@ from .sparse_update import SparseUpdate
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "DepthwiseInPlace", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

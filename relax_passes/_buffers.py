@@ -4,9 +4,9 @@ A buffer is one tensor a kernel writes (each field of a multi-output kernel
 is its own buffer), plus each kernel's internal workspace (its PrimFunc's
 intermediate stages), alive only while it runs.  ``TupleGetItem`` and plain
 var-to-var bindings alias a buffer.  SGD updates write in place into their
-parameter, so they allocate nothing.  An element-wise gradient kernel
-(:data:`ELEMENTWISE_OPS`) whose operand dies at that kernel writes over the
-operand: its output buffer is an ``alias`` of the operand's storage.  The image, label and learning rate are
+parameter, so they allocate nothing.  A kernel of :data:`OVERWRITING_OPS`
+whose operand dies at that kernel writes over the operand: its output
+buffer is an ``alias`` of the operand's storage.  The image, label and learning rate are
 arena buffers; trainable parameters live in RAM outside the arena; frozen
 parameters and constants live in flash.
 """
@@ -26,10 +26,11 @@ from ._ir import decode
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
-# out[i] depends on its operands at index i only, so the output may share an operand's storage.
-ELEMENTWISE_OPS = ("apply_mask", "add_f32")
+# Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
+# and the depthwise kernels that stage each operand plane first (DepthwiseInPlace).
+OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place")
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
-GRAD_OPS = ("apply_mask", "conv2d_input_grad", "global_avg_pool_grad", "add_f32")
+GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
 
 
 def type_bytes(ty) -> int:
@@ -99,7 +100,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 frozen += type_bytes(p.ty)
 
     ops, nodes, reads = [], [], []
-    elementwise: list[tuple[int, list[int], int]] = []  # (binding, operand buffers, output buffer)
+    overwriting: list[tuple[int, list[int], int]] = []  # (binding, operand buffers, output buffer)
 
     def use(expr, i, acc: set[int]):
         if isinstance(expr, relax.Var):
@@ -129,8 +130,8 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                     name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
                     buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
-                if call.op in ELEMENTWISE_OPS:
-                    elementwise.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0]))
+                if call.op in OVERWRITING_OPS:
+                    overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0]))
                 ws = _workspace_bytes(mod[call.gvar])
                 if ws:
                     buffers.append(Buffer(f"{var.name}.workspace", ws, i, i, "workspace"))
@@ -145,15 +146,15 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
         nodes.append(call.node if call is not None else "")
         reads.append(acc)
     use(func.body.body, len(bindings), set())
-    _alias_elementwise_outputs(buffers, elementwise)
+    _alias_overwriting_outputs(buffers, overwriting)
     return StepBuffers(buffers, trainable, frozen, bindings, ops, nodes, reads)
 
 
-def _alias_elementwise_outputs(buffers: list[Buffer], elementwise) -> None:
-    """Let each element-wise output reuse an operand that dies at its kernel; the storage's lifetime grows to cover it."""
-    for i, operands, out in elementwise:
+def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
+    """Let each such output reuse an operand that dies at its kernel; the storage's lifetime grows to cover it."""
+    for i, operands, out in overwriting:
         for b in operands:
-            if buffers[b].end == i and buffers[b].size == buffers[out].size and buffers[b].kind == buffers[out].kind:
+            if buffers[b].end == i and buffers[b].size >= buffers[out].size and buffers[b].kind == buffers[out].kind:
                 storage = buffers[b].alias if buffers[b].alias is not None else b
                 buffers[out].alias = storage
                 buffers[storage].end = max(buffers[storage].end, buffers[out].end)

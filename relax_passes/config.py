@@ -25,6 +25,7 @@ DEFAULTS = {
     "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
     "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
+    "max_plane_bytes": 4096,  # DepthwiseInPlace: largest operand channel plane staged on the C stack
 }
 
 _local = threading.local()

@@ -52,7 +52,8 @@ def model():
     return make_random_model(3)
 
 
-@pytest.fixture(scope="module", params=["full", "bias-only:2", "partial"])
+# bias-only:2 fuses a frozen expansion into its depthwise conv; bias-only:6 runs depthwise kernels in place.
+@pytest.fixture(scope="module", params=["full", "bias-only:2", "bias-only:6", "partial"])
 def case(request, model, tmp_path_factory) -> Case:
     tmp = tmp_path_factory.mktemp(request.param.replace(":", "_"))
     spec = partial_scheme(tmp) if request.param == "partial" else request.param

@@ -315,3 +315,23 @@ def test_elementwise_gradients_overwrite_a_dying_operand(model):
     aliases[0].offset += 16
     with pytest.raises(TinyTrainError, match="aliases"):
         validate_plan(bufs)
+
+
+def test_depthwise_kernels_overwrite_their_dying_operand(model):
+    """bias-only:6 backpropagates to the stem without saving depthwise inputs: the forward depthwise convs and the
+    stride-1 depthwise input gradient write over their operand (C bit-exactness: test_codegen's bias-only:6 case)."""
+    mod = build_training_module(model, "bias-only:6", num_classes=4)
+    in_place = [c for c in _step_calls(mod) if "in_place" in c.op]
+    assert sorted((c.op, c.node) for c in in_place) == [  # b1.dw has stride 2: its input gradient is larger than its operand
+        ("depthwise_in_place", "b0.dw"), ("depthwise_in_place", "b1.dw"), ("depthwise_input_grad_in_place", "b0.dw")]
+    plan = memory_plan(mod)
+    sb = analyze(mod, mod["train_step"])  # the plan's buffers, in the same order
+    outputs = [k for k, b in enumerate(sb.buffers) if "in_place" in sb.ops[b.start] and b.kind != "workspace"]
+    assert len(outputs) == 3
+    for k in outputs:
+        out = plan.buffers[k]
+        assert out["alias"] is not None and plan.buffers[out["alias"]]["offset"] == out["offset"]
+    with pass_config(max_plane_bytes=8):
+        small = build_training_module(model, "bias-only:6", num_classes=4)
+    assert not [c for c in _step_calls(small) if "in_place" in c.op]
+    assert memory_plan(small).arena_bytes > plan.arena_bytes

@@ -31,6 +31,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
     from relax_passes import (
         AccumulateGradients,
         AppendLoss,
+        DepthwiseInPlace,
         FuseConvRequant,
         FuseExpandDepthwise,
         FuseWeightUpdate,
@@ -44,7 +45,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
         *([AccumulateGradients()] if accumulate else []),
-        FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), PlanMemory(),
+        FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
         *([PlanMemory("accumulate_step")] if accumulate else []),
     ])
     out = seq(mod)

@@ -33,7 +33,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from relax_passes._buffers import ELEMENTWISE_OPS, IN_PLACE_OPS
+from relax_passes._buffers import IN_PLACE_OPS, OVERWRITING_OPS
 from relax_passes._ir import decode
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.model import DTYPE_BYTES
@@ -93,8 +93,8 @@ def pointer_form(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with one raw pointer per buffer parameter, the buffers declared on those pointers.
 
     The buffer Vars themselves are reused as the declared buffers, so the body is untouched.
-    Update kernels run in place (output pointer == parameter pointer), and element-wise gradient kernels
-    may (the planner lets their output share a dying operand's storage), so they lose ``tirx.noalias``.
+    Update kernels run in place (output pointer == parameter pointer), and the planner may let the output of
+    an overwriting kernel share a dying operand's storage, so these lose ``tirx.noalias``.
     """
     ptrs, decls = [], []
     for param in func.params:
@@ -103,7 +103,7 @@ def pointer_form(func: tirx.PrimFunc) -> tirx.PrimFunc:
         decls.append(tirx.stmt.DeclBuffer(param, data=ptr))
     attrs = {k: v for k, v in func.attrs.items() if not k.startswith("tinytrain.") and k != "global_symbol"}
     attrs["calling_conv"] = 0  # kDefault: a plain C function, not the packed API
-    if str(func.attrs.get("tinytrain.op", "")) in (*IN_PLACE_OPS, *ELEMENTWISE_OPS):
+    if str(func.attrs.get("tinytrain.op", "")) in (*IN_PLACE_OPS, *OVERWRITING_OPS):
         attrs.pop("tirx.noalias", None)
     return tirx.PrimFunc(ptrs, tirx.SeqStmt([*decls, func.body]), attrs=tvm.ir.make_node("ir.DictAttrs", **attrs))
 

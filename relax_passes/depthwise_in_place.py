@@ -1,0 +1,143 @@
+"""DepthwiseInPlace: a depthwise kernel whose operand dies there writes its output over that operand.
+
+A depthwise conv reads input channel ``c`` only to produce output channel
+``c``, and so does its input gradient (of the output gradient).  If each
+operand channel plane is first copied to a small workspace, the output may
+overwrite the operand: output channel ``c`` occupies bytes
+``[c*Ho*Wo, (c+1)*Ho*Wo)``, which cover operand channels ``<= c`` only, all
+of them already copied.  This pass re-emits each depthwise ``conv2d_requant``
+and stride-1 depthwise ``conv2d_input_grad`` whose operand has no later
+reader (and is not a function input) as ``depthwise_in_place`` /
+``depthwise_input_grad_in_place``: the same arithmetic in the same order,
+scheduled with one operand plane staged per channel.  PlanMemory then lets
+the output share the operand's storage (PAPER.md section 5: "depthwise in
+place"), e.g. MCUNet's first depthwise conv needs 64 KB instead of 128 KB.
+Planes larger than ``max_plane_bytes`` stay as they were (the plane is a
+stack array of the C kernel).  A strided input gradient is larger than its
+operand, so it cannot overwrite it.
+
+Before::
+
+    lv2 = R.call_tir(cls.conv2d_requant, (lv1, w_dw, b, c0, c1), R.Tensor((1, 16, 64, 64), "int8"))
+
+After (``lv1`` read by nobody later)::
+
+    lv2 = R.call_tir(cls.depthwise_in_place, (lv1, w_dw, b, c0, c1), R.Tensor((1, 16, 64, 64), "int8"))
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, te
+
+from tvm_tinytrain.model import DTYPE_BYTES
+from tvm_tinytrain.ops import te_backward, te_kernels
+from tvm_tinytrain.relax_build import kernel_attrs
+
+from ._fusion import placeholders, relax_function_names
+from ._ir import builder_without, decode, shape_of
+from .config import option
+from .fuse_conv_requant import accumulator
+
+
+def _staged(outputs_of, call) -> tvm.tirx.PrimFunc:
+    """``outputs_of(plane, args)`` with ``plane`` a per-channel staged copy of operand 0, copied before any write."""
+    args = placeholders(call.args)
+    x = args[0]
+    plane = te.compute(x.shape, lambda *idx: x[idx], name="plane")
+    out = outputs_of(plane, args)
+    sch = s_tir.Schedule(te.create_prim_func([*args, out]))
+    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "w_merged" in blocks:
+        sch.compute_inline(blocks["w_merged"])
+    main = blocks.get("acc", blocks.get("g_x"))
+    if "requant" in blocks:
+        sch.reverse_compute_at(blocks["requant"], sch.get_loops(main)[3])  # the accumulator: a scalar per output pixel
+    sch.compute_at(blocks["plane"], sch.get_loops(main)[1])  # one operand plane per channel
+    return sch.mod["main"].without_attr("global_symbol")
+
+
+def _conv_requant(call):
+    a = call.attrs
+
+    def outputs_of(plane, args):
+        n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
+        acc = accumulator(call, [plane, *args[1:n_acc]])
+        return te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"])
+
+    return _staged(outputs_of, call)
+
+
+def _input_grad(call):
+    a = call.attrs
+
+    def outputs_of(plane, args):
+        w = args[1]
+        if len(args) == 4:  # SparseUpdate's partially trained weight: (g, frozen, trained slice, scales)
+            w = te_backward.merge_channels(args[1], args[2], 0, tuple(a["merged_channels"]))
+        return te_backward.conv2d_input_grad(plane, w, args[-1], shape_of(call.var), 1, a["groups"])
+
+    return _staged(outputs_of, call)
+
+
+# op -> (in-place op, builder, extra condition)
+_REWRITES = {
+    "conv2d_requant": ("depthwise_in_place", _conv_requant, lambda call: True),
+    "conv2d_input_grad": ("depthwise_input_grad_in_place", _input_grad, lambda call: call.attrs["stride"] == 1),
+}
+
+
+def _eligible(call, last_reader: dict, i: int, params, max_plane: int) -> bool:
+    if call is None or call.op not in _REWRITES or call.attrs["groups"] <= 1 or not _REWRITES[call.op][2](call):
+        return False
+    x = call.args[0]
+    _, _, h, w = shape_of(x)
+    return x not in params and last_reader.get(x) == i and h * w * DTYPE_BYTES[str(x.ty.dtype)] <= max_plane
+
+
+def _last_readers(func) -> dict:
+    """var -> index of the last binding reading it (the function result counts as one past the end)."""
+    last = {}
+    exprs = [b.value for b in func.body.blocks[0].bindings] + [func.body.body]
+    for i, expr in enumerate(exprs):
+        for v in relax.analysis.free_vars(expr):
+            last[v] = i
+    return last
+
+
+@tvm.transform.module_pass(opt_level=0, name="DepthwiseInPlace")
+class DepthwiseInPlace:
+    """Re-emit every depthwise kernel whose operand dies there as an in-place kernel (run last before PlanMemory)."""
+
+    def __init__(self, max_plane_bytes: int | None = None):
+        self.max_plane_bytes = max_plane_bytes
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        max_plane = int(option("max_plane_bytes", self.max_plane_bytes))
+        for name in relax_function_names(mod):
+            mod = self._rewrite(mod, name, max_plane)
+        return mod
+
+    @staticmethod
+    def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:
+        func = mod[name]
+        bindings = list(func.body.blocks[0].bindings)
+        last, params = _last_readers(func), set(func.params)
+        calls = [decode(mod, b) for b in bindings]
+        eligible = [_eligible(c, last, i, params, max_plane) for i, c in enumerate(calls)]
+        if not any(eligible):
+            return mod
+        bb = builder_without(mod, name)
+        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
+            with bb.dataflow():
+                for b, call, ok in zip(bindings, calls, eligible):
+                    if not ok:
+                        bb.emit_normalized(b)
+                        continue
+                    op, build, _ = _REWRITES[call.op]
+                    attrs = {k: v for k, v in call.attrs.items() if k != "node"}
+                    gv = bb.add_func(build(call).with_attrs(kernel_attrs(op, call.node, **attrs)), op)
+                    value = relax.call_tir(gv, relax.Tuple(call.args), b.var.ty)
+                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
+            bb.emit_func_output(func.body.body)
+        return relax.transform.DeadCodeElimination([name])(bb.get())
