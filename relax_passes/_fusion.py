@@ -12,6 +12,9 @@ from typing import Callable
 import tvm
 from tvm import relax, te
 
+from tvm_tinytrain.ops import te_kernels
+from tvm_tinytrain.ops.schedule import current_variant
+
 from ._ir import KernelCall, builder_without, decode, shape_of
 
 
@@ -66,3 +69,9 @@ def relax_function_names(mod: tvm.IRModule) -> list[str]:
 def placeholders(args, first: int = 0) -> list[te.Tensor]:
     """TE placeholders for a kernel call's Relax arguments (to rebuild its TE with another stage around it)."""
     return [te.placeholder(shape_of(a), str(a.ty.dtype), f"arg{first + i}") for i, a in enumerate(args)]
+
+
+def wide_shift(shift) -> bool:
+    """Whether the optimized kernels may requantize with the cheaper wide-shift steps (te_kernels.requant_preclamp)."""
+    return (current_variant() == "optimized" and isinstance(shift, tvm.ir.Constant)
+            and int(shift.value.numpy().min()) >= te_kernels.WIDE_SHIFT)

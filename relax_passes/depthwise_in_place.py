@@ -34,7 +34,7 @@ from tvm_tinytrain.model import DTYPE_BYTES
 from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import placeholders, relax_function_names
+from ._fusion import placeholders, relax_function_names, wide_shift
 from ._ir import builder_without, decode, shape_of
 from .config import option
 from .fuse_conv_requant import accumulator
@@ -63,7 +63,7 @@ def _conv_requant(call):
     def outputs_of(plane, args):
         n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
         acc = accumulator(call, [plane, *args[1:n_acc]])
-        return te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"])
+        return te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"], wide_shift(call.args[-1]))
 
     return _staged(outputs_of, call)
 

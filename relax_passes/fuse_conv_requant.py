@@ -28,7 +28,7 @@ from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.ops.schedule import compact_schedule
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import fuse_pairs, placeholders, relax_function_names
+from ._fusion import fuse_pairs, placeholders, relax_function_names, wide_shift
 
 
 def accumulator(acc_call, args: list[te.Tensor]) -> te.Tensor:
@@ -47,7 +47,7 @@ def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
     acc_args = placeholders(acc_call.args)
     rq_args = placeholders(rq_call.args[1:], len(acc_args))
     r = rq_call.attrs
-    y = te_kernels.requantize(accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"])
+    y = te_kernels.requantize(accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"], wide_shift(rq_call.args[3]))
     return compact_schedule(te.create_prim_func([*acc_args, *rq_args, y])).without_attr("global_symbol")
 
 

@@ -27,19 +27,20 @@ from tvm import relax, s_tir, te
 from tvm_tinytrain.ops import te_kernels
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import fuse_pairs, placeholders, relax_function_names
+from ._fusion import fuse_pairs, placeholders, relax_function_names, wide_shift
 from ._ir import shape_of
 
 
-def _conv_requant(x, w, b, m, s, a: dict):
+def _conv_requant(x, w, b, m, s, a: dict, wide: bool):
     acc = te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"])
-    return te_kernels.requantize(acc, b, m, s, a["y_zero"], a["qmin"], a["qmax"])
+    return te_kernels.requantize(acc, b, m, s, a["y_zero"], a["qmin"], a["qmax"], wide)
 
 
 def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it."""
     args = placeholders(expand.args + depthwise.args[1:])
-    y = _conv_requant(_conv_requant(*args[:5], expand.attrs), *args[5:], depthwise.attrs)
+    expanded = _conv_requant(*args[:5], expand.attrs, wide_shift(expand.args[4]))
+    y = _conv_requant(expanded, *args[5:], depthwise.attrs, wide_shift(depthwise.args[4]))
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
     acc1, rq1, acc2, rq2 = sch.get_child_blocks(sch.get_sblock("root"))
     sch.reverse_compute_at(rq2, sch.get_loops(acc2)[3])  # depthwise accumulator: a scalar per output pixel

@@ -21,7 +21,7 @@ from relax_passes import memory_plan
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.codegen import generate, kernels
 from tvm_tinytrain.errors import TinyTrainError
-from tvm_tinytrain.trainer import Int8Trainer
+from tvm_tinytrain.trainer import Int8Trainer, build_training_module
 
 HARNESS = Path(__file__).with_name("codegen_harness.c")
 SOURCES = ("tinytrain_model.c", "tinytrain_kernels.c")
@@ -52,12 +52,14 @@ def model():
     return make_random_model(3)
 
 
-# bias-only:2 fuses a frozen expansion into its depthwise conv; bias-only:6 runs depthwise kernels in place.
-@pytest.fixture(scope="module", params=["full", "bias-only:2", "bias-only:6", "partial"])
+# bias-only:2 fuses a frozen expansion into its depthwise conv; bias-only:6 runs depthwise kernels in place;
+# "/optimized": the optimized kernel schedules (tvm_tinytrain/ops/schedule.py), same bits.
+@pytest.fixture(scope="module", params=["full", "bias-only:2", "bias-only:6", "partial", "bias-only:2/optimized", "partial/optimized"])
 def case(request, model, tmp_path_factory) -> Case:
-    tmp = tmp_path_factory.mktemp(request.param.replace(":", "_"))
-    spec = partial_scheme(tmp) if request.param == "partial" else request.param
-    trainer = Int8Trainer(model, spec, num_classes=CLASSES, lr=LR)
+    tmp = tmp_path_factory.mktemp(request.param.replace(":", "_").replace("/", "_"))
+    name, _, kernels = request.param.partition("/")
+    spec = partial_scheme(tmp) if name == "partial" else name
+    trainer = Int8Trainer(model, spec, num_classes=CLASSES, lr=LR, kernels=kernels or "reference")
     c_lr = LR if request.param == "full" else None  # one case checks tinytrain_set_lr over a different default
     meta = generate(trainer.mod, tmp / "gen", lr=0.003 if c_lr else LR)
     rng = np.random.default_rng(11)
@@ -166,13 +168,14 @@ def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():
         kernels.stack_bytes(lowered["tinytrain_k_0"], "tinytrain_k_0")
 
 
-def test_mcunet_paper_99kb_first_step(tmp_path):
+def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path):
     from tvm_tinytrain.importers.paper_pkl import load_paper_model
 
     model = load_paper_model(paper_model_path("mcunet-5fps"))
     trainer = Int8Trainer(model, "paper-99kb", num_classes=10, lr=0.003)
-    meta = generate(trainer.mod, tmp_path / "gen")
-    train = memory_plan(trainer.mod)
+    optimized = build_training_module(model, "paper-99kb", num_classes=10, kernels="optimized")  # its wide-shift requantization
+    meta = generate(optimized, tmp_path / "gen")
+    train = memory_plan(optimized)
     text = (tmp_path / "gen" / "tinytrain_model.h").read_text()
     assert f"#define TINYTRAIN_ARENA_BYTES {train.arena_bytes}\n" in text
     assert f"#define TINYTRAIN_TRAINABLE_BYTES {train.trainable_param_bytes}\n" in text

@@ -91,7 +91,7 @@ rescales = st.one_of(st.floats(1e-12, 1e-6), st.floats(1e-6, 1.0), st.floats(1.0
 
 
 @st.composite
-def requant_cases(draw):
+def requant_cases(draw, rescale=rescales):
     n, c, extra = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(0, 2))
     shape = (n, c) + (draw(st.integers(1, 4)),) * extra
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
@@ -99,7 +99,7 @@ def requant_cases(draw):
     acc.flat[: acc.size // 2] //= 2**20  # mostly realistic magnitudes, some extremes
     bias = rng.integers(-50000, 50000, c).astype(np.int64)
     bias[0] = draw(st.sampled_from([INT32_MIN, INT32_MAX, 0, 17]))  # dead channel and saturation edge
-    mult, shift = quantize_multipliers([draw(rescales) for _ in range(c)])
+    mult, shift = quantize_multipliers([draw(rescale) for _ in range(c)])
     zy = draw(st.integers(-128, 127))
     qmin = draw(st.integers(-128, 127))
     qmax = draw(st.integers(qmin, 127))
@@ -114,6 +114,17 @@ def test_requantize_kernel_matches_reference(case):
     got = run_te(lambda a, b, m, s: te_kernels.requantize(a, b, m, s, rq.y_zero, rq.qmin, rq.qmax), [acc, bias, rq.mult, rq.shift])
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, want)
+
+
+@given(requant_cases(st.one_of(st.floats(1e-9, 1e-6), st.floats(1e-6, 0.24))))
+@SETTINGS
+def test_wide_shift_requantize_is_the_same(case):
+    """The optimized kernels' wide-shift steps give the reference bits (dead channels and saturation included)."""
+    acc, bias, rq = case
+    assert int(rq.shift.min()) >= te_kernels.WIDE_SHIFT
+    got = run_te(lambda a, b, m, s: te_kernels.requantize(a, b, m, s, rq.y_zero, rq.qmin, rq.qmax, wide_shift=True),
+                 [acc, bias, rq.mult, rq.shift])
+    np.testing.assert_array_equal(got, reference.requantize(acc, bias, rq))
 
 
 @given(st.integers(INT32_MIN, INT32_MAX), rescales)

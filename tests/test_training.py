@@ -44,10 +44,14 @@ def model():
 
 
 # Without QAS the int8 gradients are ~1e-5 of the QAS ones (the paper's point), so a step needs a huge lr to move them.
-@pytest.mark.parametrize("spec, qas, lr", [("full", True, 0.5), ("bias-only:2", True, 0.5), ("last-k:2", False, 3e4), ("partial", True, 0.5)])
-def test_train_step_matches_numpy_reference_bit_for_bit(model, tmp_path, spec, qas, lr):
+@pytest.mark.parametrize("spec, qas, lr, kernels", [
+    ("full", True, 0.5, "reference"), ("bias-only:2", True, 0.5, "reference"), ("last-k:2", False, 3e4, "reference"),
+    ("partial", True, 0.5, "reference"), ("full", True, 0.5, "optimized"), ("partial", True, 0.5, "optimized"),
+    ("bias-only:6", True, 0.5, "optimized"),
+])
+def test_train_step_matches_numpy_reference_bit_for_bit(model, tmp_path, spec, qas, lr, kernels):
     spec = partial_scheme(tmp_path) if spec == "partial" else spec
-    trainer = Int8Trainer(model, spec, num_classes=4, lr=lr, qas=qas)
+    trainer = Int8Trainer(model, spec, num_classes=4, lr=lr, qas=qas, kernels=kernels)
     init = dict(trainer.params)
     ups = layer_updates(parse_scheme(spec, model), model)
     rng = np.random.default_rng(7)

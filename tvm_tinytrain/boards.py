@@ -61,19 +61,22 @@ def _project_errors(fn, *args, **kwargs):
 
 
 def build_project(model_path: str, model: Model, scheme: str, target: str, out_dir, num_classes: int = 10, lr: float = 0.003,
-                  board_options: dict | None = None) -> dict:
-    """Generate the C training step of ``model`` under ``scheme`` and build it for ``target`` in ``out_dir``."""
+                  board_options: dict | None = None, kernels: str = "optimized") -> dict:
+    """Generate the C training step of ``model`` under ``scheme`` and build it for ``target`` in ``out_dir``.
+
+    ``kernels``: the kernels' schedules, "optimized" or "reference" (``tvm_tinytrain.ops.schedule``; the same bits).
+    """
     from .codegen import generate
     from .trainer import build_training_module
 
     board, options = _board(target)
     out = Path(out_dir)
-    mod = build_training_module(model, scheme, num_classes)
+    mod = build_training_module(model, scheme, num_classes, kernels=kernels)
     meta = generate(mod, out / "model", lr=lr)
     project = out / "project"
     _project_errors(board.generate_project, out / "model", project, **{**options, **(board_options or {})})
     info = _project_errors(board.build, project)
-    record = {"model_path": str(Path(model_path).resolve()), "target": target, "scheme": scheme, "num_classes": num_classes,
+    record = {"model_path": str(Path(model_path).resolve()), "target": target, "scheme": scheme, "kernels": kernels, "num_classes": num_classes,
               "lr": lr, "input_shape": list(model.input_info.shape), "build": {k: (str(v) if isinstance(v, Path) else v)
                                                                                for k, v in vars(info).items()},
               "planned_peak_sram_bytes": meta["peak_sram_bytes"]}

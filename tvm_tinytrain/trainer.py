@@ -17,16 +17,19 @@ from tvm import relax
 
 from .errors import ShapeError, TinyTrainError
 from .model import Model
+from .ops.schedule import kernel_variant
 from .relax_build import build_relax
 
 
 def build_training_module(model: Model, scheme: str = "full", num_classes: int = 10, qas: bool = True, reorder: bool = True,
                           batch: int = 1, head_seed: int = 0, budget_bytes: int | None = None,
-                          accumulate: bool = False) -> tvm.IRModule:
+                          accumulate: bool = False, kernels: str = "reference") -> tvm.IRModule:
     """The planned training IRModule (``train_step``, ``infer``) of ``model`` under ``scheme``.
 
     With ``budget_bytes``, a step whose planned peak SRAM exceeds it is an error saying by how much.
     With ``accumulate`` it also has ``accumulate_step`` and ``apply_updates`` (:class:`AccumulateGradients`).
+    ``kernels`` picks the kernels' schedules (``tvm_tinytrain.ops.schedule``): "reference" or "optimized",
+    which give the same bits; the module attribute ``tinytrain.kernels`` records the choice.
     """
     from relax_passes import (
         AccumulateGradients,
@@ -41,14 +44,15 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         SparseUpdate,
     )
 
-    mod, _ = build_relax(model, batch)
-    seq = tvm.transform.Sequential([
-        AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
-        *([AccumulateGradients()] if accumulate else []),
-        FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
-        *([PlanMemory("accumulate_step")] if accumulate else []),
-    ])
-    out = seq(mod)
+    with kernel_variant(kernels):
+        mod, _ = build_relax(model, batch)
+        seq = tvm.transform.Sequential([
+            AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
+            *([AccumulateGradients()] if accumulate else []),
+            FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
+            *([PlanMemory("accumulate_step")] if accumulate else []),
+        ])
+        out = seq(mod).with_attr("tinytrain.kernels", kernels)
     if budget_bytes is not None:
         from relax_passes import memory_plan
 
@@ -64,15 +68,16 @@ class Int8Trainer:
 
     def __init__(self, model: Model, scheme: str = "full", num_classes: int = 10, lr: float = 0.003, qas: bool = True,
                  reorder: bool = True, head_seed: int = 0, target: str = "llvm", budget_bytes: int | None = None,
-                 accumulate: int = 1):
-        """``accumulate`` > 1: sum the gradients of that many images (batch 1 each), then update once with their mean."""
+                 accumulate: int = 1, kernels: str = "reference"):
+        """``accumulate`` > 1: sum the gradients of that many images (batch 1 each), then update once with their mean.
+        ``kernels``: "reference" or "optimized" schedules (the same bits)."""
         if accumulate < 1:
             raise TinyTrainError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
         self.num_classes = num_classes
         self.lr = float(lr)
         self.accumulate = accumulate
-        mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes, accumulate > 1)
+        mod = build_training_module(model, scheme, num_classes, qas, reorder, 1, head_seed, budget_bytes, accumulate > 1, kernels)
         self.mod = mod
         step = mod["train_step"]
         self.updated = [str(n) for n in step.attrs["tinytrain.updated_params"]]

@@ -266,6 +266,8 @@ def summarize(board: Board, meta: dict, info: BuildInfo, log: dict, log_path: Pa
     if counter and log["step_log"]:
         counts = [s[counter] for s in log["step_log"]]
         result[f"{counter}_per_step"] = round(sum(counts) / len(counts))
+        if "profile" in log:  # a TINYTRAIN_PROFILE build: the counter per kernel kind
+            result[f"{counter}_per_step_by_op"] = {op: round(v / len(counts)) for op, v in log["profile"].items()}
     static = None if info.data_bytes is None else info.data_bytes + info.bss_bytes
     result["sram_bytes"] = {
         "arena": meta["arena_bytes"], "trainable": meta["trainable_bytes"], "data": info.data_bytes, "bss": info.bss_bytes,

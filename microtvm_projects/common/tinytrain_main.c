@@ -173,6 +173,9 @@ int main(int argc, char **argv) {
     log_accuracy("accuracy_before", correct, eval_count);
 
     log_printf(",\n \"step_log\": [");
+#ifdef TINYTRAIN_PROFILE
+    tinytrain_profile_clock = platform_counter_name ? platform_counter : NULL;  /* the training steps only */
+#endif
     for (uint32_t s = 0; s < steps; s++) {
         int32_t label;
         const int8_t *image = read_record(s % record_count, &label);
@@ -194,6 +197,15 @@ int main(int argc, char **argv) {
         log_printf("}");
     }
     log_printf("]");
+#ifdef TINYTRAIN_PROFILE
+    tinytrain_profile_clock = NULL;
+    log_printf(",\n \"profile\": {");  /* counter units spent in each kernel kind, summed over the steps */
+    for (int k = 0; k < TINYTRAIN_PROFILE_OPS; k++) {
+        log_printf("%s\"%s\": ", k ? ", " : "", tinytrain_profile_ops[k]);
+        log_u64(tinytrain_profile_counts[k]);
+    }
+    log_printf("}");
+#endif
 
     correct = count_correct(eval_count);
     if (correct < 0) return 1;

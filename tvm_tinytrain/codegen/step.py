@@ -143,12 +143,17 @@ def pointer(loc, dtype: str, what: str) -> str:
     return f"({ctype} *){loc.name}" if loc.const else loc.name  # kernels take non-const pointers; they never write inputs
 
 
-def _kernel_call(kernel: Kernel, locs: list, index: int, func: str, var) -> str:
+def profile_ops(lib: KernelLibrary) -> list[str]:
+    """The kernel kinds, in a fixed order: ``TINYTRAIN_PROFILE`` builds count instructions per kind."""
+    return sorted({k.op for k in lib.kernels.values()})
+
+
+def _kernel_call(kernel: Kernel, locs: list, index: int, func: str, var, op_id: int) -> str:
     what = f"{func} binding {index} ({var.name} = {kernel.op} of {kernel.node or '?'}, {kernel.symbol})"
     if len(locs) != len(kernel.dtypes):
         raise TinyTrainError(f"codegen: {what}: {len(locs)} buffers for a kernel with {len(kernel.dtypes)} parameters")
     args = ",\n      ".join(pointer(loc, dt, f"{what} argument {k}") for k, (loc, dt) in enumerate(zip(locs, kernel.dtypes)))
-    return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  {kernel.symbol}({args});"
+    return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  TT_PROFILED({op_id}, {kernel.symbol}({args}));"
 
 
 def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage: Storage, lib: KernelLibrary) -> Lowered:
@@ -191,7 +196,8 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 outs = [buffers.take(n, ty) for n, ty in zip(names, tys)]
                 buffers.skip_workspace(var.name)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
-            calls.append(_kernel_call(lib.kernels[call.gvar.name_hint], args + outs, i, func_name, var))
+            kernel = lib.kernels[call.gvar.name_hint]
+            calls.append(_kernel_call(kernel, args + outs, i, func_name, var, profile_ops(lib).index(kernel.op)))
         elif isinstance(value, relax.TupleGetItem):
             where[var] = where[value.tuple_value][value.index]
         elif isinstance(value, relax.Tuple):
@@ -257,7 +263,7 @@ class Layout:
         return sum(int(v.nbytes) for _, v in self.storage.constants.values())
 
 
-def header(layout: Layout, model_name: str, scheme: str) -> str:
+def header(layout: Layout, model_name: str, scheme: str, ops: list[str]) -> str:
     c, h, w = layout.input_shape
     st = layout.storage
     per_param = "\n".join(f" *   {'RAM  ' if not s.const else 'flash'} {s.param:<40} {str(st.init[s.param].dtype):<8} "
@@ -302,6 +308,14 @@ int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);   /* 
 int tinytrain_infer(const int8_t *input, float *logits);                      /* logits[TINYTRAIN_NUM_CLASSES] */
 int8_t *tinytrain_input_buffer(void);    /* the arena's image buffer: an image loaded here is not copied again */
 
+#ifdef TINYTRAIN_PROFILE
+/* Built with -DTINYTRAIN_PROFILE: each kernel call adds the clock's advance to its kind's count (clock NULL: off). */
+#define TINYTRAIN_PROFILE_OPS {len(ops)}
+extern const char *const tinytrain_profile_ops[TINYTRAIN_PROFILE_OPS];
+extern uint64_t tinytrain_profile_counts[TINYTRAIN_PROFILE_OPS];
+extern uint64_t (*tinytrain_profile_clock)(void);
+#endif
+
 #endif /* TINYTRAIN_MODEL_H */
 """
 
@@ -334,6 +348,19 @@ def source(layout: Layout, lib: KernelLibrary, train: Lowered, infer: Lowered) -
 #include "tinytrain_model.h"
 
 {protos}
+
+#ifdef TINYTRAIN_PROFILE
+const char *const tinytrain_profile_ops[TINYTRAIN_PROFILE_OPS] = {{{", ".join(f'"{op}"' for op in profile_ops(lib))}}};
+uint64_t tinytrain_profile_counts[TINYTRAIN_PROFILE_OPS];
+uint64_t (*tinytrain_profile_clock)(void);
+#define TT_PROFILED(op, ...) do {{ \\
+    uint64_t tt_start = tinytrain_profile_clock ? tinytrain_profile_clock() : 0; \\
+    __VA_ARGS__; \\
+    if (tinytrain_profile_clock) tinytrain_profile_counts[op] += tinytrain_profile_clock() - tt_start; \\
+  }} while (0)
+#else
+#define TT_PROFILED(op, ...) __VA_ARGS__
+#endif
 
 static uint8_t tinytrain_arena[TINYTRAIN_ARENA_BYTES] __attribute__((aligned(16)));
 static float tinytrain_lr = {c_float(float(np.float32(layout.lr)), "lr")};
@@ -405,7 +432,7 @@ def generate(mod: tvm.IRModule, out_dir, lr: float = 0.003) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tinytrain_kernels.c").write_text(lib.source)
-    (out / "tinytrain_model.h").write_text(header(layout, model_name, scheme))
+    (out / "tinytrain_model.h").write_text(header(layout, model_name, scheme, profile_ops(lib)))
     (out / "tinytrain_model.c").write_text(source(layout, lib, train, infer))
     meta = _meta(layout, model_name, scheme, train_plan, infer_plan.arena_bytes, lib)
     # Where each `<weight>_trained` RAM slice sits in its full weight, for export after training.

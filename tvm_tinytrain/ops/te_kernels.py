@@ -48,19 +48,46 @@ def clamp_int8(v, qmin: int, qmax: int):
     return tirx.max(tirx.min(v, qmax), qmin).astype("int8")
 
 
-def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor, y_zero: int, idx):
-    """int64 value of :func:`requantize` at ``idx`` before the clamp (the backward's mask tests it)."""
+def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor, y_zero: int, idx,
+                     wide_shift: bool = False):
+    """Value of :func:`requantize` at ``idx`` before the clamp: int64, or int32 with ``wide_shift``.
+
+    ``wide_shift`` (every shift >= :data:`WIDE_SHIFT`, known when the kernel is built) takes the same result in
+    32-bit steps that a Cortex-M does in one instruction each: the saturating bias add as a clamp of ``acc`` to
+    per-channel bounds, ``int32 x int32 -> int64`` for the product, and, since ``2**(s-1)`` is then a multiple of
+    ``2**32``, ``(p + 2**(s-1)) >> s == ((p >> 32) + 2**(s-33)) >> (s-32)`` on the product's high word.
+    """
     c = idx[1]
+    if wide_shift:
+        return _wide_requant(acc[idx], None if bias is None else bias[c], mult[c], shift[c], y_zero)
     total = acc[idx].astype("int64")
     if bias is not None:
         total = tirx.max(tirx.min(total + bias[c].astype("int64"), INT32_MAX), INT32_MIN)
     return _rshift_round(total * mult[c].astype("int64"), shift[c].astype("int64")) + y_zero
 
 
+WIDE_SHIFT = 33
+
+
+def _wide_requant(acc, bias, mult, shift, y_zero: int):
+    if bias is not None:  # clamp(acc, INT32_MIN - b, INT32_MAX - b) + b never overflows: sat(acc + b)
+        b64 = bias.astype("int64")
+        lo = tirx.max(tirx.const(INT32_MIN, "int64") - b64, INT32_MIN).astype("int32")
+        hi = tirx.min(tirx.const(INT32_MAX, "int64") - b64, INT32_MAX).astype("int32")
+        acc = tirx.max(tirx.min(acc, hi), lo) + bias
+    product_high = tirx.shift_right(acc.astype("int64") * mult.astype("int64"), tirx.const(32, "int64")).astype("int32")
+    # Shift amounts are clamped to [0, 31] (a no-op for shifts in [33, 62]): with unbounded amounts, TVM 0.27's
+    # integer bound analysis treats the shifted value as already inside the int8 clamp and drops that clamp.
+    k = tirx.min(tirx.max(shift - 32, 0), 31)
+    rounding = tirx.shift_left(tirx.const(1, "int32"), tirx.min(tirx.max(shift - 33, 0), 31))
+    return tirx.shift_right(product_high + rounding, k) + y_zero
+
+
 def requantize(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor,
-               y_zero: int, qmin: int, qmax: int) -> te.Tensor:
-    """Per-channel (axis 1) int32 -> int8 with saturating bias add and clamp."""
-    return te.compute(acc.shape, lambda *idx: clamp_int8(requant_preclamp(acc, bias, mult, shift, y_zero, idx), qmin, qmax), name="requant")
+               y_zero: int, qmin: int, qmax: int, wide_shift: bool = False) -> te.Tensor:
+    """Per-channel (axis 1) int32 -> int8 with saturating bias add and clamp (``wide_shift``: see :func:`requant_preclamp`)."""
+    return te.compute(acc.shape, lambda *idx: clamp_int8(requant_preclamp(acc, bias, mult, shift, y_zero, idx, wide_shift), qmin, qmax),
+                      name="requant")
 
 
 def add_preclamp(a: te.Tensor, b: te.Tensor, a_zero: int, b_zero: int, a_mult: int, b_mult: int, shift: int, y_zero: int, idx):
