@@ -25,7 +25,7 @@ DEFAULTS = {
     "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
     "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
-    "max_plane_bytes": 4096,  # DepthwiseInPlace: largest operand channel plane staged on the C stack
+    "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
 }
 
 _local = threading.local()

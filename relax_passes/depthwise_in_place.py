@@ -32,6 +32,7 @@ from tvm import relax, s_tir, te
 
 from tvm_tinytrain.model import DTYPE_BYTES
 from tvm_tinytrain.ops import te_backward, te_kernels
+from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import placeholders, relax_function_names, wide_shift
@@ -40,35 +41,53 @@ from .config import option
 from .fuse_conv_requant import accumulator
 
 
-def _staged(outputs_of, call) -> tvm.tirx.PrimFunc:
-    """``outputs_of(plane, args)`` with ``plane`` a per-channel staged copy of operand 0, copied before any write."""
+def _staged(outputs_of, call, pad: int = 0, pad_value=0) -> tvm.tirx.PrimFunc:
+    """``outputs_of(plane, args)`` with ``plane`` a per-channel staged copy of operand 0 (with ``pad`` elements of
+    ``pad_value`` around it), copied before any output element is written."""
     args = placeholders(call.args)
     x = args[0]
-    plane = te.compute(x.shape, lambda *idx: x[idx], name="plane")
+    plane = te_kernels.pad_plane(x, pad, pad_value) if pad else te.compute(x.shape, lambda *idx: x[idx], name="plane")
     out = outputs_of(plane, args)
     sch = s_tir.Schedule(te.create_prim_func([*args, out]))
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "w_merged" in blocks:
         sch.compute_inline(blocks["w_merged"])
     main = blocks.get("acc", blocks.get("g_x"))
-    if "requant" in blocks:
-        sch.reverse_compute_at(blocks["requant"], sch.get_loops(main)[3])  # the accumulator: a scalar per output pixel
+    name = sch.get(main).name_hint
+    tiled = current_variant() == "optimized" and tile_reduction(sch, main)
+    for consumer in sch.get_consumers(main):  # requantize, or a tile's write-back: per output pixel (or tile)
+        sch.reverse_compute_at(consumer, sch.get_loops(main)[3])
     sch.compute_at(blocks["plane"], sch.get_loops(main)[1])  # one operand plane per channel
+    if tiled:
+        finish_tile(sch, name)
     return sch.mod["main"].without_attr("global_symbol")
 
 
-def _conv_requant(call):
+def _plane_bytes(x, pad: int) -> int:
+    _, _, h, w = shape_of(x)
+    return (h + 2 * pad) * (w + 2 * pad) * DTYPE_BYTES[str(x.ty.dtype)]
+
+
+def _padding(call, max_plane: int) -> int:
+    """The optimized forward kernel stages a zero-point-padded plane (when it fits), so its inner loops need no bounds checks."""
+    pad = (shape_of(call.args[1])[2] - 1) // 2
+    optimized = call.op == "conv2d_requant" and current_variant() == "optimized"
+    return pad if optimized and _plane_bytes(call.args[0], pad) <= max_plane else 0
+
+
+def _conv_requant(call, max_plane: int):
     a = call.attrs
+    pad = _padding(call, max_plane)
 
     def outputs_of(plane, args):
         n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
-        acc = accumulator(call, [plane, *args[1:n_acc]])
+        acc = accumulator(call, [plane, *args[1:n_acc]], pad=0 if pad else None)
         return te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"], wide_shift(call.args[-1]))
 
-    return _staged(outputs_of, call)
+    return _staged(outputs_of, call, pad, a["x_zero"])
 
 
-def _input_grad(call):
+def _input_grad(call, max_plane: int):
     a = call.attrs
 
     def outputs_of(plane, args):
@@ -91,8 +110,7 @@ def _eligible(call, last_reader: dict, i: int, params, max_plane: int) -> bool:
     if call is None or call.op not in _REWRITES or call.attrs["groups"] <= 1 or not _REWRITES[call.op][2](call):
         return False
     x = call.args[0]
-    _, _, h, w = shape_of(x)
-    return x not in params and last_reader.get(x) == i and h * w * DTYPE_BYTES[str(x.ty.dtype)] <= max_plane
+    return x not in params and last_reader.get(x) == i and _plane_bytes(x, 0) <= max_plane
 
 
 def _last_readers(func) -> dict:
@@ -136,7 +154,7 @@ class DepthwiseInPlace:
                         continue
                     op, build, _ = _REWRITES[call.op]
                     attrs = {k: v for k, v in call.attrs.items() if k != "node"}
-                    gv = bb.add_func(build(call).with_attrs(kernel_attrs(op, call.node, **attrs)), op)
+                    gv = bb.add_func(build(call, max_plane).with_attrs(kernel_attrs(op, call.node, **attrs)), op)
                     value = relax.call_tir(gv, relax.Tuple(call.args), b.var.ty)
                     bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
             bb.emit_func_output(func.body.body)

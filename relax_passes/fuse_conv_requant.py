@@ -31,15 +31,16 @@ from tvm_tinytrain.relax_build import kernel_attrs
 from ._fusion import fuse_pairs, placeholders, relax_function_names, wide_shift
 
 
-def accumulator(acc_call, args: list[te.Tensor]) -> te.Tensor:
-    """The TE of an accumulating kernel call, including a weight merged from a flash original and a RAM slice."""
+def accumulator(acc_call, args: list[te.Tensor], pad: int | None = None) -> te.Tensor:
+    """The TE of an accumulating kernel call, including a weight merged from a flash original and a RAM slice
+    (``pad=0``: ``args[0]`` is the input already padded)."""
     a = acc_call.attrs
     if acc_call.op == "linear_acc":
         return te_kernels.linear_acc(*args, a["x_zero"])
     x, w = args[0], args[1]
     if len(args) == 3:  # SparseUpdate's partially trained weight: (x, frozen, trained slice)
         w = te_backward.merge_channels(args[1], args[2], 0 if a["groups"] > 1 else 1, tuple(a["merged_channels"]))
-    return te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"])
+    return te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"], pad)
 
 
 def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:

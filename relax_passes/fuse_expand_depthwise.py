@@ -25,27 +25,47 @@ import tvm
 from tvm import relax, s_tir, te
 
 from tvm_tinytrain.ops import te_kernels
+from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import fuse_pairs, placeholders, relax_function_names, wide_shift
 from ._ir import shape_of
 
 
-def _conv_requant(x, w, b, m, s, a: dict, wide: bool):
-    acc = te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"])
+def _conv_requant(x, w, b, m, s, a: dict, wide: bool, pad: int | None = None):
+    acc = te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"], pad)
     return te_kernels.requantize(acc, b, m, s, a["y_zero"], a["qmin"], a["qmax"], wide)
 
 
 def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
-    """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it."""
+    """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it.
+
+    The optimized variant writes the plane with a border of the depthwise conv's zero point (so its taps need
+    no bounds checks) and computes the depthwise outputs a tile at a time.
+    """
     args = placeholders(expand.args + depthwise.args[1:])
     expanded = _conv_requant(*args[:5], expand.attrs, wide_shift(expand.args[4]))
-    y = _conv_requant(expanded, *args[5:], depthwise.attrs, wide_shift(depthwise.args[4]))
+    optimized = current_variant() == "optimized"
+    pad = (shape_of(depthwise.args[1])[2] - 1) // 2 if optimized else 0
+    if pad:
+        expanded = te_kernels.pad_plane(expanded, pad, depthwise.attrs["x_zero"])
+    y = _conv_requant(expanded, *args[5:], depthwise.attrs, wide_shift(depthwise.args[4]), 0 if pad else None)
     sch = s_tir.Schedule(te.create_prim_func([*args, y]))
-    acc1, rq1, acc2, rq2 = sch.get_child_blocks(sch.get_sblock("root"))
-    sch.reverse_compute_at(rq2, sch.get_loops(acc2)[3])  # depthwise accumulator: a scalar per output pixel
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if pad:  # acc1, rq1, plane, acc2, rq2: the expansion's requantization is computed as the plane is written
+        sch.compute_inline(sch.get_sblock(blocks[1]))
+        blocks = [blocks[0], blocks[2], blocks[3], blocks[4]]
+    acc1, rq1, acc2, rq2 = (sch.get_sblock(b) for b in blocks)
+    tiled = optimized and tile_reduction(sch, acc2)
+    sch.reverse_compute_at(rq2, sch.get_loops(acc2)[3])  # depthwise accumulator: a scalar (or a tile) per output pixel
     sch.compute_at(rq1, sch.get_loops(acc2)[1])  # one expanded channel plane per depthwise channel
-    sch.compute_at(acc1, sch.get_loops(rq1)[-1])  # expansion accumulator: a scalar per plane pixel
+    if tiled:
+        finish_tile(sch, blocks[2])
+        sch.compute_at(acc1, sch.get_loops(rq1)[-2])  # expansion accumulators: one plane row
+        if tile_reduction(sch, acc1):
+            finish_tile(sch, blocks[0])
+    else:
+        sch.compute_at(acc1, sch.get_loops(rq1)[-1])  # expansion accumulator: a scalar per plane pixel
     return sch.mod["main"].without_attr("global_symbol")
 
 

@@ -2,14 +2,17 @@
 """Measured SRAM, flash and instructions per training step of the paper's models on emulated Cortex-M4 and M7.
 
 Builds each model's generated C training step for QEMU mps2-an386 (M4) and mps2-an500 (M7) with the STM32F746's
-memory (320 KB RAM, 1 MB flash), runs 3 steps on random data and reports the measured parts beside the planner's
-prediction and the paper.  Writes results/device_table.json and results/device_table.md.
+memory (320 KB RAM, 1 MB flash), once with the reference kernels and once with the optimized ones (the same
+bits), runs 3 steps on random data and reports the measured parts beside the planner's prediction and the paper,
+plus the instructions spent in each kind of kernel (a TINYTRAIN_PROFILE build).
+Writes results/device_table.json and results/device_table.md.
 
-    .venv/bin/python scripts/device_table.py
+    .venv/bin/python scripts/device_table.py [--kernels optimized]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -30,50 +33,72 @@ OUT = Path(__file__).resolve().parents[1] / "results"
 KB = 1024
 
 
-def measure(name: str, scheme: str, target: str, work: Path) -> dict:
+def measure(name: str, scheme: str, target: str, kernels: str, work: Path) -> dict:
     model = load_paper_model(paper_models_dir() / f"{name}.pkl")
     rng = np.random.default_rng(0)
     work.mkdir(parents=True, exist_ok=True)
     data = write_dataset(work / "data.bin", rng.integers(-128, 128, (3, *model.input_info.shape)).astype(np.int8), rng.integers(0, 10, 3), 10)
-    row = {"model": name, "scheme": scheme, "target": target}
+    row = {"model": name, "scheme": scheme, "target": target, "kernels": kernels}
     t = time.time()
     try:
-        record = build_project(str(paper_models_dir() / f"{name}.pkl"), model, scheme, target, work / target, num_classes=10)
+        record = build_project(str(paper_models_dir() / f"{name}.pkl"), model, scheme, target, work / target, num_classes=10,
+                               board_options={"defines": {"TINYTRAIN_PROFILE": None}}, kernels=kernels)
     except TinyTrainError as err:  # an image that does not fit the board: the message names region and overflow
         return {**row, "error": str(err).splitlines()[0]}
     result = run_project(work / target, data, steps=3, timeout_s=600)
     meta = json.loads((work / target / "model" / "tinytrain_meta.json").read_text())
     return {**row, "planned_peak_sram_bytes": record["planned_peak_sram_bytes"], "planned_arena_bytes": meta["arena_bytes"],
             "planned_trainable_bytes": meta["trainable_bytes"], "sram_bytes": result["sram_bytes"], "flash_bytes": result["flash_bytes"],
-            "instructions_per_step": result["instructions_per_step"], "seconds": round(time.time() - t, 1)}
+            "instructions_per_step": result["instructions_per_step"], "instructions_by_op": result["instructions_per_step_by_op"],
+            "seconds": round(time.time() - t, 1)}
 
 
 def markdown(rows) -> str:
-    lines = ["| model | scheme | target | planned peak (KB) | measured SRAM (KB): .data + .bss + stack peak + heap peak = total | flash (KB) "
-             "| instructions per step (M) | paper (sparse + reorder, STM32F746) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | scheme | target | kernels | planned peak (KB) | measured SRAM (KB): .data + .bss + stack peak + heap peak = total "
+             "| flash (KB) | instructions per step (M) | paper (sparse + reorder, STM32F746) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['model']} | {r['scheme']} | {r['target']} | {r['kernels']} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['scheme']} | {r['target']} | | does not fit: {r['error']} | | | {PAPER[r['model']]} |")
+            lines.append(f"{head} | does not fit: {r['error']} | | | {PAPER[r['model']]} |")
             continue
         s = r["sram_bytes"]
-        lines.append(f"| {r['model']} | {r['scheme']} | {r['target']} | {r['planned_peak_sram_bytes'] / KB:.1f} | "
+        lines.append(f"{head} {r['planned_peak_sram_bytes'] / KB:.1f} | "
                      f"{s['data'] / KB:.1f} + {s['bss'] / KB:.1f} + {s['stack_peak'] / KB:.1f} + {s['heap_peak'] / KB:.1f} = {s['total'] / KB:.1f} | "
                      f"{r['flash_bytes'] / KB:.0f} | {r['instructions_per_step'] / 1e6:.1f} | {PAPER[r['model']]} |")
+    return "\n".join(lines) + "\n\n" + by_op(rows)
+
+
+def by_op(rows) -> str:
+    """Per kernel kind on the M7: millions of instructions per step, reference -> optimized."""
+    m7 = {(r["model"], r["kernels"]): r["instructions_by_op"] for r in rows if r["target"] == "qemu-m7" and "error" not in r}
+    models = sorted({m for m, _ in m7}, key=[c[0] for c in CASES].index)
+    ops = sorted({op for counts in m7.values() for op in counts}, key=lambda op: -max(c.get(op, 0) for c in m7.values()))
+    lines = ["| kernel kind (Cortex-M7, M instructions per step) | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for op in ops[:10]:
+        cells = []
+        for m in models:
+            ref, opt = m7.get((m, "reference"), {}).get(op), m7.get((m, "optimized"), {}).get(op)
+            cells.append(" -> ".join(f"{v / 1e6:.1f}" for v in (ref, opt) if v is not None))
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", nargs="+", default=["reference", "optimized"], choices=["reference", "optimized"])
+    args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, scheme in CASES:
             if not (paper_models_dir() / f"{name}.pkl").exists():
                 print(f"{name}: model file missing; set TINYTRAIN_PAPER_MODELS", file=sys.stderr)
                 return 2
-            for target in ("qemu-m4", "qemu-m7"):
-                rows.append(measure(name, scheme, target, Path(tmp) / name))
-                print(json.dumps(rows[-1]), flush=True)
+            for kernels in args.kernels:
+                for target in ("qemu-m4", "qemu-m7"):
+                    rows.append(measure(name, scheme, target, kernels, Path(tmp) / name))
+                    print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(exist_ok=True)
-    meta = {"machine": f"{platform.node()} {platform.machine()}", "command": "python scripts/device_table.py", "qemu": "7.2 (Debian)",
+    meta = {"machine": f"{platform.node()} {platform.machine()}", "command": "python scripts/device_table.py " + " ".join(sys.argv[1:]), "qemu": "7.2 (Debian)",
             "board_memory": "RAM 320 KB, flash 1 MB (STM32F746)", "steps": 3}
     (OUT / "device_table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (OUT / "device_table.md").write_text(markdown(rows))

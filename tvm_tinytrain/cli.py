@@ -156,7 +156,10 @@ def cmd_build(args) -> int:
     if args.target == "stm32f746":  # a real board has no files: the dataset is compiled into flash
         board_options["dataset"] = str(_dataset_file(args.data, Path(args.output), model.input_info.shape, args.num_classes, args.seed))
         board_options["steps"] = args.steps
-    record = build_project(args.model, model, args.scheme, args.target, args.output, args.num_classes, args.lr, board_options)
+    if args.profile:
+        board_options["defines"] = {"TINYTRAIN_PROFILE": None}
+    record = build_project(args.model, model, args.scheme, args.target, args.output, args.num_classes, args.lr, board_options,
+                           kernels=args.kernels)
     if args.json:
         print(json.dumps(record))
     else:
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default="digits", help="stm32f746 only (no files on a board): dataset compiled in, as for `run`")
     sp.add_argument("--steps", type=int, default=100, help="stm32f746 only: training steps the board runs")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--kernels", default="optimized", choices=["optimized", "reference"],
+                    help="kernel schedules: optimized (default) or the plain reference ones; both give the same bits")
+    sp.add_argument("--profile", action="store_true", help="count the board's instructions per kernel kind (log.json 'profile')")
     sp.set_defaults(func=cmd_build)
     sp = sub.add_parser("run", help="train on the built project (host or emulated board)")
     sp.add_argument("build_dir")

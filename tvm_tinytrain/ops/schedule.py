@@ -31,7 +31,9 @@ from ..errors import TinyTrainError
 
 SPATIAL = 0  # IterVar type of a data-parallel axis
 VARIANTS = ("reference", "optimized")
-TILE = 4  # output elements per tile: 4 int32/float accumulators fit Cortex-M registers beside the pointers
+# Output elements per tile, by accumulator type: a Cortex-M has 13 general registers (4 int32 accumulators fit
+# beside the pointers) and 32 single-precision ones (8 float accumulators fit).
+TILE = {"int32": 4, "float32": 8}
 
 _variant: contextvars.ContextVar[str] = contextvars.ContextVar("tinytrain_kernel_variant", default="reference")
 
@@ -71,39 +73,48 @@ def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         except s_tir.ScheduleError:
             continue  # the stage stays whole: correct, only bigger
     for reduction in tiled:
-        _finish_tile(sch, reduction)
+        finish_tile(sch, reduction)
     return sch.mod["main"]
 
 
 def _tile_reductions(sch: s_tir.Schedule) -> list[str]:
-    """Split each reduction's innermost output axis into tiles and move the tile loop below the reduction loops.
-
-    A reduction that is itself a function output first gets its own accumulator (``cache_write``), whose
-    write-back then plays the role of an epilogue.  Returns the names of the tiled reductions.
-    """
+    """:func:`tile_reduction` of every reduction block; returns the names of those it tiled."""
     tiled = []
-    root = sch.get_sblock("root")
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-    for block in sch.get_child_blocks(root):
-        iters = sch.get(block).iter_vars
-        n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
-        if n_spatial in (0, len(iters)):
-            continue
-        loops = sch.get_loops(block)
-        extent = int(sch.get(loops[n_spatial - 1]).extent)
-        tile = next((t for t in (TILE, 2) if extent % t == 0 and extent > t), None)
-        if tile is None:
-            continue
-        if sch.get(block).name_hint in outputs:
-            sch.cache_write(block, 0, "global")  # compacted to the tile; the C codegen prints only "global" storage
-        _, inner = sch.split(loops[n_spatial - 1], [None, tile])
-        sch.reorder(*sch.get_loops(block)[n_spatial + 1:], inner)
-        tiled.append(sch.get(block).name_hint)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if tile_reduction(sch, block):
+            tiled.append(name)
     return tiled
 
 
-def _finish_tile(sch: s_tir.Schedule, name: str) -> None:
-    """Hoist the tile's initialisation out of the reduction loops and unroll the innermost tile loops."""
+def tile_reduction(sch: s_tir.Schedule, block) -> bool:
+    """Split a reduction's innermost tileable output axis and move the tile loop below all the loops after it.
+
+    A reduction that is itself a function output first gets its own accumulator (``cache_write``), whose
+    write-back then plays the role of an epilogue.  False (nothing changed) when the block is not a
+    reduction or no output axis has a tile size dividing it.
+    """
+    iters = sch.get(block).iter_vars
+    n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
+    if n_spatial in (0, len(iters)):
+        return False
+    loops = sch.get_loops(block)
+    widest = TILE.get(str(sch.get(block).writes[0].source.dtype), 4)
+    # The innermost output axis a tile size divides: e.g. a conv's output column, a weight gradient's input channel.
+    choice = next(((k, t) for k in reversed(range(n_spatial)) for t in (widest, widest // 2, 2)
+                   if int(sch.get(loops[k]).extent) % t == 0 and int(sch.get(loops[k]).extent) > 1), None)
+    if choice is None:
+        return False
+    axis, tile = choice
+    if sch.get(block).name_hint in {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}:
+        sch.cache_write(block, 0, "global")  # compacted to the tile; the C codegen prints only "global" storage
+    _, inner = sch.split(loops[axis], [None, tile])
+    sch.reorder(*sch.get_loops(block)[axis + 2:], inner)
+    return True
+
+
+def finish_tile(sch: s_tir.Schedule, name: str) -> None:
+    """Hoist a tiled reduction's initialisation out of the reduction loops and unroll the innermost tile loops."""
     block = sch.get_sblock(name)
     iters = sch.get(block).iter_vars
     n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
@@ -112,4 +123,6 @@ def _finish_tile(sch: s_tir.Schedule, name: str) -> None:
     sch.unroll(sch.get_loops(block)[-1])
     sch.unroll(sch.get_loops(init)[-1])
     for consumer in sch.get_consumers(block):
-        sch.unroll(sch.get_loops(consumer)[-1])
+        last = sch.get_loops(consumer)[-1]
+        if int(sch.get(last).extent) <= max(TILE.values()):  # the epilogue of one tile, not e.g. a whole plane row
+            sch.unroll(last)

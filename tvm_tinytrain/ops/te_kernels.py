@@ -20,11 +20,11 @@ def _rshift_round(v, shift):
     return tirx.shift_right(v + tirx.shift_left(one, shift - one), shift)
 
 
-def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int) -> te.Tensor:
-    """int32 ``acc[n,o,h,w] = sum (x - x_zero) * w`` with zero-point padding ``(k-1)//2``."""
+def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int, pad: int | None = None) -> te.Tensor:
+    """int32 ``acc[n,o,h,w] = sum (x - x_zero) * w`` with zero-point padding ``(k-1)//2`` (``pad=0``: ``x`` is already padded)."""
     n, _, h, wd = (int(d) for d in x.shape)
     o, cg, k, _ = (int(d) for d in w.shape)
-    pad = (k - 1) // 2
+    pad = (k - 1) // 2 if pad is None else pad
     ho = (h + 2 * pad - k) // stride + 1
     wo = (wd + 2 * pad - k) // stride + 1
     og = o // groups
@@ -41,6 +41,17 @@ def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int
         return te.sum(xv * w[oc, rc, rh, rw].astype("int32"), axis=[rc, rh, rw])
 
     return te.compute((n, o, ho, wo), body, name="acc")
+
+
+def pad_plane(x: te.Tensor, pad: int, value: int) -> te.Tensor:
+    """``x`` with ``pad`` elements of ``value`` (the zero point) around each (H, W) plane: a conv over it needs no bounds checks."""
+    n, c, h, w = (int(d) for d in x.shape)
+
+    def body(b, ch, i, j):
+        inside = tirx.all(i >= pad, i < h + pad, j >= pad, j < w + pad)
+        return tirx.if_then_else(inside, x[b, ch, i - pad, j - pad], tirx.const(value, x.dtype))
+
+    return te.compute((n, c, h + 2 * pad, w + 2 * pad), body, name="plane")
 
 
 def clamp_int8(v, qmin: int, qmax: int):
