@@ -16,6 +16,7 @@ from .append_loss import AppendLoss
 from .config import pass_config
 from .depthwise_in_place import DepthwiseInPlace
 from .fuse_conv_requant import FuseConvRequant
+from .fuse_depthwise_backward import FuseDepthwiseBackward
 from .fuse_expand_depthwise import FuseExpandDepthwise
 from .fuse_weight_update import FuseWeightUpdate
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
@@ -25,5 +26,5 @@ from .sparse_update import SparseUpdate
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "DepthwiseInPlace", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

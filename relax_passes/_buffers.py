@@ -42,7 +42,7 @@ def _field_kind(op: str, index: int) -> str:
         return "mask"
     if op == "softmax_cross_entropy":
         return "activation" if index == 0 else "gradient"
-    if op == "linear_float_grads":
+    if op in ("linear_float_grads", "depthwise_block_backward"):
         return "gradient" if index == 0 else "weight_gradient"
     if op in PARAM_GRAD_OPS:
         return "weight_gradient"

@@ -14,7 +14,9 @@ bits.
 
 Run it after ReorderUpdates (which placed the update after every reader of
 the old weight, e.g. the input-gradient kernel) and after any
-AccumulateGradients (which needs the separate gradient).
+AccumulateGradients (which needs the separate gradient).  A pair with other
+work between them (updates after the whole backward) is left alone: there
+the fused kernel would keep the gradient's inputs alive until the update.
 
 Before::
 
@@ -35,16 +37,30 @@ from tvm_tinytrain.ops import te_backward
 from tvm_tinytrain.ops.schedule import compact_schedule
 from tvm_tinytrain.relax_build import kernel_attrs
 
+from ._buffers import IN_PLACE_OPS
 from ._fusion import fuse_pairs, placeholders, relax_function_names
 from ._ir import KernelCall
 
 FUSED_OP = "conv2d_weight_grad_sgd"
 
 
+# What may run between a gradient and its update for the fusion to pay: kernels that must read the old weight
+# first, other updates, and aliases (no kernel).  Further apart (e.g. updates after the whole backward, the
+# baseline without ReorderUpdates), computing the gradient at the update would keep its inputs alive longer.
+_BETWEEN = ("conv2d_input_grad", *IN_PLACE_OPS)
+
+
 def _pairs(calls, readers) -> dict:
-    """sgd_update_int8 var -> the weight-gradient kernel it alone reads."""
+    """sgd_update_int8 var -> the weight-gradient kernel it alone reads, when nothing else runs between them."""
+    position = {c.var: i for i, c in enumerate(calls) if c is not None}
     grads = {c.var: c for c in calls if c is not None and c.op == "conv2d_weight_grad" and readers.get(c.var) == 1}
-    return {c.var: grads[c.args[1]] for c in calls if c is not None and c.op == "sgd_update_int8" and c.args[1] in grads}
+    pairs = {}
+    for i, c in enumerate(calls):
+        if c is not None and c.op == "sgd_update_int8" and c.args[1] in grads:
+            between = calls[position[c.args[1]] + 1:i]
+            if all(b is None or b.op in _BETWEEN for b in between):
+                pairs[c.var] = grads[c.args[1]]
+    return pairs
 
 
 def _arguments(grad: KernelCall, sgd: KernelCall) -> list:

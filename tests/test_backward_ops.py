@@ -399,3 +399,27 @@ def test_merge_channels(o, c, axis, seed):
     np.testing.assert_array_equal(np.take(got, channels, axis=axis), trained)
     rest = [k for k in range(size) if k not in channels]
     np.testing.assert_array_equal(np.take(got, rest, axis=axis), np.take(frozen, rest, axis=axis))
+
+
+@given(st.sampled_from([(8, 4, 8, 8, 3, 2), (6, 3, 7, 7, 5, 1), (8, 4, 8, 8, 7, 2), (5, 2, 6, 6, 3, 1)]), st.integers(0, 2**31))
+@settings(max_examples=12, deadline=None)
+def test_depthwise_block_backward_is_the_four_kernels(shape, seed):
+    """The fused TIR kernel == depthwise input grad -> mask -> bias grad + 1x1 input grad of the numpy reference, bit for bit."""
+    from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
+
+    c, cin, h, w, k, stride = shape
+    pad = (k - 1) // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(1, c, ho, wo)).astype(np.float32)
+    w_dw, w_pw = (rng.integers(-128, 128, s).astype(np.int8) for s in ((c, 1, k, k), (c, cin, 1, 1)))
+    s_dw, s_pw = (rng.uniform(1e-3, 1e-2, c).astype(np.float32) for _ in range(2))
+    mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
+    b_scale = rng.uniform(1, 100, c).astype(np.float32)
+    fn = tvm.compile(tvm.IRModule({"main": depthwise_block_backward(c, cin, h, w, ho, wo, k, stride).with_attr("global_symbol", "main")}),
+                     target="llvm")
+    g_x, g_b = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32")
+    fn(*[tvm.runtime.tensor(a) for a in (g, w_dw, s_dw, mask, b_scale, w_pw, s_pw)], g_x, g_b)
+    masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
+    np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
+    np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_pw, s_pw, (1, cin, h, w), 1, 1))

@@ -185,3 +185,23 @@ def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path
     case = Case(tmp_path / "gen", meta, trainer, images, np.array([3], np.int32), [loss], [{n: trainer.params[n] for n in trainer.updated}],
                 np.stack([trainer.predict(images[0])]), None)
     assert_matches_trainer(case, build(case, "gcc", HOST_FLAGS, "harness"))
+
+
+def test_default_model_fused_depthwise_backward_in_c(tmp_path):
+    """bias-only:13 on the default model runs the TIR-written depthwise block backward and every in-place kernel;
+    the optimized C equals the reference trainer over two steps."""
+    from tvm_tinytrain.default_model import load_default_model
+
+    model = load_default_model()
+    trainer = Int8Trainer(model, "bias-only:13", num_classes=5, lr=0.05)
+    optimized = build_training_module(model, "bias-only:13", num_classes=5, kernels="optimized")
+    meta = generate(optimized, tmp_path / "gen", lr=0.05)
+    assert "depthwise_block_backward" in (tmp_path / "gen" / "tinytrain_kernels.c").read_text()
+    images = np.random.default_rng(1).integers(-128, 128, (2, 3, 32, 32)).astype(np.int8)
+    labels = np.array([3, 1], np.int32)
+    losses, params = [], []
+    for image, label in zip(images, labels):
+        losses.append(trainer.step(image, int(label)))
+        params.append({n: trainer.params[n].copy() for n in trainer.updated})
+    case = Case(tmp_path / "gen", meta, trainer, images, labels, losses, params, np.stack([trainer.predict(i) for i in images]), None)
+    assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))

@@ -36,6 +36,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         AppendLoss,
         DepthwiseInPlace,
         FuseConvRequant,
+        FuseDepthwiseBackward,
         FuseExpandDepthwise,
         FuseWeightUpdate,
         PlanMemory,
@@ -49,7 +50,8 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         seq = tvm.transform.Sequential([
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
-            FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
+            FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
+            PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)
