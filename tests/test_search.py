@@ -184,7 +184,6 @@ def run_cli(capsys, *argv):
 def test_search_cli_end_to_end(capsys, tiny_pkl, tmp_path, monkeypatch):
     """Fine-tuning stood in (fake gains), exact peaks real: the scheme fits the budget by the planner and reruns hit the cache."""
     from relax_passes import memory_plan
-
     from tvm_tinytrain.importers import load_model
     from tvm_tinytrain.trainer import build_training_module
 

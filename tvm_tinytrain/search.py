@@ -98,6 +98,24 @@ def split(settings: Finetune, input_shape: tuple[int, ...]):
     return x[train], y[train], x[val], y[val]
 
 
+def accuracy_over_orders(trainer, train, evaluation, epochs: int, seeds) -> list[float]:
+    """Accuracy on ``evaluation`` (x, y) after ``epochs`` of batch-1 SGD over ``train`` (x, y), once per seed of the shuffling.
+
+    The parameters restart from the trainer's initial ones for each seed, so one compile serves every data order.
+    """
+    init = dict(trainer.params)
+    accuracies = []
+    for seed in seeds:
+        trainer.params = dict(init)
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            for k in rng.permutation(len(train[1])):
+                trainer.step(train[0][k], int(train[1][k]))
+        accuracies.append(trainer.evaluate(*evaluation))
+    trainer.params = init
+    return accuracies
+
+
 def finetune(model_path: str, scheme: SparseScheme, settings: Finetune) -> dict:
     """Validation accuracy after fine-tuning ``scheme`` (mean over ``repeats`` data orders), and its exact peak SRAM."""
     from .trainer import Int8Trainer
@@ -106,15 +124,8 @@ def finetune(model_path: str, scheme: SparseScheme, settings: Finetune) -> dict:
     model = _model(model_path)
     train_x, train_y, val_x, val_y = split(settings, tuple(model.input_info.shape))
     trainer = Int8Trainer(model, scheme, settings.num_classes, lr=settings.lr)
-    init = dict(trainer.params)
-    accuracies = []
-    for r in range(settings.repeats):
-        trainer.params = dict(init)
-        rng = np.random.default_rng([settings.seed, r])
-        for _ in range(settings.epochs):
-            for k in rng.permutation(len(train_y)):
-                trainer.step(train_x[k], int(train_y[k]))
-        accuracies.append(trainer.evaluate(val_x, val_y))
+    accuracies = accuracy_over_orders(trainer, (train_x, train_y), (val_x, val_y), settings.epochs,
+                                      [[settings.seed, r] for r in range(settings.repeats)])
     return {"accuracy": float(np.mean(accuracies)), "accuracies": accuracies,
             "peak_sram_bytes": trainer.memory_plan().peak_sram_bytes, "seconds": round(time.perf_counter() - start, 2)}
 
