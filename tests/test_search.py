@@ -60,8 +60,12 @@ def test_knapsack_and_search_find_the_brute_force_optimum(seed):
     chosen = search.knapsack(options, capacity)
     assert len({o.group for o in chosen}) == len(chosen) and sum(o.cost for o in chosen) <= capacity
     assert sum(o.gain for o in chosen) == pytest.approx(best)
-    found = search.search(options, BASE_PEAK, BASE_PEAK + capacity, additive_peak(options))
+    answers = search.search(options, BASE_PEAK, BASE_PEAK + capacity, additive_peak(options))
+    found = answers[0]
     assert found.gain == pytest.approx(best) and found.peak_sram_bytes <= BASE_PEAK + capacity
+    # the smaller answers: distinct, fitting, by decreasing predicted gain
+    assert len({a.scheme for a in answers}) == len(answers) > 1 and all(a.peak_sram_bytes <= BASE_PEAK + capacity for a in answers)
+    assert [a.gain for a in answers] == sorted((a.gain for a in answers), reverse=True)
 
 
 @pytest.mark.parametrize("extra", [0.5, 1.7])
@@ -70,7 +74,7 @@ def test_exact_peak_decides_when_the_estimate_is_off(extra):
     options = synthetic_options(1)
     budget = BASE_PEAK + 300
     exact = additive_peak(options)
-    found = search.search(options, BASE_PEAK, budget, lambda s: exact(s, extra), max_plans=200)
+    found = search.search(options, BASE_PEAK, budget, lambda s: exact(s, extra), max_plans=200)[0]
     assert found.peak_sram_bytes == exact(found.scheme, extra) <= budget
     assert found.gain == pytest.approx(brute_force(options, lambda chosen: BASE_PEAK + int(sum(o.cost for o in chosen) * extra) <= budget))
 
@@ -83,7 +87,7 @@ def test_repair_drops_least_gain_per_byte_until_it_fits():
         calls.append(scheme)
         return additive_peak(options)(scheme, 1.3)
 
-    found = search.search(options, BASE_PEAK, BASE_PEAK + 250, exact, max_plans=1)
+    found = search.search(options, BASE_PEAK, BASE_PEAK + 250, exact, max_plans=1, smaller=())[0]
     assert found.peak_sram_bytes <= BASE_PEAK + 250
     assert {o.group for o in found.chosen} == {"bias", 4}  # conv 3 (0.0001 gain per byte) went first
     assert found.scheme == SparseScheme(2, (4,), (0.5,))
@@ -200,8 +204,9 @@ def test_search_cli_end_to_end(capsys, tiny_pkl, tmp_path, monkeypatch):
             "--weight-convs", "1", "--ratios", "0.5,1", "--jobs", "1", "--max-plans", "4"]
     code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
-    assert "contribution analysis" in err and "7/7" in err and "exact peak SRAM" in stdout
+    assert "contribution analysis" in err and "7/7" in err and "measuring the best combinations" in err and "exact peak SRAM" in stdout
     record = json.loads(out.read_text())
+    assert record["validation_accuracy"] == max(m["validation_accuracy"] for m in record["measured"])
     assert record["peak_sram_bytes"] <= 8 * 1024 and record["predicted_gain"] > 0 and len(record["contributions"]) == 6
     scheme = parse_scheme(str(out), model)
     assert (scheme.n_bias_update, list(scheme.weight_idx)) == (record["n_bias_update"], record["weight_idx"])

@@ -222,7 +222,8 @@ def scheme_of(chosen) -> SparseScheme:
     """The scheme that trains the chosen options (and the classifier)."""
     n_bias = next((int(o.value) for o in chosen if o.group == "bias"), 0)
     weights = sorted((o.group, o.value) for o in chosen if o.group != "bias")
-    return SparseScheme(n_bias, tuple(i for i, _ in weights), tuple(float(r) for _, r in weights), "searched")
+    name = " + ".join([f"bias-only:{n_bias}"] + [f"w{i}@{r:g}" for i, r in weights])
+    return SparseScheme(n_bias, tuple(i for i, _ in weights), tuple(float(r) for _, r in weights), name)
 
 
 def knapsack(options: list[Option], capacity: int, cells: int = 4096) -> tuple[Option, ...]:
@@ -264,13 +265,17 @@ def knapsack(options: list[Option], capacity: int, cells: int = 4096) -> tuple[O
     return tuple(chosen)
 
 
-@dataclass
-class SearchResult:
-    scheme: SparseScheme
+@dataclass(frozen=True)
+class Combination:
+    """A searched answer: its options, their summed (predicted) gain and the planner's exact peak."""
+
     chosen: tuple[Option, ...]
     gain: float
     peak_sram_bytes: int
-    plans: int  # exact plans made
+
+    @property
+    def scheme(self) -> SparseScheme:
+        return scheme_of(self.chosen)
 
 
 def check_budget(budget: int, base_peak: int) -> None:
@@ -281,11 +286,14 @@ def check_budget(budget: int, base_peak: int) -> None:
 
 
 def search(options: list[Option], base_peak: int, budget: int, exact_peak: Callable[[SparseScheme], int],
-           max_plans: int = 40) -> SearchResult:
-    """The combination with the largest summed gain whose ``exact_peak`` fits ``budget`` (see module doc).
+           max_plans: int = 40, smaller: tuple[float, ...] = (0.75, 0.5, 0.25)) -> list[Combination]:
+    """Combinations that fit ``budget`` by ``exact_peak``, the largest summed gain first (see module doc).
 
+    The first is the search's answer.  The others are the knapsack's answers
+    for ``smaller`` shares of the capacity it settled on: gains do not quite
+    add up, so a caller can measure a few and keep the best.
     ``exact_peak`` is called at most ``max_plans`` times (each distinct scheme
-    once), plus as often as a repair needs when the first answer is over.
+    once), plus as often as a repair needs and once per smaller share.
     """
     check_budget(budget, base_peak)
     peaks: dict[SparseScheme, int] = {BASE: base_peak}
@@ -316,7 +324,12 @@ def search(options: list[Option], base_peak: int, budget: int, exact_peak: Calla
         else:
             hi = mid
     best = _local_search(best, options, budget, peak, lambda: len(peaks) < max_plans)
-    return SearchResult(scheme_of(best), best, gain(best), peak(best), len(peaks) - 1)
+    answers = {scheme_of(best): best}
+    for share in smaller:
+        chosen = knapsack(options, int(room * lo * share))
+        if peak(chosen) <= budget:
+            answers.setdefault(scheme_of(chosen), chosen)
+    return sorted((Combination(c, gain(c), peak(c)) for c in answers.values()), key=lambda c: -c.gain)
 
 
 def _repair(chosen, budget: int, peak) -> tuple[Option, ...]:
