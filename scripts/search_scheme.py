@@ -2,7 +2,8 @@
 """Searched scheme vs the best bias-only:N and last-k:N that fit the same budget, on the default model's adaptation task.
 
 For each budget: ``tinytrain search`` (contribution analysis on a validation
-split of the digits 5-9 train data, shared cache), then every scheme (the
+split of the digits 5-9 train data with the same epochs and lr, shared
+cache; the three best fitting combinations measured there), then every scheme (the
 searched one, and each bias-only:N / last-k:N whose exact peak fits) is
 fine-tuned on the whole train split with the demo's settings (lr 0.02, 2
 epochs, batch 1, QAS) over several data orders, and scored on the test split.
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--repeats", type=int, default=3, help="data orders per candidate in the contribution analysis")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache", default=str(ROOT / "out" / "search_scheme.cache"))
     args = ap.parse_args()
@@ -97,19 +99,18 @@ def main() -> None:
     budgets, wanted = {}, set()
     for label in args.budgets.split(","):
         budget = parse_bytes(label)
-        out = OUT / f"search_scheme_{label}.json"
-        argv = ["search", str(DEFAULT_MODEL_PATH), "--data", DATA, "--num-classes", str(CLASSES), "--lr", str(args.lr),
-                "--budget", label, "-o", str(out), "--cache", args.cache, "--jobs", str(args.jobs)]
+        out = f"results/search_scheme_{label}.json"
+        argv = ["search", "tvm_tinytrain/data/default_model.onnx", "--data", DATA, "--num-classes", str(CLASSES), "--lr", str(args.lr),
+                "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--budget", label, "-o", out, "--jobs", str(args.jobs)]
         t = time.time()
-        if tinytrain(argv) != 0:
+        if tinytrain([str(ROOT / a) if a.startswith(("results/", "tvm_tinytrain/")) else a for a in argv] + ["--cache", args.cache]) != 0:
             sys.exit(f"search for {label} failed")
-        record = json.loads(out.read_text())
+        record = json.loads((ROOT / out).read_text())
+        keys = ("n_bias_update", "weight_idx", "weight_ratio", "predicted_gain", "baseline_accuracy", "validation_accuracy", "peak_sram_bytes", "measured")
         fits = [s for s, p in peaks.items() if p <= budget]
-        budgets[label] = {"budget_bytes": budget, "search_seconds": round(time.time() - t), "command": "tinytrain " + " ".join(argv[:1] + [
-            "model.onnx" if a == str(DEFAULT_MODEL_PATH) else a for a in argv[1:]]), "searched": {
-            "file": str(out.relative_to(ROOT)), **{k: record[k] for k in ("n_bias_update", "weight_idx", "weight_ratio", "predicted_gain",
-                                                                          "baseline_accuracy", "peak_sram_bytes")}}, "fitting": fits}
-        wanted |= {str(out.relative_to(ROOT))} | set(fits)
+        budgets[label] = {"budget_bytes": budget, "search_seconds": round(time.time() - t), "command": "tinytrain " + " ".join(argv),
+                          "searched": {"file": out, **{k: record[k] for k in keys}}, "fitting": fits}
+        wanted |= {out} | set(fits)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
         runs = dict(zip(sorted(wanted), pool.map(train, sorted(wanted), *[[v] * len(wanted) for v in (args.seeds, args.epochs, args.lr)])))

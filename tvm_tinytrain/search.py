@@ -22,6 +22,12 @@ the knapsack at inflated capacities finds the combinations that exploit that
 sharing, and a local search with exact plans adds what still fits.  A
 combination whose exact peak is over the budget is repaired by dropping the
 update with the least gain per byte until it fits.
+
+Gains do not quite add up (on the default model, biases that gain alone add
+nothing next to trained weights), so :func:`search` also returns the
+knapsack's answers at smaller capacities, and ``tinytrain search --verify N``
+fine-tunes the N best fitting combinations like candidates (cached too) and
+keeps the best measured one.
 """
 
 from __future__ import annotations
