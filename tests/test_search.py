@@ -68,6 +68,16 @@ def test_knapsack_and_search_find_the_brute_force_optimum(seed):
     assert [a.gain for a in answers] == sorted((a.gain for a in answers), reverse=True)
 
 
+def test_equal_gains_go_to_the_cheaper_option_whatever_the_order():
+    """Gains are differences of accuracy counts, so ties are common: the answer must not depend on the order of the analysis."""
+    options = synthetic_options(2) + [search.Option(4, 0.125, 0.05, 20), search.Option(4, 0.75, 0.05, 30)]
+    answers = {tuple(a.scheme for a in search.search(order, BASE_PEAK, BASE_PEAK + 300, additive_peak(order)))
+               for order in (options, options[::-1], sorted(options, key=lambda o: -o.gain))}
+    assert len(answers) == 1
+    chosen = search.knapsack(options, 300)
+    assert search.Option(4, 0.125, 0.05, 20) in chosen
+
+
 @pytest.mark.parametrize("extra", [0.5, 1.7])
 def test_exact_peak_decides_when_the_estimate_is_off(extra):
     """Estimate too high (shared backward work): the search uses the room; too low: it repairs to fit."""

@@ -184,7 +184,7 @@ def analyse(model_path: str, schemes: list[SparseScheme], settings: Finetune, ca
     if jobs <= 1 or len(todo) <= 1:
         for scheme, key, path in todo:
             finished(scheme, key, path, run(model_path, scheme, settings))
-        return results
+        return {s: results[s] for s in schemes}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -196,7 +196,7 @@ def analyse(model_path: str, schemes: list[SparseScheme], settings: Finetune, ca
             finished(*futures[future], future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return results
+    return {s: results[s] for s in schemes}  # in the order asked, not as finished: the search breaks ties by order
 
 
 # ---------------------------------------------------------------- search
@@ -238,14 +238,15 @@ def knapsack(options: list[Option], capacity: int, cells: int = 4096) -> tuple[O
     Dynamic programming over the capacity in ``capacity / cells`` byte units;
     costs are rounded up to units, so the answer's summed cost never exceeds
     ``capacity`` (exact when costs are multiples of the unit).  Options
-    without a positive gain only cost memory and are left out.
+    without a positive gain only cost memory and are left out; of options
+    with equal gain (frequent: accuracies are counts) the cheaper wins.
     """
     if capacity < 0:
         return ()
     unit = max(1, -(-capacity // cells))
     size = capacity // unit + 1
     groups: dict = {}
-    for o in options:
+    for o in sorted(options, key=_cheapest_first):
         if o.gain > 0:
             groups.setdefault(o.group, []).append(o)
     best = np.zeros(size)  # best[c]: largest gain of the groups so far within c units
@@ -269,6 +270,10 @@ def knapsack(options: list[Option], capacity: int, cells: int = 4096) -> tuple[O
             chosen.append(o)
             c -= -(-o.cost // unit)
     return tuple(chosen)
+
+
+def _cheapest_first(o: Option):
+    return o.cost, -o.gain, str(o.group), o.value
 
 
 @dataclass(frozen=True)
@@ -359,7 +364,7 @@ def _local_search(chosen, options: list[Option], budget: int, peak, can_plan) ->
             moved = tuple(c for c in chosen if c.group != o.group) + (o,)
             if sum(c.gain for c in moved) > total + 1e-12:
                 moves.append(moved)
-        moves.sort(key=lambda m: -sum(c.gain for c in m))
+        moves.sort(key=lambda m: (-sum(c.gain for c in m), sum(c.cost for c in m)))
         for moved in moves:
             if not can_plan():
                 return chosen
