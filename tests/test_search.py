@@ -170,8 +170,11 @@ def test_finetune_scores_a_candidate_on_a_validation_split(tiny_pkl, tmp_path):
     assert len(val_x) == 5 and len(train_x) == 15
     r = search.finetune(str(tiny_pkl), SparseScheme(1), settings)
     assert 0 <= r["accuracy"] <= 1 and r["peak_sram_bytes"] > 0
-    with pytest.raises(TinyTrainError, match="val-fraction"):
-        search.split(search.Finetune(str(tmp_path / "d.npz"), 3, val_fraction=1.0), (3, 16, 16))
+    with pytest.raises(TinyTrainError, match="no validation or no training split"):
+        search.split(search.Finetune(str(tmp_path / "d.npz"), 3, val_fraction=0.01), (3, 16, 16))
+    for bad, message in (({"val_fraction": 1.0}, "val-fraction: 1.0 must be in"), ({"repeats": 0}, "repeats: 0 must be at least 1")):
+        with pytest.raises(TinyTrainError, match=message):
+            search.Finetune(str(tmp_path / "d.npz"), 3, **bad)
 
 
 def test_digits_data_spec_picks_classes():

@@ -79,6 +79,13 @@ class Finetune:
     val_fraction: float = 0.2
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("epochs", "repeats"):
+            if getattr(self, name) < 1:
+                raise TinyTrainError(f"{name}: {getattr(self, name)} must be at least 1")
+        if not 0 < self.val_fraction < 1:
+            raise TinyTrainError(f"val-fraction: {self.val_fraction} must be in (0, 1)")
+
 
 @lru_cache(maxsize=2)
 def _model(path: str):
@@ -93,8 +100,6 @@ def split(settings: Finetune, input_shape: tuple[int, ...]):
     from .data import load_data
 
     x, y, _, _ = load_data(settings.data, input_shape, settings.num_classes, settings.seed)
-    if not 0 < settings.val_fraction < 1:
-        raise TinyTrainError(f"val-fraction: {settings.val_fraction} must be in (0, 1)")
     order = np.random.default_rng(settings.seed).permutation(len(y))
     n_val = int(len(y) * settings.val_fraction)
     if n_val < 1 or n_val == len(y):
