@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
         losses = []
         for i, k in enumerate(order):
             losses.append(trainer.step(train_x[k], int(train_y[k])))
-            _progress(f"epoch {epoch + 1}/{args.epochs}", i + 1, len(order), np.mean(losses[-50:]))
+            _progress(f"epoch {epoch + 1}/{args.epochs}", i + 1, len(order), f"loss {np.mean(losses[-50:]):.3f}")
         trainer.flush()
         acc = trainer.evaluate(test_x, test_y)
         print(f"\repoch {epoch + 1}/{args.epochs}: mean loss {np.mean(losses):.3f}, test accuracy {acc:.1%}" + " " * 20, file=sys.stderr)
@@ -142,10 +142,72 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def _progress(label: str, done: int, total: int, loss: float) -> None:
+def _progress(label: str, done: int, total: int, note: str) -> None:
     width = 30
-    filled = width * done // total
-    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.3f}", end="", file=sys.stderr, flush=True)
+    filled = width * done // max(total, 1)
+    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {note}\033[K", end="", file=sys.stderr, flush=True)
+
+
+def cmd_search(args) -> int:
+    import os
+
+    from relax_passes import memory_plan
+
+    from . import search
+    from .trainer import build_training_module
+
+    model = _load(args)
+    settings = search.Finetune(args.data, args.num_classes, args.lr, args.epochs, args.repeats, args.val_fraction, args.seed)
+    search.split(settings, tuple(model.input_info.shape))  # bad data fails here, before any process starts
+
+    def exact_peak(scheme) -> int:
+        return memory_plan(build_training_module(model, scheme, args.num_classes)).peak_sram_bytes
+
+    base_peak = exact_peak(search.BASE)
+    search.check_budget(args.budget, base_peak)  # before the analysis spends minutes
+    n_convs = len(model.convs())
+    weight_convs = (n_convs + 1) // 2 if args.weight_convs is None else args.weight_convs
+    schemes = search.candidates(n_convs, weight_convs, tuple(args.ratios))
+    cache = args.cache or f"{args.output}.cache"
+    jobs = args.jobs or min(2, os.cpu_count() or 1)
+
+    def analyse(label, schemes_):
+        return search.analyse(args.model, schemes_, settings, cache, jobs, lambda done, total, note: _progress(label, done, total, note))
+
+    try:
+        results = analyse("contribution analysis", schemes)
+        print(file=sys.stderr)
+        options, base_acc, _ = search.options_from(results)
+        answers = search.search(options, base_peak, args.budget, exact_peak, args.max_plans)[: max(1, args.verify)]
+        measured = analyse("measuring the best combinations", [a.scheme for a in answers]) if args.verify else {}
+        print(file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished fine-tunes are cached in {cache}; run the same command again to resume", file=sys.stderr)
+        return 130
+    found = max(answers, key=lambda a: measured[a.scheme]["accuracy"]) if measured else answers[0]
+    record = {**found.scheme.to_json(), "predicted_gain": found.gain, "baseline_accuracy": base_acc,
+              "validation_accuracy": measured[found.scheme]["accuracy"] if measured else None,
+              "peak_sram_bytes": found.peak_sram_bytes, "budget_bytes": args.budget, "model": model.name, "settings": vars(settings),
+              "measured": [{"scheme": a.scheme.name, "predicted_gain": a.gain, "peak_sram_bytes": a.peak_sram_bytes,
+                            "validation_accuracy": measured[a.scheme]["accuracy"]} for a in answers if measured],
+              "contributions": [{"group": o.group, "value": o.value, "gain": o.gain, "extra_bytes": o.cost} for o in options]}
+    Path(args.output).write_text(json.dumps(record, indent=1))
+    if args.json:
+        print(json.dumps(record))
+    else:
+        s = found.scheme
+        print(f"wrote {args.output}: biases of the last {s.n_bias_update} convs, weights {list(s.weight_idx)} at ratios "
+              f"{list(s.weight_ratio)}; exact peak SRAM {found.peak_sram_bytes / 1024:.1f} KB of {args.budget / 1024:.1f} KB; "
+              f"predicted gain {found.gain:+.1%} over the classifier alone ({base_acc:.1%} validation accuracy)"
+              + (f", measured {record['validation_accuracy']:.1%}" if measured else ""))
+    return 0
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratios {text!r}: expected comma-separated fractions such as 0.125,0.25,0.5,1") from None
 
 
 def cmd_build(args) -> int:
@@ -215,6 +277,9 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+DATA_HELP = "'digits' (scikit-learn), 'digits:5-9' (those digits, renumbered from 0) or a .npz with images/labels (+ test_images/test_labels)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinytrain", description="On-device int8 training under 256 KB, on Apache TVM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -226,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    def training_cmd(name, help_, with_lr=False):
+    def training_cmd(name, help_, with_lr=False, with_scheme=True):
         sp = model_cmd(name, help_)
-        sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
+        if with_scheme:
+            sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
         if with_lr:
             sp.add_argument("--lr", type=float, default=0.003, help="SGD learning rate (int8 weights with QAS and the float head)")
@@ -245,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", type=parse_bytes, help="fail if the step needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_memory)
     sp = training_cmd("train", "train on the host with the TVM-compiled int8 step", with_lr=True)
-    sp.add_argument("--data", default="digits", help="'digits' (scikit-learn) or a .npz with images/labels (+ test_images/test_labels)")
+    sp.add_argument("--data", default="digits", help=DATA_HELP)
     sp.add_argument("--epochs", type=int, default=1)
     sp.add_argument("--no-qas", action="store_true", help="train without quantization-aware scaling")
     sp.add_argument("--seed", type=int, default=0)
@@ -253,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save", help="write all parameters to this .npz")
     sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_train)
+    sp = training_cmd("search", "find the sparse-update scheme with the largest accuracy gain under a memory budget",
+                      with_lr=True, with_scheme=False)
+    sp.add_argument("--data", default="digits", help=DATA_HELP + "; a validation split of its train part scores the candidates")
+    sp.add_argument("--budget", type=parse_bytes, required=True, help="peak SRAM the scheme must fit (e.g. 100KB)")
+    sp.add_argument("-o", "--output", required=True, help="scheme .json to write (readable by --scheme)")
+    sp.add_argument("--epochs", type=int, default=1, help="epochs each candidate is fine-tuned")
+    sp.add_argument("--repeats", type=int, default=2, help="data orders each candidate's accuracy is averaged over")
+    sp.add_argument("--val-fraction", type=float, default=0.2, help="share of the train data held out to score candidates")
+    sp.add_argument("--weight-convs", type=int, help="weights of the last K convs are candidates (default: half of the convs)")
+    sp.add_argument("--ratios", type=_ratios, default=[0.125, 0.25, 0.5, 1.0], help="channel ratios tried per weight")
+    sp.add_argument("--jobs", type=int, help="parallel fine-tuning processes (default: min(2, CPUs))")
+    sp.add_argument("--cache", help="folder of finished candidates, reused on rerun (default: <output>.cache)")
+    sp.add_argument("--max-plans", type=int, default=40, help="exact memory plans the search may make")
+    sp.add_argument("--verify", type=int, default=3, help="fine-tune the N fitting combinations of largest predicted gain "
+                    "and keep the best measured (gains do not quite add up); 0: trust the predicted gain")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_search)
     sp = training_cmd("build", "emit the training step as C and build it for a board", with_lr=True)
     sp.add_argument("--target", default="host", choices=["host", "qemu-m4", "qemu-m7", "stm32f746"])
     sp.add_argument("-o", "--output", required=True, help="build folder")

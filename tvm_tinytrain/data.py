@@ -1,5 +1,9 @@
 """Training data the project can use without downloads: scikit-learn's digits, or a user's .npz.
 
+``digits:5-9`` (or ``digits:5,7,9``) keeps only those digits, renumbered
+``0..k-1`` in the order given: the default model's target task as a data
+spec, so every subcommand can adapt it without a helper file.
+
 Images are returned as the model consumes them: int8 NCHW (``pixel - 128``).
 """
 
@@ -25,6 +29,30 @@ def digits(size: tuple[int, int], channels: int = 3, seed: int = 0, test_fractio
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return x[train], d.target[train].astype(np.int64), x[test], d.target[test].astype(np.int64)
+
+
+def pick_classes(x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]):
+    """The samples of ``classes`` only, labels renumbered ``0..len(classes)-1`` in ``classes`` order."""
+    lookup = np.full(max(int(y.max(initial=0)), *classes) + 1, -1)
+    lookup[list(classes)] = np.arange(len(classes))
+    keep = lookup[y] >= 0
+    return x[keep], lookup[y[keep]].astype(np.int64)
+
+
+def _digit_classes(spec: str) -> tuple[int, ...]:
+    """``5-9`` -> (5, 6, 7, 8, 9); ``1,3`` -> (1, 3); an error naming the spec otherwise."""
+    text = spec.partition(":")[2]
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            classes = tuple(range(lo, hi + 1))
+        else:
+            classes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        classes = ()
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c <= 9 for c in classes):
+        raise TinyTrainError(f"data {spec!r}: expected digits:LO-HI or digits:A,B,... with distinct digits 0-9")
+    return classes
 
 
 def load_npz(path: str | Path, input_shape: tuple[int, ...], num_classes: int):
@@ -53,9 +81,11 @@ def load_npz(path: str | Path, input_shape: tuple[int, ...], num_classes: int):
 
 
 def load_data(spec: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0):
-    """``digits`` or a path to a .npz: returns (train_x, train_y, test_x, test_y)."""
-    if spec == "digits":
-        if num_classes < 10:
-            raise TinyTrainError(f"data 'digits' has 10 classes; the head has only {num_classes}")
-        return digits(tuple(input_shape[1:]), input_shape[0], seed)
+    """``digits``, ``digits:<classes>`` or a path to a .npz: returns (train_x, train_y, test_x, test_y)."""
+    if spec == "digits" or spec.startswith("digits:"):
+        classes = _digit_classes(spec) if spec != "digits" else tuple(range(10))
+        if num_classes < len(classes):
+            raise TinyTrainError(f"data {spec!r} has {len(classes)} classes; the head has only {num_classes}")
+        train_x, train_y, test_x, test_y = digits(tuple(input_shape[1:]), input_shape[0], seed)
+        return (*pick_classes(train_x, train_y, classes), *pick_classes(test_x, test_y, classes))
     return load_npz(spec, input_shape, num_classes)

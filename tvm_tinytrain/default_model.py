@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .data import digits
+from .data import digits, pick_classes
 from .errors import TinyTrainError
 from .model import Model
 
@@ -99,14 +99,7 @@ def make_default_cnn(seed: int = 0, num_classes: int = len(SOURCE_CLASSES)) -> o
 def task(classes: tuple[int, ...], seed: int = 0) -> Task:
     """The digits of ``classes`` from :func:`.data.digits`' seeded train/test split, labels renumbered in ``classes`` order."""
     train_x, train_y, test_x, test_y = digits(INPUT_SHAPE[1:], INPUT_SHAPE[0], seed)
-    lookup = np.full(10, -1)
-    lookup[list(classes)] = np.arange(len(classes))
-
-    def pick(x, y):
-        keep = lookup[y] >= 0
-        return x[keep], lookup[y[keep]].astype(np.int64)
-
-    return Task(tuple(classes), *pick(train_x, train_y), *pick(test_x, test_y))
+    return Task(tuple(classes), *pick_classes(train_x, train_y, classes), *pick_classes(test_x, test_y, classes))
 
 
 def as_float(images: np.ndarray) -> np.ndarray:
