@@ -37,7 +37,7 @@ from tvm_tinytrain.ops import te_backward
 from tvm_tinytrain.ops.schedule import compact_schedule
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._buffers import IN_PLACE_OPS
+from ._buffers import IN_PLACE_OPS, type_bytes
 from ._fusion import fuse_pairs, placeholders, relax_function_names
 from ._ir import KernelCall
 
@@ -51,15 +51,23 @@ _BETWEEN = ("conv2d_input_grad", *IN_PLACE_OPS)
 
 
 def _pairs(calls, readers) -> dict:
-    """sgd_update_int8 var -> the weight-gradient kernel it alone reads, when nothing else runs between them."""
+    """sgd_update_int8 var -> the weight-gradient kernel it alone reads, when fusing them lowers the memory in between.
+
+    Only kernels of ``_BETWEEN`` may separate them.  While e.g. the input gradient runs between them, the fused
+    form keeps the gradient's saved input alive instead of the float32 gradient: fused only if that is smaller.
+    """
     position = {c.var: i for i, c in enumerate(calls) if c is not None}
     grads = {c.var: c for c in calls if c is not None and c.op == "conv2d_weight_grad" and readers.get(c.var) == 1}
     pairs = {}
     for i, c in enumerate(calls):
         if c is not None and c.op == "sgd_update_int8" and c.args[1] in grads:
-            between = calls[position[c.args[1]] + 1:i]
-            if all(b is None or b.op in _BETWEEN for b in between):
-                pairs[c.var] = grads[c.args[1]]
+            grad = grads[c.args[1]]
+            between = [b for b in calls[position[grad.var] + 1:i] if b is not None]
+            if not all(b.op in _BETWEEN for b in between):
+                continue
+            kernels_between = any(b.op not in IN_PLACE_OPS for b in between)
+            if not kernels_between or type_bytes(grad.args[0].ty) <= type_bytes(grad.var.ty):
+                pairs[c.var] = grad
     return pairs
 
 

@@ -289,16 +289,19 @@ def test_frozen_expansion_is_fused_into_its_depthwise_conv(model):
 
 
 def test_weight_gradients_are_fused_into_their_in_place_updates(model):
-    """After FuseWeightUpdate no int8 weight gradient is a tensor: one kernel sums each element and updates the weight
-    in place (bit-exactness: the reference test above runs this pipeline)."""
+    """After FuseWeightUpdate an int8 weight gradient is no tensor where that saves memory: one kernel sums each
+    element and updates the weight in place (bit-exactness: the reference tests above run this pipeline).  Where
+    the input gradient runs in between and the saved input is larger than the gradient, the pair stays apart."""
+    from relax_passes._buffers import type_bytes
+
     mod = build_training_module(model, "full", num_classes=4)
     calls = _step_calls(mod)
     fused = [c for c in calls if c.op == "conv2d_weight_grad_sgd"]
-    assert len(fused) == len(model.convs()) and not [c for c in calls if c.op == "conv2d_weight_grad"]
     updated = {str(n) for n in mod["train_step"].attrs["tinytrain.updated_params"]}
-    assert all(c.args[0].name in updated and c.attrs["param"] == c.args[0].name for c in fused)
+    assert fused and all(c.args[0].name in updated and c.attrs["param"] == c.args[0].name for c in fused)
+    for grad in (c for c in calls if c.op == "conv2d_weight_grad"):
+        assert type_bytes(grad.args[0].ty) > type_bytes(grad.var.ty), f"{grad.node}: fusing would have saved memory"
     sb = analyze(mod, mod["train_step"])
-    assert {sb.ops[b.start] for b in sb.buffers if b.kind == "weight_gradient"} == {"bias_grad", "linear_float_grads"}
     assert all(b.size <= 4 for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "conv2d_weight_grad_sgd")  # one float
     unfused = tvm.transform.Sequential([PlanMemory()])(_reordered(model, "full"))
     assert memory_plan(mod).peak_parts["weight_gradient"] < memory_plan(unfused).peak_parts["weight_gradient"]
