@@ -9,7 +9,8 @@ import pytest
 
 from tvm_tinytrain.default_model import Task, load_default_model
 from tvm_tinytrain.errors import TinyTrainError
-from tvm_tinytrain.experiments import fit, float_trainable, summarize
+from tvm_tinytrain.experiments import Arm, adaptation_task, fit, float_trainable, summarize
+from tvm_tinytrain.trainer import Int8Trainer
 
 
 class Recorder:
@@ -57,3 +58,17 @@ def test_summarize_and_float_trainable(tmp_path):
     half.write_text(json.dumps({"n_bias_update": 1, "weight_idx": [12], "weight_ratio": [0.5]}))
     with pytest.raises(TinyTrainError, match="whole weights only"):
         float_trainable(model, str(half))
+
+
+def test_an_int8_arm_rerun_equals_a_fresh_trainer_of_that_seed():
+    """The arm compiles once and resets between runs: seed 1 after seed 0 must give what a new trainer with head_seed 1 gives."""
+    model, full = load_default_model(), adaptation_task()
+    small = Task(full.classes, full.train_x[:24], full.train_y[:24], full.test_x[:8], full.test_y[:8])
+    arm = Arm("int8+qas", model, small, "last-k:1")
+    arm.run(0.05, seed=0, epochs=1)
+    again = arm.run(0.02, seed=1, epochs=1)
+    fresh = Int8Trainer(model, "last-k:1", num_classes=5, lr=0.02, head_seed=1)
+    assert fit(fresh, small, epochs=1, seed=1)["accuracy"] == again["accuracy"]
+    assert again["changed_backbone_values"] > 0 and again["peak_sram_bytes"] == fresh.memory_plan().peak_sram_bytes
+    for name, value in fresh.params.items():
+        np.testing.assert_array_equal(arm._int8.params[name], value, err_msg=name)

@@ -60,19 +60,60 @@ def float_trainable(model: Model, scheme: str) -> list[str]:
     return names
 
 
-def make_trainer(mode: str, model: Model, task_: Task, scheme: str, lr: float, seed: int, accumulate: int = 1):
-    """``mode``: ``float32`` (the dequantized network, TVM's autodiff), ``int8+qas`` or ``int8`` (no QAS); head seeded by ``seed``."""
-    from .float_mode import FloatTrainer
-    from .trainer import Int8Trainer
+class Arm:
+    """One training configuration of a comparison; :meth:`run` trains it from the model's weights for one lr and seed.
 
-    classes = len(task_.classes)
-    if mode == "float32":
-        if accumulate != 1:
+    ``mode``: ``float32`` (the dequantized network, TVM's autodiff),
+    ``int8+qas`` or ``int8`` (no QAS).  The int8 step is compiled once per
+    arm: the lr and every parameter are inputs of the compiled step, so a run
+    only resets the backbone and re-draws the head from the seed, as
+    ``AppendLoss(head_seed=seed)`` draws it (:func:`.float_mode.init_head`).
+    The float32 trainer has its lr compiled into SGD and is rebuilt per run.
+    """
+
+    def __init__(self, mode: str, model: Model, task_: Task, scheme: str, accumulate: int = 1):
+        if mode not in ("float32", "int8+qas", "int8"):
+            raise TinyTrainError(f"unknown mode {mode!r}; expected float32, int8+qas or int8")
+        if mode == "float32" and accumulate != 1:
             raise TinyTrainError("float32 mode: gradient accumulation is not supported here")
-        return FloatTrainer(model, classes, lr, seed=seed, trainable=float_trainable(model, scheme))
-    if mode not in ("int8+qas", "int8"):
-        raise TinyTrainError(f"unknown mode {mode!r}; expected float32, int8+qas or int8")
-    return Int8Trainer(model, scheme, num_classes=classes, lr=lr, qas=mode == "int8+qas", head_seed=seed, accumulate=accumulate)
+        self.mode, self.model, self.task, self.scheme, self.accumulate = mode, model, task_, scheme, accumulate
+        self._int8 = None
+
+    def _trainer(self, lr: float, seed: int):
+        from relax_passes.append_loss import HEAD_PARAMS
+
+        from .float_mode import FloatTrainer, init_head
+        from .trainer import Int8Trainer
+
+        classes = len(self.task.classes)
+        if self.mode == "float32":
+            return FloatTrainer(self.model, classes, lr, seed=seed, trainable=float_trainable(self.model, self.scheme))
+        if self._int8 is None:
+            self._int8 = Int8Trainer(self.model, self.scheme, num_classes=classes, lr=lr, qas=self.mode == "int8+qas", head_seed=seed,
+                                     accumulate=self.accumulate)
+            self._initial = {k: v.copy() for k, v in self._int8.params.items()}
+        trainer = self._int8
+        trainer.lr = float(lr)
+        trainer.params = {k: v.copy() for k, v in self._initial.items()}
+        head_w, head_b = HEAD_PARAMS
+        trainer.params[head_w], trainer.params[head_b] = init_head(self._initial[head_w].shape[1], classes, seed)
+        return trainer
+
+    def run(self, lr: float, seed: int, epochs: int) -> dict:
+        """Train and score once; int8 adds its planned peak SRAM and the share of int8/int32 backbone values the training changed."""
+        start = time.perf_counter()
+        trainer = self._trainer(lr, seed)
+        out = {"mode": self.mode, "scheme": self.scheme, "lr": lr, "epochs": epochs, "seed": seed, "accumulate": self.accumulate}
+        int8 = self.mode != "float32"
+        if int8:
+            out["peak_sram_bytes"] = int(trainer.memory_plan().peak_sram_bytes)
+            before = {k: v.copy() for k, v in trainer.params.items() if k in trainer.updated and v.dtype != np.float32}
+        out.update(fit(trainer, self.task, epochs, seed))
+        if int8:  # naive int8's updates round to zero: the share of backbone values that moved shows it
+            moved = sum(int(np.count_nonzero(trainer.params[k] != v)) for k, v in before.items())
+            out["changed_backbone_values"] = moved / max(1, sum(v.size for v in before.values()))
+        out["seconds"] = round(time.perf_counter() - start, 2)
+        return out
 
 
 def fit(trainer, task_: Task, epochs: int, seed: int) -> dict:
@@ -99,23 +140,6 @@ def fit(trainer, task_: Task, epochs: int, seed: int) -> dict:
     seconds = time.perf_counter() - start
     return {"accuracy": trainer.evaluate(task_.test_x, task_.test_y), "last_epoch_loss": float(np.mean(losses)) if losses else None,
             "steps": epochs * len(task_.train_y), "train_seconds": round(seconds, 2)}
-
-
-def run(mode: str, model: Model, task_: Task, scheme: str, lr: float, epochs: int, seed: int, accumulate: int = 1) -> dict:
-    """One arm, one seed: build the trainer, :func:`fit`, and add its planned peak SRAM (int8 only) and settings."""
-    start = time.perf_counter()
-    trainer = make_trainer(mode, model, task_, scheme, lr, seed, accumulate)
-    out = {"mode": mode, "scheme": scheme, "lr": lr, "epochs": epochs, "seed": seed, "accumulate": accumulate}
-    int8 = hasattr(trainer, "memory_plan")
-    if int8:
-        out["peak_sram_bytes"] = int(trainer.memory_plan().peak_sram_bytes)
-        before = {k: v.copy() for k, v in trainer.params.items() if k in trainer.updated and v.dtype != np.float32}
-    out.update(fit(trainer, task_, epochs, seed))
-    if int8:  # naive int8's updates mostly round to zero: the share of int8/int32 backbone values that moved says so
-        moved = sum(int(np.count_nonzero(trainer.params[k] != v)) for k, v in before.items())
-        out["changed_backbone_values"] = moved / max(1, sum(v.size for v in before.values()))
-    out["seconds"] = round(time.perf_counter() - start, 2)
-    return out
 
 
 def summarize(values) -> dict:
