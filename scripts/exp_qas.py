@@ -63,13 +63,17 @@ def run_task(name: str, seeds, quick: bool) -> dict:
             "int8+QAS": runs(Arm("int8+qas", setup["model"], t, setup["scheme"]), lr, seeds, epochs), "int8, same lr": runs(naive, lr, seeds, epochs)}
     out = {"input": list(setup["model"].input_info.shape), "classes": list(t.classes), "train_images": len(t.train_y),
            "test_images": len(t.test_y), "scheme": setup["scheme"], "lr": lr, "epochs": epochs, "arms": arms}
-    if not quick:
-        grid = {lr: arms["int8, same lr"]["runs"][0]["accuracy"]}
+    if not quick:  # the grid's seed-0 run is reused for the tuned arm
+        grid = {lr: arms["int8, same lr"]["runs"][0]}
         for f in NAIVE_LR_FACTORS:
-            grid[lr * f] = runs(naive, lr * f, seeds[:1], epochs)["runs"][0]["accuracy"]
-        best = max(grid, key=grid.get)
-        out["naive_lr_grid_seed0"] = {str(k): v for k, v in grid.items()}
-        arms["int8, tuned lr"] = arms["int8, same lr"] if best == lr else runs(naive, best, seeds, epochs)
+            grid[round(lr * f, 9)] = runs(naive, round(lr * f, 9), seeds[:1], epochs)["runs"][0]
+        best = max(grid, key=lambda k: grid[k]["accuracy"])
+        out["naive_lr_grid_seed0"] = {f"{k:g}": r["accuracy"] for k, r in grid.items()}
+        if best == lr:
+            arms["int8, tuned lr"] = arms["int8, same lr"]
+        else:
+            tuned = [grid[best]] + (runs(naive, best, seeds[1:], epochs)["runs"] if seeds[1:] else [])
+            arms["int8, tuned lr"] = {"mode": "int8", "lr": best, "accuracy": summarize(r["accuracy"] for r in tuned), "runs": tuned}
     return out
 
 
