@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tvm_tinytrain.experiments import RESULTS, Arm, adaptation_task, digits_task, summarize, write_record
+from tvm_tinytrain.experiments import RESULTS, Arm, adaptation_task, digits_task, percent, summarize, write_record
 from tvm_tinytrain.plots import plot_grouped_bars
 
 NAIVE_LR_FACTORS = (3, 10, 30)
@@ -88,9 +88,11 @@ def main() -> None:
     path = write_record("exp_qas", {"seeds": args.seeds, "quick": args.quick, "tasks": tasks, "seconds": round(time.perf_counter() - start)})
     groups = {name: {label: a["accuracy"]["values"] for label, a in t["arms"].items()} for name, t in tasks.items()}
     plot_grouped_bars(groups, RESULTS / "exp_qas.png", "QAS: test accuracy after fine-tuning (batch 1, mean and seeds)", "test accuracy")
+    print("\n| task | input | trained | epochs | " + " | ".join(next(iter(tasks.values()))["arms"]) + " |")
+    print("|---" * (4 + len(next(iter(tasks.values()))["arms"])) + "|")
     for name, t in tasks.items():
-        print(name + ": " + ", ".join(f"{label} {a['accuracy']['mean']:.1%} ± {a['accuracy']['std']:.1%} (lr {a['lr']:g})"
-                                     for label, a in t["arms"].items()))
+        cells = [f"{percent(a['accuracy'])}, lr {a['lr']:g}" for a in t["arms"].values()]
+        print(f"| {name} | {'x'.join(map(str, t['input']))} | {t['scheme']} | {t['epochs']} | " + " | ".join(cells) + " |")
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from tvm_tinytrain.default_model import load_default_model
-from tvm_tinytrain.experiments import RESULTS, Arm, adaptation_task, summarize, write_record
+from tvm_tinytrain.experiments import RESULTS, Arm, adaptation_task, percent, summarize, write_record
 
 LR = 0.02
 EPOCHS = 2
@@ -59,6 +59,9 @@ def main() -> None:
     path = write_record("exp_sparse", {"model": model.name, "task": "digits 5-9", "lr": LR, "epochs": epochs, "seeds": args.seeds,
                                        "points": points, "seconds": round(time.perf_counter() - start)})
     _plot(points, RESULTS / "exp_sparse.png", epochs)
+    print("\n| family | scheme | planned peak SRAM (KB) | test accuracy % |\n|---|---|---|---|")
+    for p in points:
+        print(f"| {p['family']} | {p['scheme']} | {p['peak_sram_bytes'] / 1024:.1f} | {percent(p['accuracy'])} |")
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 
 

@@ -150,6 +150,11 @@ def summarize(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()), "values": v.tolist()}
 
 
+def percent(summary: dict) -> str:
+    """A :func:`summarize` of accuracies as the README tables print it: ``mean ± std (min-max)`` in %."""
+    return f"{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f} ({100 * summary['min']:.1f}-{100 * summary['max']:.1f})"
+
+
 def machine() -> str:
     """The machine the numbers come from: CPU model, core count, OS, Python."""
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")), platform.processor())
