@@ -46,7 +46,7 @@ def plot_grouped_bars(groups: dict, path, title: str, ylabel: str) -> None:
                 continue
             v = np.asarray(g[label], float)
             x = i + (j - (len(labels) - 1) / 2) * width
-            ax.bar(x, v.mean(), width * 0.9, color=f"C{j}", label=label if i == 0 else None,
+            ax.bar(x, v.mean(), width * 0.9, color=f"C{j}", label=label if label not in ax.get_legend_handles_labels()[1] else None,
                    yerr=[[v.mean() - v.min()], [v.max() - v.mean()]], capsize=3)
             ax.plot([x] * len(v), v, "k.", ms=3)
     ax.set_xticks(range(len(groups)), list(groups))
