@@ -106,7 +106,8 @@ class Arm:
         out = {"mode": self.mode, "scheme": self.scheme, "lr": lr, "epochs": epochs, "seed": seed, "accumulate": self.accumulate}
         int8 = self.mode != "float32"
         if int8:
-            out["peak_sram_bytes"] = int(trainer.memory_plan().peak_sram_bytes)
+            plan = trainer.memory_plan()
+            out.update(peak_sram_bytes=int(plan.peak_sram_bytes), arena_bytes=int(plan.arena_bytes), trainable_param_bytes=int(plan.trainable_param_bytes))
             before = {k: v.copy() for k, v in trainer.params.items() if k in trainer.updated and v.dtype != np.float32}
         out.update(fit(trainer, self.task, epochs, seed))
         if int8:  # naive int8's updates round to zero: the share of backbone values that moved shows it
