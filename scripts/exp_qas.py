@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 from tvm_tinytrain.experiments import RESULTS, Arm, adaptation_task, digits_task, percent, summarize, write_record
 from tvm_tinytrain.plots import plot_grouped_bars
 
@@ -45,6 +47,17 @@ def task_setup(name: str) -> dict:
     return {"model": model, "task": digits_task(model), "scheme": "last-k:6", "lr": 0.003, "epochs": 2}
 
 
+def naive_step_ratio(model, scheme: str) -> dict:
+    """Medians over the trained convs' channels of ``s_w^2`` and ``(s_x s_w)^2``: naive int8's weight / bias step over QAS's."""
+    from tvm_tinytrain.scheme import layer_updates, parse_scheme
+
+    trained = {u.node for u in layer_updates(parse_scheme(scheme, model), model) if u.bias or u.channels is not None}
+    convs = [c for c in model.convs() if c.name in trained]
+    s_w = np.concatenate([c.weight_scales.astype(np.float64) for c in convs])
+    s_xw = np.concatenate([c.weight_scales * model.tensors[c.input].quant.scale for c in convs])
+    return {"weight": float(np.median(s_w**2)), "bias": float(np.median(s_xw**2))}
+
+
 def runs(arm: Arm, lr: float, seeds, epochs: int) -> dict:
     out = [arm.run(lr, s, epochs) for s in seeds]
     for r in out:
@@ -62,7 +75,8 @@ def run_task(name: str, seeds, quick: bool) -> dict:
     arms = {"float32": runs(Arm("float32", setup["model"], t, setup["scheme"]), lr, seeds, epochs),
             "int8+QAS": runs(Arm("int8+qas", setup["model"], t, setup["scheme"]), lr, seeds, epochs), "int8, same lr": runs(naive, lr, seeds, epochs)}
     out = {"input": list(setup["model"].input_info.shape), "classes": list(t.classes), "train_images": len(t.train_y),
-           "test_images": len(t.test_y), "scheme": setup["scheme"], "lr": lr, "epochs": epochs, "arms": arms}
+           "test_images": len(t.test_y), "scheme": setup["scheme"], "lr": lr, "epochs": epochs,
+           "naive_step_over_qas_median": naive_step_ratio(setup["model"], setup["scheme"]), "arms": arms}
     if not quick:  # the grid's seed-0 run is reused for the tuned arm
         grid = {lr: arms["int8, same lr"]["runs"][0]}
         for f in NAIVE_LR_FACTORS:
@@ -93,6 +107,9 @@ def main() -> None:
     for name, t in tasks.items():
         cells = [f"{percent(a['accuracy'])}, lr {a['lr']:g}" for a in t["arms"].values()]
         print(f"| {name} | {'x'.join(map(str, t['input']))} | {t['scheme']} | {t['epochs']} | " + " | ".join(cells) + " |")
+    for name, t in tasks.items():
+        r = t["naive_step_over_qas_median"]
+        print(f"{name}: naive int8 step / QAS step, median over the trained channels: weights {r['weight']:.1e}, biases {r['bias']:.1e}")
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 
 
