@@ -1,11 +1,11 @@
 """What the experiment scripts (``scripts/exp_*.py``) share: one train/eval loop, the tasks, seeds and records.
 
-Every comparison in those scripts differs in one thing only (QAS on or off,
-the scheme, the accumulation, int8 or float32); everything else comes from
-here and is the same for every arm: the task's train/test split, the order
-of the training images (``seed``), the new head's initial weights (the same
-``seed``: :class:`.trainer.Int8Trainer` and :class:`.float_mode.FloatTrainer`
-draw it alike), batch 1, plain SGD, the number of epochs.
+The arms of a comparison differ only in what is compared (QAS on or off,
+the scheme, the accumulation, int8 or float32, the lr or epochs where that is
+the point); the rest comes from here and is the same for every arm: the
+task's train/test split, the order of the training images (``seed``), the
+new head's initial weights (the same ``seed``: :class:`.trainer.Int8Trainer`
+and :class:`.float_mode.FloatTrainer` draw it alike), batch 1, plain SGD.
 """
 
 from __future__ import annotations
