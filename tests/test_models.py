@@ -11,6 +11,7 @@ from tvm import relax
 
 from tvm_tinytrain.errors import ShapeError
 from tvm_tinytrain.importers.paper_pkl import load_paper_model
+from tvm_tinytrain.model import with_input_size
 from tvm_tinytrain.ops import reference
 from tvm_tinytrain.preprocess import image_to_int8
 from tvm_tinytrain.relax_build import build_relax
@@ -104,3 +105,19 @@ def test_paper_model_predicts_plausible_classes(paper):
         top[f] = list(np.argsort(-logits, kind="stable")[:5])
     assert FLOWER_LIKE & set(top["flower.jpg"]), top
     assert top["china.jpg"][0] in BUILDINGS, top
+
+
+def test_with_input_size_rederives_every_activation_shape():
+    model = make_random_model(3, size=16)
+    same = with_input_size(model, (16, 16))
+    assert same.tensors == model.tensors and same.nodes == model.nodes
+    big = with_input_size(model, (32, 24))
+    assert big.input_info.shape == (3, 32, 24)
+    for node in model.convs():
+        c, h, w = model.tensors[node.output].shape
+        assert big.tensors[node.output].shape == (c, 2 * h, w * 3 // 2)
+    x = np.random.default_rng(0).integers(-128, 128, (2, 3, 32, 24), dtype=np.int8)
+    assert reference.run_model(big, x).shape == (2, 10)
+    assert model.input_info.shape == (3, 16, 16)  # the original is untouched
+    with pytest.raises(ShapeError, match="must be positive"):
+        with_input_size(model, (0, 16))

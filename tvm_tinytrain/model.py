@@ -13,7 +13,7 @@ turns it into a Relax IRModule, :mod:`.reference` runs it in numpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -222,6 +222,30 @@ class Model:
         if self.output not in known:
             raise ModelFormatError(f"model output tensor {self.output!r} is never produced")
         return self
+
+
+def with_input_size(model: Model, size: tuple[int, int]) -> Model:
+    """The same network reading (H, W) = ``size`` images, every activation shape re-derived from the input.
+
+    Convs, adds and the global pool do not depend on the resolution (the
+    paper's ``in_shape`` fields are one 128x128 instance of the network), so
+    a smaller input buys a quadratically cheaper training step at the same
+    weights and quantization (arrays shared, not copied).
+    """
+    h, w = (int(d) for d in size)
+    if h < 1 or w < 1:
+        raise ShapeError(f"model {model.name!r}: input size must be positive, got {h}x{w}")
+    shapes = {model.input: (model.input_info.shape[0], h, w)}
+    for node in model.nodes:
+        if isinstance(node, Conv2D):
+            _, hh, ww = shapes[node.input]
+            shapes[node.output] = (node.out_channels, *conv_out_hw(hh, ww, node.kernel, node.stride))
+        elif isinstance(node, Add):
+            shapes[node.output] = shapes[node.lhs]
+        elif isinstance(node, GlobalAvgPool):
+            shapes[node.output] = shapes[node.input][:1]
+    tensors = {k: replace(v, shape=shapes.get(k, v.shape)) for k, v in model.tensors.items()}
+    return Model(model.name, model.input, model.output, tensors, list(model.nodes)).validate()
 
 
 def conv_out_hw(h: int, w: int, kernel: int, stride: int) -> tuple[int, int]:
