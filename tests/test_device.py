@@ -106,3 +106,21 @@ def test_stm32f746_template_builds_the_default_model(tmp_path):
     record = json.loads((tmp_path / "stm32" / "tinytrain_build.json").read_text())
     assert record["target"] == "stm32f746" and 0 < record["build"]["flash_bytes"] <= 1024 * 1024
     assert (tmp_path / "stm32" / "project" / "build").exists()
+
+
+@needs_arm
+def test_profile_build_counts_instructions_per_kernel_kind(tmp_path, tiny_pkl):
+    """A TINYTRAIN_PROFILE build reports each kernel kind's instructions; they add up to nearly the whole step
+    (the rest: copying the image, label and lr), and the reference kernels take more than the optimized ones."""
+    model = load_model(tiny_pkl)
+    data, _, _ = dataset(tmp_path, model.input_info.shape, 3)
+    totals = {}
+    for kernels in ("reference", "optimized"):
+        build_project(str(tiny_pkl), model, "full", "qemu-m4", tmp_path / kernels, num_classes=3,
+                      board_options={"defines": {"TINYTRAIN_PROFILE": None}}, kernels=kernels)
+        result = run_project(tmp_path / kernels, data, steps=2, timeout_s=120)
+        by_op = result["instructions_per_step_by_op"]
+        assert {"conv2d_requant", "conv2d_input_grad", "softmax_cross_entropy"} <= set(by_op)
+        assert 0.9 * result["instructions_per_step"] < sum(by_op.values()) <= result["instructions_per_step"]
+        totals[kernels] = result["instructions_per_step"]
+    assert totals["optimized"] < totals["reference"]
