@@ -40,26 +40,38 @@ def fuse_pairs(mod: tvm.IRModule, name: str,
     (consumer var -> producer) replaced by one ``call_tir`` of ``fused_kernel(producer, consumer)`` = (PrimFunc, name)
     on ``arguments(producer, consumer)``."""
     func = mod[name]
-    bindings = list(func.body.blocks[0].bindings)
-    calls = [decode(mod, b) for b in bindings]
+    calls = [decode(mod, b) for b in func.body.blocks[0].bindings]
     pairs = find_pairs(calls, reader_counts(func))
     producers = {p.var for p in pairs.values()}
+    consumers = {c.var: c for c in calls if c is not None and c.var in pairs}
+
+    def emit(bb, binding) -> bool:
+        if binding.var in producers:
+            return True  # computed inside its reader's fused kernel
+        if binding.var not in pairs:
+            return False
+        producer, call = pairs[binding.var], consumers[binding.var]
+        prim, op = fused_kernel(producer, call)
+        gv = bb.add_func(prim, op)
+        value = relax.call_tir(gv, relax.Tuple(arguments(producer, call)), binding.var.ty)
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(value)))
+        return True
+
+    return reemit(mod, name, emit)
+
+
+def reemit(mod: tvm.IRModule, name: str, emit: Callable[[relax.BlockBuilder, relax.Binding], bool]) -> tvm.IRModule:
+    """Re-emit function ``name`` binding by binding: ``emit(bb, binding)`` emits a replacement (or nothing, to drop
+    the binding) and returns True, or returns False to keep the binding as it is."""
+    func = mod[name]
     bb = builder_without(mod, name)
     with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
         with bb.dataflow():
-            for b, call in zip(bindings, calls):
-                if b.var in producers:
-                    continue
-                if b.var in pairs:
-                    producer = pairs[b.var]
-                    prim, op = fused_kernel(producer, call)
-                    gv = bb.add_func(prim, op)
-                    value = relax.call_tir(gv, relax.Tuple(arguments(producer, call)), b.var.ty)
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
-                    continue
-                bb.emit_normalized(b)
+            for binding in func.body.blocks[0].bindings:
+                if not emit(bb, binding):
+                    bb.emit_normalized(binding)
         bb.emit_func_output(func.body.body)
-    return bb.get()
+    return relax.transform.DeadCodeElimination([name])(bb.get())
 
 
 def relax_function_names(mod: tvm.IRModule) -> list[str]:

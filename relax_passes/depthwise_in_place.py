@@ -35,8 +35,8 @@ from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import placeholders, relax_function_names, wide_shift
-from ._ir import builder_without, decode, shape_of
+from ._fusion import placeholders, reemit, relax_function_names, wide_shift
+from ._ir import decode, shape_of
 from .config import option
 from .fuse_conv_requant import accumulator
 
@@ -142,20 +142,18 @@ class DepthwiseInPlace:
         bindings = list(func.body.blocks[0].bindings)
         last, params = _last_readers(func), set(func.params)
         calls = [decode(mod, b) for b in bindings]
-        eligible = [_eligible(c, last, i, params, max_plane) for i, c in enumerate(calls)]
-        if not any(eligible):
+        eligible = {b.var: c for i, (b, c) in enumerate(zip(bindings, calls)) if _eligible(c, last, i, params, max_plane)}
+        if not eligible:
             return mod
-        bb = builder_without(mod, name)
-        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
-            with bb.dataflow():
-                for b, call, ok in zip(bindings, calls, eligible):
-                    if not ok:
-                        bb.emit_normalized(b)
-                        continue
-                    op, build, _ = _REWRITES[call.op]
-                    attrs = {k: v for k, v in call.attrs.items() if k != "node"}
-                    gv = bb.add_func(build(call, max_plane).with_attrs(kernel_attrs(op, call.node, **attrs)), op)
-                    value = relax.call_tir(gv, relax.Tuple(call.args), b.var.ty)
-                    bb.emit_normalized(relax.VarBinding(b.var, bb.normalize(value)))
-            bb.emit_func_output(func.body.body)
-        return relax.transform.DeadCodeElimination([name])(bb.get())
+
+        def emit(bb, binding) -> bool:
+            call = eligible.get(binding.var)
+            if call is None:
+                return False
+            op, build, _ = _REWRITES[call.op]
+            attrs = {k: v for k, v in call.attrs.items() if k != "node"}
+            gv = bb.add_func(build(call, max_plane).with_attrs(kernel_attrs(op, call.node, **attrs)), op)
+            bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(relax.call_tir(gv, relax.Tuple(call.args), binding.var.ty))))
+            return True
+
+        return reemit(mod, name, emit)

@@ -42,8 +42,8 @@ from tvm import relax
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import reader_counts, relax_function_names
-from ._ir import builder_without, decode, shape_of
+from ._fusion import reader_counts, reemit, relax_function_names
+from ._ir import decode, shape_of
 from .config import option
 
 OP = "depthwise_block_backward"
@@ -104,20 +104,18 @@ class FuseDepthwiseBackward:
         if not groups:
             return mod
         replaced = {c.var for d, m, b, p in groups.values() for c in (m, b, p)}
-        bb = builder_without(mod, name)
-        with bb.function(name, list(func.params), attrs=dict(func.attrs.items()) if func.attrs else None, pure=func.is_pure):
-            with bb.dataflow():
-                for binding in bindings:
-                    if binding.var in replaced:
-                        continue
-                    if binding.var not in groups:
-                        bb.emit_normalized(binding)
-                        continue
-                    d, m, b, p = groups[binding.var]
-                    gv = bb.add_func(_kernel(d, p), OP)
-                    args = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]]
-                    fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [p.var.ty, b.var.ty]))
-                    bb.emit_normalized(relax.VarBinding(p.var, relax.TupleGetItem(fused, 0)))
-                    bb.emit_normalized(relax.VarBinding(b.var, relax.TupleGetItem(fused, 1)))
-            bb.emit_func_output(func.body.body)
-        return relax.transform.DeadCodeElimination([name])(bb.get())
+
+        def emit(bb, binding) -> bool:
+            if binding.var in replaced:
+                return True  # now bound by the fused kernel
+            if binding.var not in groups:
+                return False
+            d, m, b, p = groups[binding.var]
+            gv = bb.add_func(_kernel(d, p), OP)
+            args = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]]
+            fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [p.var.ty, b.var.ty]))
+            bb.emit_normalized(relax.VarBinding(p.var, relax.TupleGetItem(fused, 0)))
+            bb.emit_normalized(relax.VarBinding(b.var, relax.TupleGetItem(fused, 1)))
+            return True
+
+        return reemit(mod, name, emit)
