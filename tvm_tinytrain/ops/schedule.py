@@ -110,7 +110,23 @@ def tile_reduction(sch: s_tir.Schedule, block) -> bool:
         sch.cache_write(block, 0, "global")  # compacted to the tile; the C codegen prints only "global" storage
     _, inner = sch.split(loops[axis], [None, tile])
     sch.reorder(*sch.get_loops(block)[axis + 2:], inner)
+    if str(sch.get(block).writes[0].source.dtype) == "float32":
+        _second_tile_axis(sch, block, axis)
     return True
+
+
+def _second_tile_axis(sch: s_tir.Schedule, block, axis: int) -> None:
+    """Two rows of the tile along the outermost output axis before ``axis`` that 2 divides (a channel axis in
+    these kernels), so each operand loaded for one row serves both: 2 x 8 float32 accumulators fit the FPU's
+    32 registers; int32 ones would not fit the 13 general registers."""
+    loops = sch.get_loops(block)
+    second = next((k for k in range(axis) if int(sch.get(loops[k]).extent) % 2 == 0 and int(sch.get(loops[k]).extent) > 2), None)
+    if second is None:
+        return
+    _, row = sch.split(loops[second], [None, 2])
+    loops = sch.get_loops(block)
+    position = [sch.get(lp).same_as(sch.get(row)) for lp in loops].index(True)
+    sch.reorder(*loops[position + 1:-1], row, loops[-1])
 
 
 def finish_tile(sch: s_tir.Schedule, name: str) -> None:
@@ -120,8 +136,10 @@ def finish_tile(sch: s_tir.Schedule, name: str) -> None:
     n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
     loops = sch.get_loops(block)
     init = sch.decompose_reduction(block, loops[n_spatial])
-    sch.unroll(sch.get_loops(block)[-1])
-    sch.unroll(sch.get_loops(init)[-1])
+    for b in (block, init):  # the tile's loops: the last one, and a second tile axis or a short reduction before it
+        for lp in sch.get_loops(b)[-2:]:
+            if int(sch.get(lp).extent) <= max(TILE.values()):
+                sch.unroll(lp)
     for consumer in sch.get_consumers(block):
         last = sch.get_loops(consumer)[-1]
         if int(sch.get(last).extent) <= max(TILE.values()):  # the epilogue of one tile, not e.g. a whole plane row
