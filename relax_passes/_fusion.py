@@ -18,14 +18,19 @@ from tvm_tinytrain.ops.schedule import current_variant
 from ._ir import KernelCall, builder_without, decode, shape_of
 
 
+def reader_positions(func: relax.Function) -> dict[relax.Var, list[int]]:
+    """Each var's readers: binding indices in order, the function result counting as one past the last binding."""
+    positions: dict[relax.Var, list[int]] = {}
+    exprs = [b.value for b in func.body.blocks[0].bindings] + [func.body.body]
+    for i, expr in enumerate(exprs):
+        for v in relax.analysis.free_vars(expr):
+            positions.setdefault(v, []).append(i)
+    return positions
+
+
 def reader_counts(func: relax.Function) -> dict[relax.Var, int]:
     """How many bindings (and the function result) read each var."""
-    counts: dict[relax.Var, int] = {}
-    exprs = [b.value for b in func.body.blocks[0].bindings] + [func.body.body]
-    for expr in exprs:
-        for v in relax.analysis.free_vars(expr):
-            counts[v] = counts.get(v, 0) + 1
-    return counts
+    return {v: len(p) for v, p in reader_positions(func).items()}
 
 
 def _producer_then_consumer(producer: KernelCall, consumer: KernelCall) -> list:

@@ -35,7 +35,7 @@ from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import placeholders, reemit, relax_function_names, wide_shift
+from ._fusion import placeholders, reader_positions, reemit, relax_function_names, wide_shift
 from ._ir import decode, shape_of
 from .config import option
 from .fuse_conv_requant import accumulator
@@ -113,16 +113,6 @@ def _eligible(call, last_reader: dict, i: int, params, max_plane: int) -> bool:
     return x not in params and last_reader.get(x) == i and _plane_bytes(x, 0) <= max_plane
 
 
-def _last_readers(func) -> dict:
-    """var -> index of the last binding reading it (the function result counts as one past the end)."""
-    last = {}
-    exprs = [b.value for b in func.body.blocks[0].bindings] + [func.body.body]
-    for i, expr in enumerate(exprs):
-        for v in relax.analysis.free_vars(expr):
-            last[v] = i
-    return last
-
-
 @tvm.transform.module_pass(opt_level=0, name="DepthwiseInPlace")
 class DepthwiseInPlace:
     """Re-emit every depthwise kernel whose operand dies there as an in-place kernel (run last before PlanMemory)."""
@@ -140,7 +130,7 @@ class DepthwiseInPlace:
     def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:
         func = mod[name]
         bindings = list(func.body.blocks[0].bindings)
-        last, params = _last_readers(func), set(func.params)
+        last, params = {v: p[-1] for v, p in reader_positions(func).items()}, set(func.params)
         calls = [decode(mod, b) for b in bindings]
         eligible = {b.var: c for i, (b, c) in enumerate(zip(bindings, calls)) if _eligible(c, last, i, params, max_plane)}
         if not eligible:

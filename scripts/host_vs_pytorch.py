@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from tvm_tinytrain.demo import paper_models_dir
+from tvm_tinytrain.experiments import float_trainable
 from tvm_tinytrain.float_mode import clamp_range, float_params, real_input, split_head
 from tvm_tinytrain.importers.paper_pkl import load_paper_model
 from tvm_tinytrain.model import Add, Conv2D
 from tvm_tinytrain.relax_build import param_name
-from tvm_tinytrain.scheme import layer_updates, parse_scheme
 from tvm_tinytrain.trainer import Int8Trainer
 
 CASES = [("mcunet-5fps", "paper-99kb"), ("mbv2-w0.35", "paper-99kb"), ("proxyless-w0.3", "paper-98kb")]
@@ -44,17 +44,6 @@ def median_ms(step, images, labels, steps: int) -> float:
     return round(1000 * statistics.median(times), 2)
 
 
-def trained_names(model, scheme: str) -> list[str]:
-    names = []
-    for up in layer_updates(parse_scheme(scheme, model), model):
-        if up.bias:
-            names.append(param_name(up.node, "bias"))
-        if up.channels is not None:
-            names.append(param_name(up.node, "weight"))
-    _, head = split_head(model)
-    return names + [param_name(head.name, "weight"), param_name(head.name, "bias")]
-
-
 def torch_step(model, scheme: str, num_classes: int, threads: int):
     """A PyTorch float32 training step of the dequantized model; None when PyTorch is not installed."""
     try:
@@ -64,7 +53,7 @@ def torch_step(model, scheme: str, num_classes: int, threads: int):
     torch.set_num_threads(threads)
     body, head = split_head(model)
     params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in float_params(model, num_classes).items()}
-    trainable = set(trained_names(model, scheme))
+    trainable = set(float_trainable(model, scheme, whole_slices=True))
     for k, p in params.items():
         p.requires_grad_(k in trainable)
     opt = torch.optim.SGD([p for k, p in params.items() if k in trainable], lr=0.01)

@@ -42,18 +42,19 @@ def digits_task(model: Model) -> Task:
     return Task(tuple(range(10)), *digits((h, w), c, 0))
 
 
-def float_trainable(model: Model, scheme: str) -> list[str]:
+def float_trainable(model: Model, scheme: str, whole_slices: bool = False) -> list[str]:
     """The float-mode parameter names that ``scheme`` trains in int8, classifier included.
 
     The float mode trains whole tensors, so a scheme that trains a channel
-    slice of a weight has no float counterpart and is refused.
+    slice of a weight has no float counterpart and is refused, unless
+    ``whole_slices`` (e.g. for timing) lets the whole weight stand for its slice.
     """
     from .float_mode import split_head
 
     names = [param_name(split_head(model)[1].name, f) for f in ("weight", "bias")]
     conv_channels = {c.name: c.in_channels for c in model.convs()}  # depthwise: in == out channels
     for up in layer_updates(parse_scheme(scheme, model), model):
-        if up.channels is not None and len(up.channels) != conv_channels[up.node]:
+        if not whole_slices and up.channels is not None and len(up.channels) != conv_channels[up.node]:
             raise TinyTrainError(f"scheme {scheme!r}: conv {up.conv_index} trains {len(up.channels)} of {conv_channels[up.node]} channels; "
                                  "the float mode trains whole weights only")
         names += [param_name(up.node, "bias")] * up.bias + [param_name(up.node, "weight")] * (up.channels is not None)

@@ -168,6 +168,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
     inputs = {k: v for k, v in inputs.items() if isinstance(v, Arena)}
     params = set(func.params[num_input:])
     calls, updated = [], set()  # parameters already updated in place: their Relax Var (the old value) is gone
+    op_ids = {op: k for k, op in enumerate(profile_ops(lib))}
 
     def locate(expr, what):
         if isinstance(expr, tvm.ir.Constant):
@@ -197,7 +198,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 buffers.skip_workspace(var.name)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
             kernel = lib.kernels[call.gvar.name_hint]
-            calls.append(_kernel_call(kernel, args + outs, i, func_name, var, profile_ops(lib).index(kernel.op)))
+            calls.append(_kernel_call(kernel, args + outs, i, func_name, var, op_ids[kernel.op]))
         elif isinstance(value, relax.TupleGetItem):
             where[var] = where[value.tuple_value][value.index]
         elif isinstance(value, relax.Tuple):
