@@ -54,6 +54,12 @@ def current_variant() -> str:
     return _variant.get()
 
 
+def _axes(sch: s_tir.Schedule, block) -> tuple[int, int]:
+    """(spatial axes, all axes) of a block: all spatial = element-wise, fewer = a reduction."""
+    iters = sch.get(block).iter_vars
+    return sum(1 for iv in iters if iv.iter_type == SPATIAL), len(iters)
+
+
 def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """The schedule of the variant in force for a PrimFunc fresh from ``te.create_prim_func``."""
     sch = s_tir.Schedule(func)
@@ -63,10 +69,9 @@ def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:
             continue
-        iters = sch.get(block).iter_vars
-        n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
+        n_spatial, n_iters = _axes(sch, block)
         try:
-            if n_spatial == len(iters):
+            if n_spatial == n_iters:
                 sch.compute_inline(block)
             elif n_spatial and len(consumers := sch.get_consumers(block)) == 1:
                 sch.reverse_compute_at(consumers[0], sch.get_loops(block)[n_spatial - 1])
@@ -94,9 +99,8 @@ def tile_reduction(sch: s_tir.Schedule, block) -> bool:
     write-back then plays the role of an epilogue.  False (nothing changed) when the block is not a
     reduction or no output axis has a tile size dividing it.
     """
-    iters = sch.get(block).iter_vars
-    n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
-    if n_spatial in (0, len(iters)):
+    n_spatial, n_iters = _axes(sch, block)
+    if n_spatial in (0, n_iters):
         return False
     loops = sch.get_loops(block)
     widest = TILE.get(str(sch.get(block).writes[0].source.dtype), 4)
@@ -132,8 +136,7 @@ def _second_tile_axis(sch: s_tir.Schedule, block, axis: int) -> None:
 def finish_tile(sch: s_tir.Schedule, name: str) -> None:
     """Hoist a tiled reduction's initialisation out of the reduction loops and unroll the innermost tile loops."""
     block = sch.get_sblock(name)
-    iters = sch.get(block).iter_vars
-    n_spatial = sum(1 for iv in iters if iv.iter_type == SPATIAL)
+    n_spatial, _ = _axes(sch, block)
     loops = sch.get_loops(block)
     init = sch.decompose_reduction(block, loops[n_spatial])
     for b in (block, init):  # the tile's loops: the last one, and a second tile axis or a short reduction before it
