@@ -17,6 +17,7 @@ from tvm import relax
 
 from .errors import ShapeError, TinyTrainError
 from .model import Model
+from .ops.dsp import LowerDSPIntrinsics
 from .ops.schedule import kernel_variant
 from .relax_build import build_relax
 
@@ -88,7 +89,8 @@ class Int8Trainer:
         self.params = {k: v.numpy() for k, v in mod.attrs["tinytrain.param_init"].items()}
         self._acc = {n: np.zeros([int(d) for d in p.ty.shape], np.float32) for n, p in self._acc_params().items()}
         self._pending = 0
-        self._vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        # The llvm target cannot link the C helpers behind the DSP calls: they become plain TIR arithmetic.
+        self._vm = relax.VirtualMachine(tvm.compile(LowerDSPIntrinsics()(mod), target=target), tvm.cpu())
 
     def _acc_params(self) -> dict:
         if self.accumulate == 1:

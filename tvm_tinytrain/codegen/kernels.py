@@ -37,6 +37,7 @@ from relax_passes._buffers import IN_PLACE_OPS, OVERWRITING_OPS
 from relax_passes._ir import decode
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.model import DTYPE_BYTES
+from tvm_tinytrain.ops import dsp
 
 PREFIX = "tinytrain_k_"
 MAX_STACK_BYTES = 8192  # kernel-internal buffers of one kernel (e.g. an expanded channel plane), on the caller's stack
@@ -56,7 +57,8 @@ static inline float tinytrain_i32_as_f32(int32_t bits) {
   memcpy(&f, &bits, sizeof f);
   return f;
 }
-"""
+
+""" + dsp.C_SOURCE
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ def split_functions(source: str) -> tuple[dict[str, str], dict[str, str]]:
 
 def _check_externs(declarations: dict[str, str], definitions: dict[str, str]) -> None:
     for name in declarations:
-        if name.startswith(PREFIX) or name in LIBM:
+        if name.startswith(PREFIX) or name in LIBM or name in dsp.NAMES:
             continue
         users = [sym for sym, text in definitions.items() if re.search(rf"\b{name}\(", text)]
         raise TinyTrainError(f"codegen: TVM's C for kernel(s) {', '.join(users) or '?'} calls {name}, which is not in the C library")

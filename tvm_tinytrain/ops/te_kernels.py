@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..quant import INT32_MAX, INT32_MIN
+from . import dsp
 
 
 def _rshift_round(v, shift):
@@ -61,32 +61,26 @@ def clamp_int8(v, qmin: int, qmax: int):
 
 def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, shift: te.Tensor, y_zero: int, idx,
                      wide_shift: bool = False):
-    """Value of :func:`requantize` at ``idx`` before the clamp: int64, or int32 with ``wide_shift``.
-
-    ``wide_shift`` (every shift >= :data:`WIDE_SHIFT`, known when the kernel is built) takes the same result in
-    32-bit steps that a Cortex-M does in one instruction each: the saturating bias add as a clamp of ``acc`` to
-    per-channel bounds, ``int32 x int32 -> int64`` for the product, and, since ``2**(s-1)`` is then a multiple of
-    ``2**32``, ``(p + 2**(s-1)) >> s == ((p >> 32) + 2**(s-33)) >> (s-32)`` on the product's high word.
-    """
+    """Value of :func:`requantize` at ``idx`` before the clamp (see :func:`scale_shift`)."""
     c = idx[1]
-    if wide_shift:
-        return _wide_requant(acc[idx], None if bias is None else bias[c], mult[c], shift[c], y_zero)
-    total = acc[idx].astype("int64")
-    if bias is not None:
-        total = tirx.max(tirx.min(total + bias[c].astype("int64"), INT32_MAX), INT32_MIN)
-    return _rshift_round(total * mult[c].astype("int64"), shift[c].astype("int64")) + y_zero
+    total = acc[idx] if bias is None else dsp.saturating_add(acc[idx], bias[c])
+    return scale_shift(total, mult[c], shift[c], y_zero, wide_shift)
 
 
 WIDE_SHIFT = 33
 
 
-def _wide_requant(acc, bias, mult, shift, y_zero: int):
-    if bias is not None:  # clamp(acc, INT32_MIN - b, INT32_MAX - b) + b never overflows: sat(acc + b)
-        b64 = bias.astype("int64")
-        lo = tirx.max(tirx.const(INT32_MIN, "int64") - b64, INT32_MIN).astype("int32")
-        hi = tirx.min(tirx.const(INT32_MAX, "int64") - b64, INT32_MAX).astype("int32")
-        acc = tirx.max(tirx.min(acc, hi), lo) + bias
-    product_high = tirx.shift_right(acc.astype("int64") * mult.astype("int64"), tirx.const(32, "int64")).astype("int32")
+def scale_shift(total, mult, shift, y_zero: int, wide_shift: bool = False):
+    """``round(total * mult / 2**shift) + y_zero`` of an int32 ``total`` (the accumulator plus bias), before the clamp.
+
+    In int64, or, with ``wide_shift`` (every shift >= :data:`WIDE_SHIFT`, known when the kernel is built), in the
+    32-bit steps that a Cortex-M does in one instruction each: ``int32 x int32 -> int64`` for the product and,
+    since ``2**(s-1)`` is then a multiple of ``2**32``, ``(p + 2**(s-1)) >> s == ((p >> 32) + 2**(s-33)) >> (s-32)``
+    on the product's high word.
+    """
+    if not wide_shift:
+        return _rshift_round(total.astype("int64") * mult.astype("int64"), shift.astype("int64")) + y_zero
+    product_high = tirx.shift_right(total.astype("int64") * mult.astype("int64"), tirx.const(32, "int64")).astype("int32")
     # Shift amounts are clamped to [0, 31] (a no-op for shifts in [33, 62]): with unbounded amounts, TVM 0.27's
     # integer bound analysis treats the shifted value as already inside the int8 clamp and drops that clamp.
     k = tirx.min(tirx.max(shift - 32, 0), 31)

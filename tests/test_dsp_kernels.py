@@ -1,0 +1,174 @@
+"""The DSP helpers and the pointwise GEMM kernel built on them, against numpy.
+
+Each helper has three forms (tvm_tinytrain/ops/dsp.py): plain TIR for llvm, portable C for the host and the
+ACLE intrinsic on a Cortex-M.  The first two are checked here against a numpy definition of the instruction;
+the third is checked against the host build bit for bit by the whole-step board test of MCUNet paper-99kb
+(test_device.py), whose 1x1 convs, plain and merged, run the pointwise kernel below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm.script import tirx as T
+
+from tvm_tinytrain.ops import dsp, reference, tir_pointwise
+from tvm_tinytrain.ops.constants import Requant
+from tvm_tinytrain.quant import quantize_multipliers
+
+
+def _lanes(v):
+    v = np.asarray(v, np.int64)
+    return ((v & 0xFFFF) ^ 0x8000) - 0x8000, v >> 16
+
+
+def _byte(v, k):
+    return (((np.asarray(v, np.int64) >> (8 * k)) & 0xFF) ^ 0x80) - 0x80
+
+
+def _wrap(v):
+    return ((np.asarray(v, np.int64) + 2**31) % 2**32 - 2**31).astype(np.int64)
+
+
+def _pack(lo, hi):
+    return _wrap((np.asarray(lo, np.int64) & 0xFFFF) | (np.asarray(hi, np.int64) << 16))
+
+
+def numpy_helper(name, a, b, c):
+    """The instruction's definition (Arm ARM), on int64 arrays."""
+    if name == dsp.SMLAD:
+        (alo, ahi), (blo, bhi) = _lanes(a), _lanes(b)
+        return _wrap(c + alo * blo + ahi * bhi)
+    if name == dsp.SXTB16:
+        return _pack(_byte(a, 0), _byte(a, 2))
+    if name == dsp.SXTB16_ROR8:
+        return _pack(_byte(a, 1), _byte(a, 3))
+    if name == dsp.PACK16:
+        return _pack(a, b)
+    return np.clip(np.asarray(a, np.int64) + b, -(2**31), 2**31 - 1)  # QADD
+
+
+ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.QADD: 2}
+int32s = st.integers(-(2**31), 2**31 - 1)
+int16s = st.integers(-(2**15), 2**15 - 1)
+
+
+def _operands(name, data):
+    if name == dsp.PACK16:  # its operands are int16 values
+        return data.draw(st.lists(int16s, min_size=8, max_size=8)), data.draw(st.lists(int16s, min_size=8, max_size=8))
+    if name == dsp.SMLAD:  # as the kernels use it: no overflow of the 32-bit sum
+        a, b = (data.draw(st.lists(int32s, min_size=8, max_size=8)) for _ in range(2))
+        return a, b, data.draw(st.lists(st.integers(-(2**29), 2**29), min_size=8, max_size=8))
+    return tuple(data.draw(st.lists(int32s, min_size=8, max_size=8)) for _ in range(ARITY[name]))
+
+
+def _tir_helper(name):
+    fn = {dsp.SMLAD: dsp.smlad, dsp.SXTB16: dsp.sxtb16, dsp.SXTB16_ROR8: dsp.sxtb16_ror8, dsp.PACK16: dsp.pack16, dsp.QADD: dsp.qadd}[name]
+    n = ARITY[name]
+
+    @T.prim_func
+    def main(a: T.Buffer((8,), "int32"), b: T.Buffer((8,), "int32"), c: T.Buffer((8,), "int32"), y: T.Buffer((8,), "int32")):
+        for i in range(8):
+            y[i] = fn(*[a[i], b[i], c[i]][:n])
+
+    return tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": main})), target="llvm")
+
+
+@pytest.fixture(scope="module")
+def host_c(tmp_path_factory):
+    """The portable C helpers, compiled by the host gcc into a library."""
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is required (README set-up)")
+    work = tmp_path_factory.mktemp("dsp")
+    calls = "\n".join(f"int32_t call_{name}(int32_t a, int32_t b, int32_t c) {{ return {name}({', '.join('abc'[:n])}); }}"
+                      for name, n in ARITY.items())
+    (work / "dsp.c").write_text("#include <stdint.h>\n#include <string.h>\n" + dsp.C_SOURCE + calls + "\n"
+                                "int32_t call_load(const int8_t *p) { return tinytrain_load_i32(p); }\n")
+    subprocess.run(["gcc", "-O2", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(work / "dsp.so"), str(work / "dsp.c")], check=True)
+    lib = ctypes.CDLL(str(work / "dsp.so"))
+    for name in ARITY:
+        getattr(lib, f"call_{name}").restype = ctypes.c_int32
+        getattr(lib, f"call_{name}").argtypes = [ctypes.c_int32] * 3
+    lib.call_load.restype = ctypes.c_int32
+    return lib
+
+
+@pytest.mark.parametrize("name", list(ARITY))
+@given(data=st.data())
+@settings(max_examples=10, deadline=None)
+def test_helper_llvm_and_host_c_match_the_instruction(name, data, host_c):
+    ops = [np.array(v, np.int64) for v in _operands(name, data)]
+    a, b, c = (ops + [np.zeros(8, np.int64)] * 3)[:3]
+    want = numpy_helper(name, a, b, c)
+    out = tvm.runtime.empty((8,), "int32")
+    _tir_helper(name)(*[tvm.runtime.tensor(v.astype(np.int32)) for v in (a, b, c)], out)
+    np.testing.assert_array_equal(out.numpy(), want)
+    got_c = [getattr(host_c, f"call_{name}")(int(x), int(y), int(z)) for x, y, z in zip(a, b, c)]
+    np.testing.assert_array_equal(got_c, want)
+
+
+def test_load_i32_is_little_endian_at_any_offset(host_c):
+    data = np.array([0x01, 0x82, 0x7F, 0xFE, 0x10, 0x80], np.uint8).view(np.int8)
+
+    @T.prim_func
+    def main(x: T.Buffer((6,), "int8"), y: T.Buffer((3,), "int32")):
+        for i in range(3):
+            y[i] = dsp.load_i32(x[i])
+
+    out = tvm.runtime.empty((3,), "int32")
+    tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": main})), target="llvm")(tvm.runtime.tensor(data), out)
+    want = [int(np.frombuffer(data.tobytes()[i:i + 4], "<i4")[0]) for i in range(3)]
+    np.testing.assert_array_equal(out.numpy(), want)
+    base = ctypes.cast(ctypes.create_string_buffer(data.tobytes(), 6), ctypes.POINTER(ctypes.c_int8))
+    assert [host_c.call_load(ctypes.cast(ctypes.addressof(base.contents) + i, ctypes.POINTER(ctypes.c_int8))) for i in range(3)] == want
+
+
+@st.composite
+def pointwise_cases(draw):
+    ic, oc = 4 * draw(st.integers(1, 6)), 2 * draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    x = rng.integers(-128, 128, (1, ic, h, w)).astype(np.int8)
+    wt = rng.integers(-128, 128, (oc, ic, 1, 1)).astype(np.int8)
+    bias = rng.integers(-50000, 50000, oc).astype(np.int32)
+    bias[0] = draw(st.sampled_from([-(2**31), 2**31 - 1, 0]))  # the saturating add
+    wide = draw(st.booleans())
+    scales = [draw(st.floats(1e-6, 0.2) if wide else st.floats(1e-3, 4.0)) for _ in range(oc)]
+    mult, shift = quantize_multipliers(scales)
+    qmin = draw(st.integers(-128, 0))
+    rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.integers(qmin, 127)))
+    channels = tuple(draw(st.permutations(range(ic)))[:draw(st.integers(0, ic))])
+    trained = rng.integers(-128, 128, (oc, len(channels), 1, 1)).astype(np.int8)
+    return x, wt, trained, channels, bias, rq, draw(st.integers(-128, 127)), wide and int(shift.min()) >= 33
+
+
+@given(pointwise_cases())
+@settings(max_examples=25, deadline=None)
+def test_pointwise_gemm_matches_reference_conv_and_requantize(case):
+    """Plain and merged (SparseUpdate's partially trained) weights, wide and int64 requantization."""
+    x, wt, trained, channels, bias, rq, x_zero, wide = case
+    merged = wt.copy()
+    merged[:, list(channels)] = trained
+    want = reference.requantize(reference.conv2d_acc(x, merged, x_zero, 1, 1), bias, rq)
+    _, ic, h, w = x.shape
+    func = tir_pointwise.pointwise_conv_requant(ic, wt.shape[0], h, w, x_zero, rq.y_zero, rq.qmin, rq.qmax, wide, channels)
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
+    out = tvm.runtime.empty(want.shape, "int8")
+    inputs = (x, wt, *((trained,) if channels else ()), bias, rq.mult, rq.shift)
+    fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs], out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_pointwise_gemm_takes_only_the_shapes_it_fits():
+    assert tir_pointwise.fits(8, 6, 1, 4)
+    assert not tir_pointwise.fits(6, 6, 1, 4)  # input channels in fours
+    assert not tir_pointwise.fits(8, 5, 1, 4)  # output channels in pairs
+    assert not tir_pointwise.fits(8, 6, 1, 3)  # pixels in pairs along a row
+    assert not tir_pointwise.fits(8, 6, 2, 4)  # batch 1

@@ -1,0 +1,167 @@
+"""The Cortex-M DSP instructions the optimized int8 kernels use, as TIR calls with three lowerings.
+
+A kernel's TIR calls ``tinytrain_smlad(a, b, acc)`` and friends with ``call_extern``.  Each name has
+
+* on a Cortex-M with the DSP extension (M4, M7): a ``static inline`` C function over the ACLE intrinsic,
+  one instruction each (``__smlad``, ``__sxtb16``, ``__qadd``; the 32-bit load is a ``memcpy``, which gcc
+  emits as one ``ldr``: unaligned loads are legal on ARMv7-M);
+* in any other C compiler (the host project): a portable C function with the same result;
+* for TVM's llvm target (the host trainer's Relax VM, which cannot link C helpers):
+  :class:`LowerDSPIntrinsics` replaces each call by the same arithmetic in plain TIR.
+
+All three give the same bits, which the tests check (llvm and host C against numpy, host C against the
+emulated board).  Halfword lanes follow the instructions: ``lo`` is bits 0-15, ``hi`` bits 16-31.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+from ..errors import TinyTrainError
+from ..quant import INT32_MAX, INT32_MIN
+
+SMLAD = "tinytrain_smlad"  # acc + lo(a)*lo(b) + hi(a)*hi(b)
+SXTB16 = "tinytrain_sxtb16"  # (sext(byte 0), sext(byte 2)) as two halfwords
+SXTB16_ROR8 = "tinytrain_sxtb16_ror8"  # (sext(byte 1), sext(byte 3))
+PACK16 = "tinytrain_pack16"  # (lo, hi) from two int32 holding int16 values
+QADD = "tinytrain_qadd"  # int32 add, saturated
+LOAD32 = "tinytrain_load_i32"  # four int8 bytes of a 1-D buffer, little-endian, at any alignment
+NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, QADD, LOAD32)
+
+C_SOURCE = """\
+/* DSP helpers of the optimized int8 kernels (tvm_tinytrain/ops/dsp.py): one instruction each on a Cortex-M
+ * with the DSP extension, the same results in portable C elsewhere. */
+static inline int32_t tinytrain_load_i32(const int8_t *p) {
+  int32_t v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline int32_t tinytrain_pack16(int32_t lo, int32_t hi) {
+  return (int32_t)(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
+}
+#if defined(__ARM_FEATURE_DSP)
+#include <arm_acle.h>
+static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) { return (int32_t)__smlad((uint32_t)a, (uint32_t)b, acc); }
+static inline int32_t tinytrain_sxtb16(int32_t a) { return (int32_t)__sxtb16((uint32_t)a); }
+static inline int32_t tinytrain_sxtb16_ror8(int32_t a) { return (int32_t)__sxtb16(((uint32_t)a >> 8) | ((uint32_t)a << 24)); }
+static inline int32_t tinytrain_qadd(int32_t a, int32_t b) { return __qadd(a, b); }
+#else
+static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) {
+  int64_t sum = (int64_t)acc + (int64_t)(int16_t)a * (int16_t)b + (int64_t)(a >> 16) * (b >> 16);
+  return (int32_t)(uint32_t)(uint64_t)sum;
+}
+static inline int32_t tinytrain_sxtb16(int32_t a) { return tinytrain_pack16((int8_t)a, (int8_t)(a >> 16)); }
+static inline int32_t tinytrain_sxtb16_ror8(int32_t a) { return tinytrain_pack16((int8_t)(a >> 8), (int8_t)(a >> 24)); }
+static inline int32_t tinytrain_qadd(int32_t a, int32_t b) {
+  int64_t sum = (int64_t)a + b;
+  return (int32_t)(sum > INT32_MAX ? INT32_MAX : sum < INT32_MIN ? INT32_MIN : sum);
+}
+#endif
+"""
+
+
+def _call(name: str, *args):
+    # Pure, so TVM keeps a ``let`` of one as a C local (an opaque call's result would become a "local" scope buffer).
+    return tirx.call_pure_extern("int32", name, *args)
+
+
+def smlad(a, b, acc):
+    return _call(SMLAD, a, b, acc)
+
+
+def sxtb16(a):
+    return _call(SXTB16, a)
+
+
+def sxtb16_ror8(a):
+    return _call(SXTB16_ROR8, a)
+
+
+def pack16(lo, hi):
+    return _call(PACK16, lo, hi)
+
+
+def qadd(a, b):
+    return _call(QADD, a, b)
+
+
+def load_i32(element):
+    """The int32 made of ``element`` (a load from a 1-D int8 buffer) and the three bytes after it.
+
+    A memory read, hence not pure: use it inline, not in a ``let``."""
+    return tirx.call_extern("int32", LOAD32, tirx.address_of(element))
+
+
+def saturating_add(a, b):
+    """``a + b`` saturated to int32, in plain int32 TIR: clamping ``a`` to the bounds ``b`` leaves never overflows."""
+    b64 = b.astype("int64")
+    lo = tirx.max(tirx.const(INT32_MIN, "int64") - b64, INT32_MIN).astype("int32")
+    hi = tirx.min(tirx.const(INT32_MAX, "int64") - b64, INT32_MAX).astype("int32")
+    return tirx.max(tirx.min(a, hi), lo) + b
+
+
+def _sext(v, bits: int):
+    return v.astype(f"int{bits}").astype("int32")
+
+
+def _pack16_tir(lo, hi):
+    return tirx.bitwise_or(tirx.bitwise_and(lo, tirx.const(0xFFFF, "int32")), tirx.shift_left(hi, tirx.const(16, "int32")))
+
+
+def _lo(v):
+    return _sext(v, 16)
+
+
+def _hi(v):
+    return tirx.shift_right(v, tirx.const(16, "int32"))
+
+
+def _byte(v, k: int):
+    return _sext(tirx.shift_right(v, tirx.const(8 * k, "int32")) if k else v, 8)
+
+
+def _load_i32_tir(address):
+    load = address.args[0]
+    if not isinstance(load, tvm.ir.expr.TensorLoad) or len(load.indices) != 1 or str(load.source.dtype) != "int8":
+        raise TinyTrainError(f"LowerDSPIntrinsics: {LOAD32} takes the address of an element of a 1-D int8 buffer, got {address}")
+    i = load.indices[0]
+    byte = [tirx.BufferLoad(load.source, [i + k]) for k in range(4)]
+    low = [b.astype("uint8").astype("int32") for b in byte[:3]]
+    return (low[0] | tirx.shift_left(low[1], tirx.const(8, "int32")) | tirx.shift_left(low[2], tirx.const(16, "int32"))
+            | tirx.shift_left(byte[3].astype("int32"), tirx.const(24, "int32")))
+
+
+_LOWERINGS = {
+    SMLAD: lambda a, b, acc: acc + _lo(a) * _lo(b) + _hi(a) * _hi(b),
+    SXTB16: lambda a: _pack16_tir(_byte(a, 0), _byte(a, 2)),
+    SXTB16_ROR8: lambda a: _pack16_tir(_byte(a, 1), _byte(a, 3)),
+    PACK16: _pack16_tir,
+    QADD: saturating_add,
+    LOAD32: _load_i32_tir,
+}
+_EXTERN_OPS = (tvm.ir.Op.get("tirx.call_extern"), tvm.ir.Op.get("tirx.call_pure_extern"))
+
+
+def _lower_call(call):
+    if not any(call.op.same_as(op) for op in _EXTERN_OPS) or str(call.args[0].value) not in _LOWERINGS:
+        return call
+    return _LOWERINGS[str(call.args[0].value)](*call.args[1:])
+
+
+@tvm.tirx.transform.prim_func_pass(opt_level=0, name="LowerDSPIntrinsics")
+class LowerDSPIntrinsics:
+    """Replace the DSP helper calls of :mod:`tvm_tinytrain.ops.dsp` by plain TIR arithmetic (for the llvm target).
+
+    Before::
+
+        acc[0] = T.call_extern("int32", "tinytrain_smlad", a, b, acc[0])
+
+    After::
+
+        acc[0] = acc[0] + T.Cast("int32", T.Cast("int16", a)) * T.Cast("int32", T.Cast("int16", b)) + T.shift_right(a, 16) * T.shift_right(b, 16)
+    """
+
+    def transform_function(self, func, mod, ctx):
+        return func.with_body(tvm_ffi.structural_map(func.body, [(tvm.ir.Call, _lower_call)]))
