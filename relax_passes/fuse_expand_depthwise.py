@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, te
 
-from tvm_tinytrain.ops import te_kernels
+from tvm_tinytrain.ops import te_kernels, tir_expand_depthwise
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
@@ -41,8 +41,14 @@ def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     """The two convs in one PrimFunc: each expanded channel plane is computed where the depthwise conv needs it.
 
     The optimized variant writes the plane with a border of the depthwise conv's zero point (so its taps need
-    no bounds checks) and computes the depthwise outputs a tile at a time.
+    no bounds checks) and computes the depthwise outputs a tile at a time; when the expansion's shape allows,
+    it is the DSP kernel of :mod:`tvm_tinytrain.ops.tir_expand_depthwise`.
     """
+    (n, ic, h, w), k = shape_of(expand.args[0]), shape_of(depthwise.args[1])[2]
+    if current_variant() == "optimized" and tir_expand_depthwise.fits(ic, n, w):
+        convs = [{key: call.attrs[key] for key in ("x_zero", "y_zero", "qmin", "qmax")} for call in (expand, depthwise)]
+        return tir_expand_depthwise.expand_depthwise(ic, shape_of(expand.var)[1], h, w, k, depthwise.attrs["stride"], *convs,
+                                                     (wide_shift(expand.args[4]), wide_shift(depthwise.args[4])))
     args = placeholders(expand.args + depthwise.args[1:])
     expanded = _conv_requant(*args[:5], expand.attrs, wide_shift(expand.args[4]))
     optimized = current_variant() == "optimized"

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm.script import tirx as T
 
-from tvm_tinytrain.ops import dsp, reference, tir_pointwise
+from tvm_tinytrain.ops import dsp, reference, tir_expand_depthwise, tir_pointwise
 from tvm_tinytrain.ops.constants import Requant
 from tvm_tinytrain.quant import quantize_multipliers
 
@@ -52,10 +52,12 @@ def numpy_helper(name, a, b, c):
         return _pack(_byte(a, 1), _byte(a, 3))
     if name == dsp.PACK16:
         return _pack(a, b)
+    if name == dsp.PACK16_HI:
+        return _pack(_lanes(a)[1], _lanes(b)[1])
     return np.clip(np.asarray(a, np.int64) + b, -(2**31), 2**31 - 1)  # QADD
 
 
-ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.QADD: 2}
+ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.PACK16_HI: 2, dsp.QADD: 2}
 int32s = st.integers(-(2**31), 2**31 - 1)
 int16s = st.integers(-(2**15), 2**15 - 1)
 
@@ -70,7 +72,8 @@ def _operands(name, data):
 
 
 def _tir_helper(name):
-    fn = {dsp.SMLAD: dsp.smlad, dsp.SXTB16: dsp.sxtb16, dsp.SXTB16_ROR8: dsp.sxtb16_ror8, dsp.PACK16: dsp.pack16, dsp.QADD: dsp.qadd}[name]
+    fn = {dsp.SMLAD: dsp.smlad, dsp.SXTB16: dsp.sxtb16, dsp.SXTB16_ROR8: dsp.sxtb16_ror8, dsp.PACK16: dsp.pack16,
+          dsp.PACK16_HI: dsp.pack16_hi, dsp.QADD: dsp.qadd}[name]
     n = ARITY[name]
 
     @T.prim_func
@@ -172,3 +175,41 @@ def test_pointwise_gemm_takes_only_the_shapes_it_fits():
     assert not tir_pointwise.fits(8, 5, 1, 4)  # output channels in pairs
     assert not tir_pointwise.fits(8, 6, 1, 3)  # pixels in pairs along a row
     assert not tir_pointwise.fits(8, 6, 2, 4)  # batch 1
+
+
+@st.composite
+def block_cases(draw):
+    ic, c = 4 * draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 5)), 4 * draw(st.integers(1, 3))
+    k, stride = draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    x = rng.integers(-128, 128, (1, ic, h, w)).astype(np.int8)
+    w_pw = rng.integers(-128, 128, (c, ic, 1, 1)).astype(np.int8)
+    w_dw = rng.integers(-128, 128, (c, 1, k, k)).astype(np.int8)
+    wides, params = [], []
+    for _ in range(2):
+        bias = rng.integers(-5000, 5000, c).astype(np.int32)
+        bias[0] = draw(st.sampled_from([-(2**31), 2**31 - 1, 0]))
+        wide = draw(st.booleans())
+        mult, shift = quantize_multipliers([draw(st.floats(1e-5, 0.05) if wide else st.floats(1e-3, 2.0)) for _ in range(c)])
+        qmin = draw(st.integers(-128, 0))
+        rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.integers(qmin, 127)))
+        wides.append(wide and int(shift.min()) >= 33)
+        params.append((bias, rq))
+    return x, w_pw, w_dw, params, draw(st.integers(-128, 127)), k, stride, wides
+
+
+@given(block_cases())
+@settings(max_examples=25, deadline=None)
+def test_expand_depthwise_matches_reference_convs(case):
+    """The expansion conv, its requantization, the depthwise conv over the result and its requantization."""
+    x, w_pw, w_dw, ((b1, rq1), (b2, rq2)), x_zero, k, stride, wide = case
+    expanded = reference.requantize(reference.conv2d_acc(x, w_pw, x_zero, 1, 1), b1, rq1)
+    want = reference.requantize(reference.conv2d_acc(expanded, w_dw, rq1.y_zero, stride, w_dw.shape[0]), b2, rq2)
+    _, ic, h, w = x.shape
+    convs = [{"x_zero": zx, "y_zero": rq.y_zero, "qmin": rq.qmin, "qmax": rq.qmax} for zx, rq in ((x_zero, rq1), (rq1.y_zero, rq2))]
+    func = tir_expand_depthwise.expand_depthwise(ic, w_pw.shape[0], h, w, k, stride, *convs, tuple(wide))
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
+    out = tvm.runtime.empty(want.shape, "int8")
+    fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (x, w_pw, b1, rq1.mult, rq1.shift, w_dw, b2, rq2.mult, rq2.shift)], out)
+    np.testing.assert_array_equal(out.numpy(), want)

@@ -25,10 +25,11 @@ from ..quant import INT32_MAX, INT32_MIN
 SMLAD = "tinytrain_smlad"  # acc + lo(a)*lo(b) + hi(a)*hi(b)
 SXTB16 = "tinytrain_sxtb16"  # (sext(byte 0), sext(byte 2)) as two halfwords
 SXTB16_ROR8 = "tinytrain_sxtb16_ror8"  # (sext(byte 1), sext(byte 3))
-PACK16 = "tinytrain_pack16"  # (lo, hi) from two int32 holding int16 values
+PACK16 = "tinytrain_pack16"  # (lo(a), lo(b)): PKHBT
+PACK16_HI = "tinytrain_pack16_hi"  # (hi(a), hi(b)): PKHTB
 QADD = "tinytrain_qadd"  # int32 add, saturated
 LOAD32 = "tinytrain_load_i32"  # four int8 bytes of a 1-D buffer, little-endian, at any alignment
-NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, QADD, LOAD32)
+NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, LOAD32)
 
 C_SOURCE = """\
 /* DSP helpers of the optimized int8 kernels (tvm_tinytrain/ops/dsp.py): one instruction each on a Cortex-M
@@ -40,6 +41,9 @@ static inline int32_t tinytrain_load_i32(const int8_t *p) {
 }
 static inline int32_t tinytrain_pack16(int32_t lo, int32_t hi) {
   return (int32_t)(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
+}
+static inline int32_t tinytrain_pack16_hi(int32_t lo, int32_t hi) {
+  return (int32_t)(((uint32_t)lo >> 16) | ((uint32_t)hi & 0xFFFF0000u));
 }
 #if defined(__ARM_FEATURE_DSP)
 #include <arm_acle.h>
@@ -83,6 +87,10 @@ def pack16(lo, hi):
     return _call(PACK16, lo, hi)
 
 
+def pack16_hi(lo, hi):
+    return _call(PACK16_HI, lo, hi)
+
+
 def qadd(a, b):
     return _call(QADD, a, b)
 
@@ -108,6 +116,10 @@ def _sext(v, bits: int):
 
 def _pack16_tir(lo, hi):
     return tirx.bitwise_or(tirx.bitwise_and(lo, tirx.const(0xFFFF, "int32")), tirx.shift_left(hi, tirx.const(16, "int32")))
+
+
+def _pack16_hi_tir(lo, hi):
+    return _pack16_tir(_hi(lo), _hi(hi))
 
 
 def _lo(v):
@@ -138,6 +150,7 @@ _LOWERINGS = {
     SXTB16: lambda a: _pack16_tir(_byte(a, 0), _byte(a, 2)),
     SXTB16_ROR8: lambda a: _pack16_tir(_byte(a, 1), _byte(a, 3)),
     PACK16: _pack16_tir,
+    PACK16_HI: _pack16_hi_tir,
     QADD: saturating_add,
     LOAD32: _load_i32_tir,
 }

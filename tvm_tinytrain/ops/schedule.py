@@ -28,6 +28,7 @@ import tvm
 from tvm import s_tir
 
 from ..errors import TinyTrainError
+from .te_backward import MERGE_POSITION
 
 SPATIAL = 0  # IterVar type of a data-parallel axis
 VARIANTS = ("reference", "optimized")
@@ -67,7 +68,7 @@ def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs:
+        if sch.get(block).name_hint in outputs or sch.get(block).name_hint == MERGE_POSITION:
             continue
         n_spatial, n_iters = _axes(sch, block)
         try:

@@ -272,18 +272,25 @@ def gather_channels(x: te.Tensor, channels: tuple[int, ...]) -> te.Tensor:
     return te.compute(shape, lambda b, j, *rest: x[(b, _static_index(j, channels), *rest)], name="x_sel")
 
 
+MERGE_POSITION = "merge_position"
+
+
 def merge_channels(frozen: te.Tensor, trained: te.Tensor, channel_axis: int, channels: tuple[int, ...]) -> te.Tensor:
     """The whole weight of a partially trained conv: ``trained`` (RAM) at ``channels``, ``frozen`` (flash) elsewhere.
 
     Only the trained slices have to live in RAM between steps; the merged weight
-    is a temporary that each reader of the weight builds when it runs.
+    is a temporary that each reader of the weight builds when it runs.  Which slice
+    row a channel reads (or -1) is a small table stage, :data:`MERGE_POSITION`, that
+    the schedules compute once per call: inlined, its compare tree would run at
+    every weight read of the reduction.
     """
     position = [-1] * int(frozen.shape[channel_axis])
     for j, ch in enumerate(channels):
         position[ch] = j
+    table = te.compute((len(position),), lambda c: _static_index(c, position), name=MERGE_POSITION)
 
     def body(*idx):
-        j = _static_index(idx[channel_axis], position)
+        j = table[idx[channel_axis]]
         return tirx.if_then_else(j >= 0, trained[(*idx[:channel_axis], j, *idx[channel_axis + 1:])], frozen[idx])  # lazy
 
     return te.compute(frozen.shape, body, name="w_merged")
