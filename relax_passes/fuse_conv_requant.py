@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te
 
-from tvm_tinytrain.ops import te_backward, te_kernels, tir_pointwise
+from tvm_tinytrain.ops import te_backward, te_kernels, tir_conv_gemm
 from tvm_tinytrain.ops.schedule import compact_schedule, current_variant
 from tvm_tinytrain.relax_build import kernel_attrs
 
@@ -47,24 +47,24 @@ def accumulator(acc_call, args: list[te.Tensor], pad: int | None = None) -> te.T
 def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
     """One PrimFunc: the accumulation then requantize, scheduled so the accumulator is a scalar.
 
-    In the optimized variant a 1x1 conv that :func:`tir_pointwise.fits` is the DSP GEMM kernel instead.
+    In the optimized variant a conv that :func:`tir_conv_gemm.fits` is the DSP GEMM kernel instead.
     """
     r = rq_call.attrs
-    if current_variant() == "optimized" and _pointwise(acc_call):
-        (_, ic, _, _), (_, oc, h, w) = shape_of(acc_call.args[0]), shape_of(acc_call.var)
-        return tir_pointwise.pointwise_conv_requant(ic, oc, h, w, acc_call.attrs["x_zero"], r["y_zero"], r["qmin"], r["qmax"],
-                                                    wide_shift(rq_call.args[3]), tuple(acc_call.attrs.get("merged_channels", ())))
+    if current_variant() == "optimized" and _gemm(acc_call):
+        (_, ic, h, w), (_, oc, _, _), k = shape_of(acc_call.args[0]), shape_of(acc_call.var), shape_of(acc_call.args[1])[2]
+        return tir_conv_gemm.conv_requant(ic, oc, h, w, k, acc_call.attrs["stride"], acc_call.attrs["x_zero"], r["y_zero"], r["qmin"],
+                                          r["qmax"], wide_shift(rq_call.args[3]), tuple(acc_call.attrs.get("merged_channels", ())))
     acc_args = placeholders(acc_call.args)
     rq_args = placeholders(rq_call.args[1:], len(acc_args))
     y = te_kernels.requantize(accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"], wide_shift(rq_call.args[3]))
     return compact_schedule(te.create_prim_func([*acc_args, *rq_args, y])).without_attr("global_symbol")
 
 
-def _pointwise(acc_call) -> bool:
-    if acc_call.op != "conv2d_acc" or acc_call.attrs["stride"] != 1 or acc_call.attrs["groups"] != 1:
+def _gemm(acc_call) -> bool:
+    if acc_call.op != "conv2d_acc" or acc_call.attrs["groups"] != 1:
         return False
-    (n, ic, _, w), (oc, _, kh, kw) = shape_of(acc_call.args[0]), shape_of(acc_call.args[1])
-    return (kh, kw) == (1, 1) and tir_pointwise.fits(ic, oc, n, w)
+    (n, ic, _, _), (oc, _, k, _), (_, _, _, wo) = shape_of(acc_call.args[0]), shape_of(acc_call.args[1]), shape_of(acc_call.var)
+    return tir_conv_gemm.fits(ic, oc, n, wo, k, merged=len(acc_call.args) == 3)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseConvRequant")

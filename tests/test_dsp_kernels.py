@@ -3,7 +3,8 @@
 Each helper has three forms (tvm_tinytrain/ops/dsp.py): plain TIR for llvm, portable C for the host and the
 ACLE intrinsic on a Cortex-M.  The first two are checked here against a numpy definition of the instruction;
 the third is checked against the host build bit for bit by the whole-step board test of MCUNet paper-99kb
-(test_device.py), whose 1x1 convs, plain and merged, run the pointwise kernel below.
+(test_device.py), whose convs (the first one, and the 1x1 ones, plain and merged) and inverted blocks run
+the kernels below. The float32 multiply-accumulate helper is checked the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm.script import tirx as T
 
-from tvm_tinytrain.ops import dsp, reference, tir_expand_depthwise, tir_pointwise
+from tvm_tinytrain.ops import dsp, reference, tir_conv_gemm, tir_expand_depthwise
 from tvm_tinytrain.ops.constants import Requant
 from tvm_tinytrain.quant import quantize_multipliers
 
@@ -93,13 +94,16 @@ def host_c(tmp_path_factory):
     calls = "\n".join(f"int32_t call_{name}(int32_t a, int32_t b, int32_t c) {{ return {name}({', '.join('abc'[:n])}); }}"
                       for name, n in ARITY.items())
     (work / "dsp.c").write_text("#include <stdint.h>\n#include <string.h>\n" + dsp.C_SOURCE + calls + "\n"
-                                "int32_t call_load(const int8_t *p) { return tinytrain_load_i32(p); }\n")
+                                "int32_t call_load(const int8_t *p) { return tinytrain_load_i32(p); }\n"
+                                "float call_fmla(float acc, float a, float b) { return tinytrain_fmla(acc, a, b); }\n")
     subprocess.run(["gcc", "-O2", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(work / "dsp.so"), str(work / "dsp.c")], check=True)
     lib = ctypes.CDLL(str(work / "dsp.so"))
     for name in ARITY:
         getattr(lib, f"call_{name}").restype = ctypes.c_int32
         getattr(lib, f"call_{name}").argtypes = [ctypes.c_int32] * 3
     lib.call_load.restype = ctypes.c_int32
+    lib.call_fmla.restype = ctypes.c_float
+    lib.call_fmla.argtypes = [ctypes.c_float] * 3
     return lib
 
 
@@ -133,13 +137,36 @@ def test_load_i32_is_little_endian_at_any_offset(host_c):
     assert [host_c.call_load(ctypes.cast(ctypes.addressof(base.contents) + i, ctypes.POINTER(ctypes.c_int8))) for i in range(3)] == want
 
 
+@given(triples=st.lists(st.tuples(*[st.floats(-(2.0**60), 2.0**60, width=32)] * 3), min_size=1, max_size=20))
+@settings(max_examples=20, deadline=None)
+def test_fmla_rounds_the_product_then_the_sum(host_c, triples):
+    for acc, a, b in triples:
+        want = np.float32(acc) + np.float32(np.float32(a) * np.float32(b))
+        assert np.float32(host_c.call_fmla(acc, a, b)).tobytes() == np.float32(want).tobytes()
+
+
+def test_use_multiply_accumulate_rewrites_only_float_accumulations():
+    @T.prim_func
+    def main(g: T.Buffer((8,), "float32"), w: T.Buffer((8,), "float32"), y: T.Buffer((2,), "float32"), z: T.Buffer((2,), "int32")):
+        for i in range(8):
+            y[0] = y[0] + g[i] * w[i]  # an accumulation
+            y[1] = y[0] + g[i] * w[i]  # not one: another element
+            z[0] = z[0] + i * i  # int32: the C compiler's MLA already
+    text = dsp.UseMultiplyAccumulate()(tvm.IRModule({"main": main}))["main"].script()
+    assert text.count(dsp.FMLA) == 1
+    assert 'y[0] = T.call_pure_extern("float32", "tinytrain_fmla", y[0], g[i], w[i])' in text
+
+
 @st.composite
-def pointwise_cases(draw):
-    ic, oc = 4 * draw(st.integers(1, 6)), 2 * draw(st.integers(1, 5))
-    h, w = draw(st.integers(1, 4)), 2 * draw(st.integers(1, 3))
+def gemm_cases(draw):
+    k = draw(st.sampled_from([1, 1, 3]))
+    stride = 1 if k == 1 else draw(st.sampled_from([1, 2]))
+    ic = 4 * draw(st.integers(1, 6)) if k == 1 else draw(st.integers(1, 5))
+    oc = 2 * draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 5)), 2 * stride * draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     x = rng.integers(-128, 128, (1, ic, h, w)).astype(np.int8)
-    wt = rng.integers(-128, 128, (oc, ic, 1, 1)).astype(np.int8)
+    wt = rng.integers(-128, 128, (oc, ic, k, k)).astype(np.int8)
     bias = rng.integers(-50000, 50000, oc).astype(np.int32)
     bias[0] = draw(st.sampled_from([-(2**31), 2**31 - 1, 0]))  # the saturating add
     wide = draw(st.booleans())
@@ -147,21 +174,23 @@ def pointwise_cases(draw):
     mult, shift = quantize_multipliers(scales)
     qmin = draw(st.integers(-128, 0))
     rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.integers(qmin, 127)))
-    channels = tuple(draw(st.permutations(range(ic)))[:draw(st.integers(0, ic))])
+    channels = tuple(draw(st.permutations(range(ic)))[:draw(st.integers(0, ic))]) if k == 1 else ()
     trained = rng.integers(-128, 128, (oc, len(channels), 1, 1)).astype(np.int8)
-    return x, wt, trained, channels, bias, rq, draw(st.integers(-128, 127)), wide and int(shift.min()) >= 33
+    return x, wt, trained, channels, bias, rq, draw(st.integers(-128, 127)), stride, wide and int(shift.min()) >= 33
 
 
-@given(pointwise_cases())
-@settings(max_examples=25, deadline=None)
-def test_pointwise_gemm_matches_reference_conv_and_requantize(case):
-    """Plain and merged (SparseUpdate's partially trained) weights, wide and int64 requantization."""
-    x, wt, trained, channels, bias, rq, x_zero, wide = case
+@given(gemm_cases())
+@settings(max_examples=30, deadline=None)
+def test_conv_gemm_matches_reference_conv_and_requantize(case):
+    """1x1 convs with plain and merged (SparseUpdate's partially trained) weights, 3x3 convs with padding, stride
+    and taps that are not whole groups of four; wide and int64 requantization."""
+    x, wt, trained, channels, bias, rq, x_zero, stride, wide = case
     merged = wt.copy()
     merged[:, list(channels)] = trained
-    want = reference.requantize(reference.conv2d_acc(x, merged, x_zero, 1, 1), bias, rq)
-    _, ic, h, w = x.shape
-    func = tir_pointwise.pointwise_conv_requant(ic, wt.shape[0], h, w, x_zero, rq.y_zero, rq.qmin, rq.qmax, wide, channels)
+    want = reference.requantize(reference.conv2d_acc(x, merged, x_zero, stride, 1), bias, rq)
+    (_, ic, h, w), (oc, _, k, _) = x.shape, wt.shape
+    assert tir_conv_gemm.fits(ic, oc, 1, want.shape[3], k, merged=bool(channels))
+    func = tir_conv_gemm.conv_requant(ic, oc, h, w, k, stride, x_zero, rq.y_zero, rq.qmin, rq.qmax, wide, channels)
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     inputs = (x, wt, *((trained,) if channels else ()), bias, rq.mult, rq.shift)
@@ -169,12 +198,14 @@ def test_pointwise_gemm_matches_reference_conv_and_requantize(case):
     np.testing.assert_array_equal(out.numpy(), want)
 
 
-def test_pointwise_gemm_takes_only_the_shapes_it_fits():
-    assert tir_pointwise.fits(8, 6, 1, 4)
-    assert not tir_pointwise.fits(6, 6, 1, 4)  # input channels in fours
-    assert not tir_pointwise.fits(8, 5, 1, 4)  # output channels in pairs
-    assert not tir_pointwise.fits(8, 6, 1, 3)  # pixels in pairs along a row
-    assert not tir_pointwise.fits(8, 6, 2, 4)  # batch 1
+def test_conv_gemm_takes_only_the_shapes_it_fits():
+    assert tir_conv_gemm.fits(8, 6, 1, 4)
+    assert tir_conv_gemm.fits(3, 16, 1, 64, k=3)  # the first conv: 27 taps, weight rows staged
+    assert not tir_conv_gemm.fits(8, 5, 1, 4)  # output channels in pairs
+    assert not tir_conv_gemm.fits(8, 6, 1, 3)  # output pixels in pairs along a row
+    assert not tir_conv_gemm.fits(8, 6, 2, 4)  # batch 1
+    assert not tir_conv_gemm.fits(8, 6, 1, 4, k=3, merged=True)  # merged weights: 1x1 only
+    assert not tir_conv_gemm.fits(63, 64, 1, 4, k=3)  # 567 taps x 64 rows: too many weight bytes to stage
 
 
 @st.composite

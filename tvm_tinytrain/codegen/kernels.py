@@ -114,7 +114,7 @@ def lower(ptr_mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """TVM's default TIR pipeline plus ``LowerIntrin`` (libm names), without ``LowerTVMBuiltin`` (see the module doc)."""
     mod = tirx.transform.BindTarget(target.with_host(target))(ptr_mod)
     pipeline, _, _ = tvm.tirx.get_tir_pipeline("default")
-    mod = tirx.transform.LowerIntrin()(pipeline(mod))
+    mod = dsp.UseMultiplyAccumulate()(tirx.transform.LowerIntrin()(pipeline(mod)))
     # AnnotateEntryFunc marks a lone function as the packed entry point, which the C host codegen rejects.
     return tvm.IRModule({gv: f.with_attr("tirx.is_entry_func", False) for gv, f in mod.functions.items()})
 

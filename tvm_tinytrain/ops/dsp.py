@@ -1,16 +1,21 @@
-"""The Cortex-M DSP instructions the optimized int8 kernels use, as TIR calls with three lowerings.
+"""The Cortex-M DSP and FPU instructions the optimized kernels use, as TIR calls with three lowerings.
 
 A kernel's TIR calls ``tinytrain_smlad(a, b, acc)`` and friends with ``call_extern``.  Each name has
 
-* on a Cortex-M with the DSP extension (M4, M7): a ``static inline`` C function over the ACLE intrinsic,
-  one instruction each (``__smlad``, ``__sxtb16``, ``__qadd``; the 32-bit load is a ``memcpy``, which gcc
-  emits as one ``ldr``: unaligned loads are legal on ARMv7-M);
+* on a Cortex-M with the DSP extension (M4, M7): a ``static inline`` C function of one instruction, the ACLE
+  intrinsic where ACLE has one (``__smlad``, ``__sxtb16``, ``__qadd``) and inline assembly where it has not
+  (``PKHBT``, ``PKHTB``, ``SXTB16`` with its rotation); the 32-bit load is a ``memcpy``, which gcc emits as one
+  ``ldr`` (unaligned loads are legal on ARMv7-M);
 * in any other C compiler (the host project): a portable C function with the same result;
 * for TVM's llvm target (the host trainer's Relax VM, which cannot link C helpers):
   :class:`LowerDSPIntrinsics` replaces each call by the same arithmetic in plain TIR.
 
 All three give the same bits, which the tests check (llvm and host C against numpy, host C against the
 emulated board).  Halfword lanes follow the instructions: ``lo`` is bits 0-15, ``hi`` bits 16-31.
+
+:class:`UseMultiplyAccumulate` is the float32 counterpart, applied by the C codegen only: every float
+accumulation becomes ``tinytrain_fmla``, the FPU's ``VMLA.F32`` (product rounded, then the sum: the bits of
+the C expression) on a Cortex-M with a single-precision FPU.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ PACK16 = "tinytrain_pack16"  # (lo(a), lo(b)): PKHBT
 PACK16_HI = "tinytrain_pack16_hi"  # (hi(a), hi(b)): PKHTB
 QADD = "tinytrain_qadd"  # int32 add, saturated
 LOAD32 = "tinytrain_load_i32"  # four int8 bytes of a 1-D buffer, little-endian, at any alignment
-NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, LOAD32)
+FMLA = "tinytrain_fmla"  # float32 acc + a * b with the product rounded first: VMLA.F32, not a fused multiply-add
+NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, LOAD32, FMLA)
 
 C_SOURCE = """\
 /* DSP helpers of the optimized int8 kernels (tvm_tinytrain/ops/dsp.py): one instruction each on a Cortex-M
@@ -39,19 +45,43 @@ static inline int32_t tinytrain_load_i32(const int8_t *p) {
   memcpy(&v, p, sizeof v);
   return v;
 }
+#if defined(__ARM_FP) && (__ARM_FP & 4)
+/* VMLA rounds the product before the add, as the C expression does (gcc emits it only for contractions). */
+static inline float tinytrain_fmla(float acc, float a, float b) {
+  __asm__("vmla.f32 %0, %1, %2" : "+t"(acc) : "t"(a), "t"(b));
+  return acc;
+}
+#else
+static inline float tinytrain_fmla(float acc, float a, float b) { return acc + a * b; }
+#endif
+#if defined(__ARM_FEATURE_DSP)
+#include <arm_acle.h>
+static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) { return (int32_t)__smlad((uint32_t)a, (uint32_t)b, acc); }
+static inline int32_t tinytrain_sxtb16(int32_t a) { return (int32_t)__sxtb16((uint32_t)a); }
+static inline int32_t tinytrain_qadd(int32_t a, int32_t b) { return __qadd(a, b); }
+/* ACLE has no PKHBT/PKHTB and no SXTB16 with its rotation, and gcc builds each from two or three instructions. */
+static inline int32_t tinytrain_sxtb16_ror8(int32_t a) {
+  int32_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(a));
+  return r;
+}
+static inline int32_t tinytrain_pack16(int32_t lo, int32_t hi) {
+  int32_t r;
+  __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(lo), "r"(hi));
+  return r;
+}
+static inline int32_t tinytrain_pack16_hi(int32_t lo, int32_t hi) {
+  int32_t r;
+  __asm__("pkhtb %0, %2, %1, asr #16" : "=r"(r) : "r"(lo), "r"(hi));
+  return r;
+}
+#else
 static inline int32_t tinytrain_pack16(int32_t lo, int32_t hi) {
   return (int32_t)(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
 }
 static inline int32_t tinytrain_pack16_hi(int32_t lo, int32_t hi) {
   return (int32_t)(((uint32_t)lo >> 16) | ((uint32_t)hi & 0xFFFF0000u));
 }
-#if defined(__ARM_FEATURE_DSP)
-#include <arm_acle.h>
-static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) { return (int32_t)__smlad((uint32_t)a, (uint32_t)b, acc); }
-static inline int32_t tinytrain_sxtb16(int32_t a) { return (int32_t)__sxtb16((uint32_t)a); }
-static inline int32_t tinytrain_sxtb16_ror8(int32_t a) { return (int32_t)__sxtb16(((uint32_t)a >> 8) | ((uint32_t)a << 24)); }
-static inline int32_t tinytrain_qadd(int32_t a, int32_t b) { return __qadd(a, b); }
-#else
 static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) {
   int64_t sum = (int64_t)acc + (int64_t)(int16_t)a * (int16_t)b + (int64_t)(a >> 16) * (b >> 16);
   return (int32_t)(uint32_t)(uint64_t)sum;
@@ -178,3 +208,33 @@ class LowerDSPIntrinsics:
 
     def transform_function(self, func, mod, ctx):
         return func.with_body(tvm_ffi.structural_map(func.body, [(tvm.ir.Call, _lower_call)]))
+
+
+def _multiply_accumulate(store):
+    value = store.value
+    if (str(value.ty.dtype) == "float32" and isinstance(value, tirx.Add) and isinstance(value.b, tirx.Mul)
+            and isinstance(value.a, tvm.ir.expr.TensorLoad) and value.a.source.same_as(store.buffer)
+            and len(value.a.indices) == len(store.indices) and all(tvm_ffi.structural_equal(i, j) for i, j in zip(value.a.indices, store.indices))):
+        return tirx.BufferStore(store.buffer, tirx.call_pure_extern("float32", FMLA, value.a, value.b.a, value.b.b), store.indices)
+    return store
+
+
+@tvm.tirx.transform.prim_func_pass(opt_level=0, name="UseMultiplyAccumulate")
+class UseMultiplyAccumulate:
+    """Every float32 accumulation ``buf[i] = buf[i] + a * b`` as one ``tinytrain_fmla`` call (C targets only).
+
+    The C must keep the product's rounding (``-ffp-contract=off``), so gcc never emits the Cortex-M FPU's
+    ``VMLA.F32``, which rounds the product too and saves the separate add.  The helper's C definition uses it
+    where the FPU exists and is the plain expression elsewhere.
+
+    Before::
+
+        g_x[0] = g_x[0] + g[i] * w
+
+    After::
+
+        g_x[0] = T.call_pure_extern("float32", "tinytrain_fmla", g_x[0], g[i], w)
+    """
+
+    def transform_function(self, func, mod, ctx):
+        return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.BufferStore, _multiply_accumulate)]))

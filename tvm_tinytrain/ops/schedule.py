@@ -28,13 +28,15 @@ import tvm
 from tvm import s_tir
 
 from ..errors import TinyTrainError
-from .te_backward import MERGE_POSITION
 
 SPATIAL = 0  # IterVar type of a data-parallel axis
 VARIANTS = ("reference", "optimized")
 # Output elements per tile, by accumulator type: a Cortex-M has 13 general registers (4 int32 accumulators fit
 # beside the pointers) and 32 single-precision ones (8 float accumulators fit).
 TILE = {"int32": 4, "float32": 8}
+
+# A stage the schedules keep whole, computed once per call: SparseUpdate's channel table (te_backward.merge_channels).
+MERGE_POSITION = "merge_position"
 
 _variant: contextvars.ContextVar[str] = contextvars.ContextVar("tinytrain_kernel_variant", default="reference")
 
@@ -116,19 +118,23 @@ def tile_reduction(sch: s_tir.Schedule, block) -> bool:
     _, inner = sch.split(loops[axis], [None, tile])
     sch.reorder(*sch.get_loops(block)[axis + 2:], inner)
     if str(sch.get(block).writes[0].source.dtype) == "float32":
-        _second_tile_axis(sch, block, axis)
+        _second_tile_axis(sch, block, axis, tile)
     return True
 
 
-def _second_tile_axis(sch: s_tir.Schedule, block, axis: int) -> None:
-    """Two rows of the tile along the outermost output axis before ``axis`` that 2 divides (a channel axis in
-    these kernels), so each operand loaded for one row serves both: 2 x 8 float32 accumulators fit the FPU's
-    32 registers; int32 ones would not fit the 13 general registers."""
+def _second_tile_axis(sch: s_tir.Schedule, block, axis: int, tile: int) -> None:
+    """Rows of the tile along the outermost output axis before ``axis`` that the row count divides (a channel
+    axis in these kernels), so each operand loaded for one row serves all: 16 float32 accumulators (2 x 8, or
+    4 x 4 when the first tile axis is 4 wide) fit the FPU's 32 registers; int32 ones would not fit the 13
+    general registers."""
     loops = sch.get_loops(block)
-    second = next((k for k in range(axis) if int(sch.get(loops[k]).extent) % 2 == 0 and int(sch.get(loops[k]).extent) > 2), None)
-    if second is None:
+    for rows in dict.fromkeys((min(4, max(2, 16 // tile)), 2)):
+        second = next((k for k in range(axis) if int(sch.get(loops[k]).extent) % rows == 0 and int(sch.get(loops[k]).extent) > rows), None)
+        if second is not None:
+            break
+    else:
         return
-    _, row = sch.split(loops[second], [None, 2])
+    _, row = sch.split(loops[second], [None, rows])
     loops = sch.get_loops(block)
     position = [sch.get(lp).same_as(sch.get(row)) for lp in loops].index(True)
     sch.reorder(*loops[position + 1:-1], row, loops[-1])

@@ -26,6 +26,7 @@ from tvm import te, tirx
 from ..errors import TinyTrainError
 from ..quant import INT32_MAX, INT32_MIN
 from . import te_kernels
+from .schedule import MERGE_POSITION
 
 F32 = "float32"
 
@@ -133,22 +134,27 @@ def conv2d_input_grad(g_acc: te.Tensor, w: te.Tensor, w_scales: te.Tensor, in_sh
     ``g_x[n,c,h,w] = sum_{o in c's group, kh, kw} g_acc[n,o,ho,wo] * (float(w[o,c',kh,kw]) * w_scales[o])``
     over the terms where ``ho = (h + pad - kh) / stride`` (and ``wo``) is an integer inside the output;
     the reduction runs over the group's ``O/groups`` outputs only, so depthwise costs ``k*k`` per element.
+    With a stride it runs over the taps of the one parity that can be exact, ``kh = (h + pad) % stride +
+    stride * j``: the same terms in the same order, without the ``stride**2 - 1`` of every ``stride**2`` taps
+    that add nothing.
     """
     n, c, h, wd = (int(d) for d in in_shape)
     o, cg, k, _ = (int(d) for d in w.shape)
     ho, wo = (int(d) for d in g_acc.shape[2:])
     pad = _conv_pad(h, wd, k, stride, ho, wo)
     og = o // groups
+    taps = -(-k // stride)
     ro = te.reduce_axis((0, og), "ro")
-    rh = te.reduce_axis((0, k), "rh")
-    rw = te.reduce_axis((0, k), "rw")
+    rh = te.reduce_axis((0, taps), "rh")
+    rw = te.reduce_axis((0, taps), "rw")
 
     def body(b, ci, ih, iw):
         oc = (ci // cg) * og + ro
-        th, tw = ih + pad - rh, iw + pad - rw
+        kh, kw = (ih + pad) % stride + rh * stride, (iw + pad) % stride + rw * stride
+        th, tw = ih + pad - kh, iw + pad - kw
         oh, ow = th // stride, tw // stride
-        valid = tirx.all(th >= 0, tw >= 0, th % stride == 0, tw % stride == 0, oh < ho, ow < wo)
-        w_real = w[oc, ci % cg, rh, rw].astype(F32) * w_scales[oc]
+        valid = tirx.all(kh < k, kw < k, th >= 0, tw >= 0, oh < ho, ow < wo)
+        w_real = w[oc, ci % cg, kh, kw].astype(F32) * w_scales[oc]
         return te.sum(tirx.if_then_else(valid, g_acc[b, oc, oh, ow] * w_real, _f32(0.0)), axis=[ro, rh, rw])
 
     return te.compute((n, c, h, wd), body, name="g_x")
@@ -270,9 +276,6 @@ def gather_channels(x: te.Tensor, channels: tuple[int, ...]) -> te.Tensor:
     """``x[:, channels]``: the only part of a sparse-updated conv's input the weight gradient needs."""
     shape = (x.shape[0], len(channels), *x.shape[2:])
     return te.compute(shape, lambda b, j, *rest: x[(b, _static_index(j, channels), *rest)], name="x_sel")
-
-
-MERGE_POSITION = "merge_position"
 
 
 def merge_channels(frozen: te.Tensor, trained: te.Tensor, channel_axis: int, channels: tuple[int, ...]) -> te.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from . import dsp
+from .schedule import current_variant
 
 
 def _rshift_round(v, shift):
@@ -63,7 +64,8 @@ def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, sh
                      wide_shift: bool = False):
     """Value of :func:`requantize` at ``idx`` before the clamp (see :func:`scale_shift`)."""
     c = idx[1]
-    total = acc[idx] if bias is None else dsp.saturating_add(acc[idx], bias[c])
+    add = dsp.qadd if current_variant() == "optimized" else dsp.saturating_add  # QADD: one instruction on a Cortex-M
+    total = acc[idx] if bias is None else add(acc[idx], bias[c])
     return scale_shift(total, mult[c], shift[c], y_zero, wide_shift)
 
 

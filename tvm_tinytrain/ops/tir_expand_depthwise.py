@@ -5,7 +5,7 @@ channel's plane, requantized, into a stack buffer bordered by the depthwise conv
 the depthwise conv over that plane.  The expansion is where the multiply-adds are; it takes its pairs for
 ``SMLAD`` from four input planes at once: 32-bit loads of four pixels of channels ``4g..4g+3``, ``SXTB16``
 and ``PKHBT``/``PKHTB`` give the halfword pairs ``(x[4g], x[4g+2])`` and ``(x[4g+1], x[4g+3])`` of each
-pixel, which meet the weight pairs of one 32-bit weight load (see :mod:`.tir_pointwise`).  No staging, so
+pixel, which meet the weight pairs of one 32-bit weight load (see :mod:`.tir_conv_gemm`).  No staging, so
 it suits a kernel that reads the input once per expanded channel.  Both zero points are folded into the
 accumulators' start, ``-x_zero * sum(w)``, so the inner loops multiply raw int8 values; the plane's border
 (the depthwise padding) holds the zero point and so contributes nothing.
@@ -38,9 +38,11 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     tile = tile_width(wo)
     plane_zero = depthwise["x_zero"]
+    # A few groups of four input channels are unrolled: the loop's set-up would cost as much as its body.
+    group_loop = T.unroll if ic <= 16 else T.serial
 
-    def requant(acc, c, bias, mult, shift, conv: dict, wide_shift: bool):
-        return clamp_int8(scale_shift(dsp.qadd(acc, bias[c]), mult[c], shift[c], conv["y_zero"], wide_shift), conv["qmin"], conv["qmax"])
+    def requant(acc, bias, mult, shift, conv: dict, wide_shift: bool):
+        return clamp_int8(scale_shift(dsp.qadd(acc, bias), mult, shift, conv["y_zero"], wide_shift), conv["qmin"], conv["qmax"])
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((1, ic, h, w), "int8"), w_pw: T.Buffer((c_out, ic, 1, 1), "int8"), b1: T.Buffer((c_out,), "int32"),
@@ -54,9 +56,19 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         start = T.alloc_buffer((2,), "int32", scope="global")  # the folded zero points of the two convs
         pairs = T.alloc_buffer((2,), "int32", scope="global")  # weight pairs (4g, 4g+2), (4g+1, 4g+3)
         lanes = T.alloc_buffer((4,), "int32", scope="global")  # SXTB16 of two input rows: even, odd pixels
+        q1 = T.alloc_buffer((3,), "int32", scope="global")  # bias, multiplier, shift of the channel's expansion
+        q2 = T.alloc_buffer((3,), "int32", scope="global")  # and of its depthwise conv
         for i, j in T.grid(h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[i, j] = T.int8(plane_zero)
         for c in range(c_out):
+            # Copied to a local array (as TVM prints a let of a load): the C compiler then knows no output store
+            # changes them and hoists their shift amounts out of the pixel loops.
+            q1[0] = b1[c]
+            q1[1] = m1[c]
+            q1[2] = s1[c]
+            q2[0] = b2[c]
+            q2[1] = m2[c]
+            q2[2] = s2[c]
             start[0] = 0
             for i in range(ic):
                 start[0] = start[0] - expand["x_zero"] * T.Cast("int32", w_pw[c, i, 0, 0])
@@ -66,7 +78,7 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
             for r, q in T.grid(h, w // 4):
                 for t in T.unroll(4):
                     acc[t] = start[0]
-                for g in range(ic // 4):
+                for g in group_loop(ic // 4):
                     pairs[0] = dsp.sxtb16(dsp.load_i32(rows[c * ic + 4 * g]))
                     pairs[1] = dsp.sxtb16_ror8(dsp.load_i32(rows[c * ic + 4 * g]))
                     for odd in T.unroll(2):  # channels (4g, 4g+2), then (4g+1, 4g+3)
@@ -79,14 +91,15 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
                         acc[2] = dsp.smlad(pairs[odd], dsp.pack16_hi(lanes[0], lanes[2]), acc[2])
                         acc[3] = dsp.smlad(pairs[odd], dsp.pack16_hi(lanes[1], lanes[3]), acc[3])
                 for t in T.unroll(4):
-                    plane[r + pad, 4 * q + t + pad] = requant(acc[t], c, b1, m1, s1, expand, wide[0])
+                    plane[r + pad, 4 * q + t + pad] = requant(acc[t], q1[0], q1[1], q1[2], expand, wide[0])
             for oh, q in T.grid(ho, wo // tile):
                 for t in T.unroll(tile):
                     acc[t] = start[1]
-                for kh, kw in T.grid(k, k):
-                    for t in T.unroll(tile):
-                        acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w_dw[c, 0, kh, kw])
+                for kh in range(k):
+                    for kw in T.unroll(k):
+                        for t in T.unroll(tile):
+                            acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w_dw[c, 0, kh, kw])
                 for t in T.unroll(tile):
-                    y[0, c, oh, q * tile + t] = requant(acc[t], c, b2, m2, s2, depthwise, wide[1])
+                    y[0, c, oh, q * tile + t] = requant(acc[t], q2[0], q2[1], q2[2], depthwise, wide[1])
 
     return kernel

@@ -1,0 +1,125 @@
+"""A conv (groups 1) with its requantization as a blocked int8 GEMM on the DSP instructions, in TIR.
+
+A conv is ``y[oc, p] = requant(sum_r w[oc, r] * col[r, p])`` over the ``R = ic * k * k`` taps ``r = (ic, kh, kw)``
+of output pixel ``p``, ``col`` being the input under the tap minus the zero point (0 in the padding).  ``SMLAD``
+does two of those multiply-adds in one instruction on pairs of halfwords taken along ``r``.  A weight row gives
+its pairs straight from memory: one 32-bit load of ``w[oc, 4g:4g+4]`` and two ``SXTB16`` give
+``(w[4g], w[4g+2])`` and ``(w[4g+1], w[4g+3])``.  For each pair of output pixels the kernel first stages their
+columns as halfword pairs in that same order (``4 * R`` bytes on the stack, written once and read by every
+output channel); it then computes 2 output channels x 2 pixels at a time, four accumulators in registers, two
+``SMLAD`` per accumulator per four taps.  When ``R`` is not a multiple of four (the first conv: 3 channels x
+3 x 3) the weight rows are first copied, zero-padded to whole groups, to the stack.  A 1x1 conv's taps are
+its input channels and its columns need no bounds checks.  The schedule TE would give cannot express the
+staging's pair order or the 32-bit weight loads, hence TIR.
+
+The sums are integer and do not overflow (``|w * (x - x_zero)| <= 128 * 255``), so the order of the terms
+does not matter: the outputs are the bits of :func:`.te_kernels.conv2d_acc` then
+:func:`.te_kernels.requantize`.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import dsp
+from .te_kernels import clamp_int8, scale_shift
+
+MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
+
+
+def fits(in_channels: int, out_channels: int, batch: int, out_width: int, k: int = 1, merged: bool = False) -> bool:
+    """Whether :func:`conv_requant` takes this conv (groups 1): pixels in pairs along a row, channels in pairs,
+    the weight rows whole groups of four taps or small enough to stage; a merged weight only for 1x1."""
+    taps = in_channels * k * k
+    staged = taps % 4 != 0
+    return (batch == 1 and out_channels % 2 == 0 and out_width % 2 == 0 and not (merged and k != 1)
+            and (not staged or out_channels * (taps + 3) // 4 * 4 <= MAX_STAGED_WEIGHT_BYTES))
+
+
+def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, stride: int, x_zero: int, y_zero: int,
+                 qmin: int, qmax: int, wide_shift: bool, trained_channels: tuple[int, ...] = ()):
+    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a conv (padding ``(k-1)//2``) then requantize (module doc).
+
+    With ``trained_channels`` (1x1 only) the weight is SparseUpdate's merged one and the PrimFunc is
+    ``(x, frozen, trained, bias, mult, shift) -> y``: ``trained[:, j]`` replaces input channel
+    ``trained_channels[j]`` of ``frozen``.  The GEMM runs on ``frozen`` whole, and each accumulator then gets
+    ``(trained[o, j] - frozen[o, c_j]) * (x[c_j] - x_zero)``: the same integer sum, without a per-weight choice
+    between the two tensors in the inner loop.
+    """
+    ic, oc, n_trained = in_channels, out_channels, len(trained_channels)
+    pad = (k - 1) // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    taps = ic * k * k
+    groups = (taps + 3) // 4
+    staged = taps % 4 != 0
+
+    def column(x, r, oh, ow):
+        """Tap ``r`` of output pixel ``(oh, ow)``: ``x - x_zero`` under it, 0 in the padding and past the last tap."""
+        if k == 1 and stride == 1:
+            return x[0, r, oh, ow].astype("int32") - x_zero
+        c, kh, kw = r // (k * k), r // k % k, r % k
+        ih, iw = oh * stride + kh - pad, ow * stride + kw - pad
+        inside = tirx.all(r < taps, ih >= 0, ih < h, iw >= 0, iw < w)
+        return tirx.if_then_else(inside, x[0, c, ih, iw].astype("int32") - x_zero, 0)
+
+    # A short staging loop is unrolled, so each tap's (channel, kh, kw) is a constant: no divisions per pixel.
+    staging_loop = T.unroll if k > 1 and groups <= 16 else T.serial
+    group_loop = T.unroll if groups <= 4 else T.serial  # a short GEMM loop's set-up would cost as much as its body
+
+    def corrected(acc, c, x, frozen, trained, r, px):
+        for j, ch in enumerate(trained_channels):
+            acc = acc + ((T.Cast("int32", trained[c, j, 0, 0]) - T.Cast("int32", frozen[c, ch, 0, 0]))
+                         * (T.Cast("int32", x[0, ch, r, px]) - x_zero))
+        return acc
+
+    def output(acc, c, bias, mult, shift):
+        return clamp_int8(scale_shift(dsp.qadd(acc, bias[c]), mult[c], shift[c], y_zero, wide_shift), qmin, qmax)
+
+    @T.macro
+    def gemm(x, wt, trained, bias, mult, shift, y):
+        flat = T.decl_buffer((oc * taps,), "int8", data=wt.data)
+        rows = T.alloc_buffer((oc * groups * 4 if staged else 1,), "int8", scope="global")  # the staged weight rows
+        col = T.alloc_buffer((2, groups * 2), "int32", scope="global")  # [pixel][pair]: (4g, 4g+2), (4g+1, 4g+3)
+        acc = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + pixel]
+        pairs = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + k]: weight pairs (4g+k, 4g+k+2)
+        if staged:
+            for o, r in T.grid(oc, groups * 4):
+                rows[o * groups * 4 + r] = T.if_then_else(r < taps, flat[o * taps + T.min(r, taps - 1)], T.int8(0))
+        for oh, cp in T.grid(ho, wo // 2):
+            for g in staging_loop(groups):
+                for j in T.unroll(2):
+                    for half in T.unroll(2):
+                        col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, 2 * cp + j), column(x, 4 * g + half + 2, oh, 2 * cp + j))
+            for o2 in range(oc // 2):
+                for t in T.unroll(4):
+                    acc[t] = 0
+                for g in group_loop(groups):
+                    for c in T.unroll(2):  # the C compiler merges each row's two loads into one
+                        if staged:
+                            pairs[2 * c] = dsp.sxtb16(dsp.load_i32(rows[((2 * o2 + c) * groups + g) * 4]))
+                            pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(rows[((2 * o2 + c) * groups + g) * 4]))
+                        else:
+                            pairs[2 * c] = dsp.sxtb16(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
+                            pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
+                    for t in T.unroll(4):
+                        acc[t] = dsp.smlad(pairs[t // 2 * 2 + 1], col[t % 2, 2 * g + 1], dsp.smlad(pairs[t // 2 * 2], col[t % 2, 2 * g], acc[t]))
+                for t in T.unroll(4):
+                    y[0, 2 * o2 + t // 2, oh, 2 * cp + t % 2] = output(corrected(acc[t], 2 * o2 + t // 2, x, wt, trained, oh, 2 * cp + t % 2),
+                                                                       2 * o2 + t // 2, bias, mult, shift)
+
+    if n_trained:
+        @T.prim_func(private=True)
+        def merged(x: T.Buffer((1, ic, h, w), "int8"), frozen: T.Buffer((oc, ic, 1, 1), "int8"),
+                   trained: T.Buffer((oc, n_trained, 1, 1), "int8"), bias: T.Buffer((oc,), "int32"),
+                   mult: T.Buffer((oc,), "int32"), shift: T.Buffer((oc,), "int32"), y: T.Buffer((1, oc, h, w), "int8")):
+            gemm(x, frozen, trained, bias, mult, shift, y)
+
+        return merged
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((1, ic, h, w), "int8"), wt: T.Buffer((oc, ic, k, k), "int8"), bias: T.Buffer((oc,), "int32"),
+               mult: T.Buffer((oc,), "int32"), shift: T.Buffer((oc,), "int32"), y: T.Buffer((1, oc, ho, wo), "int8")):
+        gemm(x, wt, None, bias, mult, shift, y)
+
+    return kernel
