@@ -9,7 +9,8 @@ of them already copied.  This pass re-emits each depthwise ``conv2d_requant``
 and stride-1 depthwise ``conv2d_input_grad`` whose operand has no later
 reader (and is not a function input) as ``depthwise_in_place`` /
 ``depthwise_input_grad_in_place``: the same arithmetic in the same order,
-scheduled with one operand plane staged per channel.  PlanMemory then lets
+scheduled with one operand plane staged per channel (in the optimized variant, the convs are
+the TIR kernel of ``tvm_tinytrain/ops/tir_depthwise.py``).  PlanMemory then lets
 the output share the operand's storage (PAPER.md section 5: "depthwise in
 place"), e.g. MCUNet's first depthwise conv needs 64 KB instead of 128 KB.
 Planes larger than ``max_plane_bytes`` stay as they were (the plane is a
@@ -31,7 +32,7 @@ import tvm
 from tvm import relax, s_tir, te
 
 from tvm_tinytrain.model import DTYPE_BYTES
-from tvm_tinytrain.ops import te_backward, te_kernels
+from tvm_tinytrain.ops import te_backward, te_kernels, tir_depthwise
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
@@ -78,6 +79,10 @@ def _padding(call, max_plane: int) -> int:
 def _conv_requant(call, max_plane: int):
     a = call.attrs
     pad = _padding(call, max_plane)
+    (n, c, h, w), k = shape_of(call.args[0]), shape_of(call.args[1])[2]
+    if current_variant() == "optimized" and pad == (k - 1) // 2 and len(call.args) == 5 and n == 1:
+        conv = {key: a[key] for key in ("x_zero", "y_zero", "qmin", "qmax")}
+        return tir_depthwise.depthwise_conv_requant(c, h, w, k, a["stride"], conv, wide_shift(call.args[-1]))
 
     def outputs_of(plane, args):
         n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)

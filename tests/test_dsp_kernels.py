@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm.script import tirx as T
 
-from tvm_tinytrain.ops import dsp, reference, tir_conv_gemm, tir_expand_depthwise
+from tvm_tinytrain.ops import dsp, reference, tir_conv_gemm, tir_depthwise, tir_expand_depthwise
 from tvm_tinytrain.ops.constants import Requant
 from tvm_tinytrain.quant import quantize_multipliers
 
@@ -243,4 +243,20 @@ def test_expand_depthwise_matches_reference_convs(case):
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (x, w_pw, b1, rq1.mult, rq1.shift, w_dw, b2, rq2.mult, rq2.shift)], out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+@given(block_cases())
+@settings(max_examples=15, deadline=None)
+def test_depthwise_conv_matches_reference(case):
+    """The depthwise half of the block cases, alone (its input staged from memory, as DepthwiseInPlace runs it)."""
+    x, w_pw, w_dw, ((b1, rq1), (b2, rq2)), x_zero, k, stride, wide = case
+    planes = np.repeat(x[:, :1], w_dw.shape[0], axis=1)  # as many channels as the depthwise weight
+    want = reference.requantize(reference.conv2d_acc(planes, w_dw, x_zero, stride, w_dw.shape[0]), b2, rq2)
+    _, c, h, w = planes.shape
+    conv = {"x_zero": x_zero, "y_zero": rq2.y_zero, "qmin": rq2.qmin, "qmax": rq2.qmax}
+    func = tir_depthwise.depthwise_conv_requant(c, h, w, k, stride, conv, wide[1])
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
+    out = tvm.runtime.empty(want.shape, "int8")
+    fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (planes, w_dw, b2, rq2.mult, rq2.shift)], out)
     np.testing.assert_array_equal(out.numpy(), want)

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from . import dsp
-from .te_kernels import clamp_int8, scale_shift
-
-
-def tile_width(out_width: int) -> int:
-    return next(t for t in (4, 2, 1) if out_width % t == 0)
+from . import dsp, tir_depthwise
 
 
 def fits(in_channels: int, batch: int, width: int) -> bool:
@@ -36,13 +31,10 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
     ``x_zero``, ``y_zero``, ``qmin``, ``qmax``; ``wide`` their :func:`.te_kernels.scale_shift` modes."""
     ic, c_out, pad = in_channels, channels, (k - 1) // 2
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    tile = tile_width(wo)
     plane_zero = depthwise["x_zero"]
+    conv_channel = tir_depthwise.plane_conv(k, stride, ho, wo, depthwise, wide[1])
     # A few groups of four input channels are unrolled: the loop's set-up would cost as much as its body.
     group_loop = T.unroll if ic <= 16 else T.serial
-
-    def requant(acc, bias, mult, shift, conv: dict, wide_shift: bool):
-        return clamp_int8(scale_shift(dsp.qadd(acc, bias), mult, shift, conv["y_zero"], wide_shift), conv["qmin"], conv["qmax"])
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((1, ic, h, w), "int8"), w_pw: T.Buffer((c_out, ic, 1, 1), "int8"), b1: T.Buffer((c_out,), "int32"),
@@ -53,28 +45,19 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         rows = T.decl_buffer((c_out * ic,), "int8", data=w_pw.data)
         plane = T.alloc_buffer((h + 2 * pad, w + 2 * pad), "int8", scope="global")
         acc = T.alloc_buffer((4,), "int32", scope="global")
-        start = T.alloc_buffer((2,), "int32", scope="global")  # the folded zero points of the two convs
+        start = T.alloc_buffer((1,), "int32", scope="global")  # a folded zero point
         pairs = T.alloc_buffer((2,), "int32", scope="global")  # weight pairs (4g, 4g+2), (4g+1, 4g+3)
         lanes = T.alloc_buffer((4,), "int32", scope="global")  # SXTB16 of two input rows: even, odd pixels
-        q1 = T.alloc_buffer((3,), "int32", scope="global")  # bias, multiplier, shift of the channel's expansion
-        q2 = T.alloc_buffer((3,), "int32", scope="global")  # and of its depthwise conv
+        params = T.alloc_buffer((3,), "int32", scope="global")  # bias, multiplier, shift of the channel
         for i, j in T.grid(h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[i, j] = T.int8(plane_zero)
         for c in range(c_out):
-            # Copied to a local array (as TVM prints a let of a load): the C compiler then knows no output store
-            # changes them and hoists their shift amounts out of the pixel loops.
-            q1[0] = b1[c]
-            q1[1] = m1[c]
-            q1[2] = s1[c]
-            q2[0] = b2[c]
-            q2[1] = m2[c]
-            q2[2] = s2[c]
+            params[0] = b1[c]  # a local copy: see tir_depthwise
+            params[1] = m1[c]
+            params[2] = s1[c]
             start[0] = 0
             for i in range(ic):
                 start[0] = start[0] - expand["x_zero"] * T.Cast("int32", w_pw[c, i, 0, 0])
-            start[1] = 0
-            for kh, kw in T.grid(k, k):
-                start[1] = start[1] - plane_zero * T.Cast("int32", w_dw[c, 0, kh, kw])
             for r, q in T.grid(h, w // 4):
                 for t in T.unroll(4):
                     acc[t] = start[0]
@@ -91,15 +74,7 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
                         acc[2] = dsp.smlad(pairs[odd], dsp.pack16_hi(lanes[0], lanes[2]), acc[2])
                         acc[3] = dsp.smlad(pairs[odd], dsp.pack16_hi(lanes[1], lanes[3]), acc[3])
                 for t in T.unroll(4):
-                    plane[r + pad, 4 * q + t + pad] = requant(acc[t], q1[0], q1[1], q1[2], expand, wide[0])
-            for oh, q in T.grid(ho, wo // tile):
-                for t in T.unroll(tile):
-                    acc[t] = start[1]
-                for kh in range(k):
-                    for kw in T.unroll(k):
-                        for t in T.unroll(tile):
-                            acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w_dw[c, 0, kh, kw])
-                for t in T.unroll(tile):
-                    y[0, c, oh, q * tile + t] = requant(acc[t], q2[0], q2[1], q2[2], depthwise, wide[1])
+                    plane[r + pad, 4 * q + t + pad] = tir_depthwise.requantized(acc[t], params, expand, wide[0])
+            conv_channel(plane, w_dw, b2, m2, s2, c, start, params, acc, y)
 
     return kernel

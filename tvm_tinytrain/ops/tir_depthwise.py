@@ -1,0 +1,80 @@
+"""Depthwise convs with their requantization in TIR: one channel plane at a time, zero point folded.
+
+Each channel's input plane sits in a stack buffer bordered by the conv's input zero point (the padding), so the
+taps need no bounds checks.  The zero point is folded into the accumulators' start, ``-x_zero * sum(w)``, so
+the inner loop multiplies raw int8 values (the border then contributes nothing), and a tile of output pixels
+along a row shares each weight and, unrolled along the kernel row, each loaded input byte.  The channel's
+bias, multiplier and shift are copied to a local array first, so the C compiler knows no output store
+changes them and computes their shift amounts once per channel.
+
+:func:`depthwise_conv_requant` stages every input channel before writing that channel's outputs, so its
+output may overwrite its input (``DepthwiseInPlace``); ``FuseExpandDepthwise``'s kernel
+(:mod:`.tir_expand_depthwise`) fills the plane from the expansion instead.  Integer sums: the bits of the
+tensor-expression kernels.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from . import dsp
+from .te_kernels import clamp_int8, scale_shift
+
+
+def tile_width(out_width: int) -> int:
+    return next(t for t in (4, 2, 1) if out_width % t == 0)
+
+
+def requantized(acc, params, conv: dict, wide_shift: bool):
+    """``acc`` requantized with ``params[0:3]`` = the channel's bias, multiplier and shift."""
+    return clamp_int8(scale_shift(dsp.qadd(acc, params[0]), params[1], params[2], conv["y_zero"], wide_shift), conv["qmin"], conv["qmax"])
+
+
+def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
+    """A macro ``(plane, w, b, m, s, c, start, params, acc, y)``: output channel ``c`` of the conv over ``plane``
+    (padded; ``start``, ``params``, ``acc``: the caller's local scratch arrays of 1, 3 and 4 int32)."""
+    tile = tile_width(wo)
+
+    @T.macro
+    def conv_channel(plane, w, b, m, s, c, start, params, acc, y):
+        params[0] = b[c]
+        params[1] = m[c]
+        params[2] = s[c]
+        start[0] = 0
+        for kh, kw in T.grid(k, k):
+            start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])
+        for oh, q in T.grid(ho, wo // tile):
+            for t in T.unroll(tile):
+                acc[t] = start[0]
+            for kh in range(k):
+                for kw in T.unroll(k):
+                    for t in T.unroll(tile):
+                        acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w[c, 0, kh, kw])
+            for t in T.unroll(tile):
+                y[0, c, oh, q * tile + t] = requantized(acc[t], params, conv, wide_shift)
+
+    return conv_channel
+
+
+def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, conv: dict, wide_shift: bool):
+    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a depthwise conv (padding ``(k-1)//2``) then requantize;
+    ``conv`` holds its ``x_zero``, ``y_zero``, ``qmin``, ``qmax``.  The output may share the input's storage."""
+    pad = (k - 1) // 2
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    conv_channel = plane_conv(k, stride, ho, wo, conv, wide_shift)
+
+    @T.prim_func(private=True)
+    def kernel(x: T.Buffer((1, channels, h, w), "int8"), wt: T.Buffer((channels, 1, k, k), "int8"), bias: T.Buffer((channels,), "int32"),
+               mult: T.Buffer((channels,), "int32"), shift: T.Buffer((channels,), "int32"), y: T.Buffer((1, channels, ho, wo), "int8")):
+        plane = T.alloc_buffer((h + 2 * pad, w + 2 * pad), "int8", scope="global")
+        start = T.alloc_buffer((1,), "int32", scope="global")
+        params = T.alloc_buffer((3,), "int32", scope="global")
+        acc = T.alloc_buffer((4,), "int32", scope="global")
+        for i, j in T.grid(h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
+            plane[i, j] = T.int8(conv["x_zero"])
+        for c in range(channels):
+            for i, j in T.grid(h, w):
+                plane[i + pad, j + pad] = x[0, c, i, j]
+            conv_channel(plane, wt, bias, mult, shift, c, start, params, acc, y)
+
+    return kernel
