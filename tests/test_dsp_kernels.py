@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 
 from tvm_tinytrain.ops import dsp, reference, tir_conv_gemm, tir_depthwise, tir_expand_depthwise
 from tvm_tinytrain.ops.constants import Requant
+from tvm_tinytrain.ops.schedule import kernel_variant
 from tvm_tinytrain.quant import quantize_multipliers
 
 
@@ -55,10 +56,12 @@ def numpy_helper(name, a, b, c):
         return _pack(a, b)
     if name == dsp.PACK16_HI:
         return _pack(_lanes(a)[1], _lanes(b)[1])
+    if name == dsp.SSAT8:
+        return np.clip(np.asarray(a, np.int64), -128, 127)
     return np.clip(np.asarray(a, np.int64) + b, -(2**31), 2**31 - 1)  # QADD
 
 
-ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.PACK16_HI: 2, dsp.QADD: 2}
+ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.PACK16_HI: 2, dsp.QADD: 2, dsp.SSAT8: 1}
 int32s = st.integers(-(2**31), 2**31 - 1)
 int16s = st.integers(-(2**15), 2**15 - 1)
 
@@ -74,7 +77,7 @@ def _operands(name, data):
 
 def _tir_helper(name):
     fn = {dsp.SMLAD: dsp.smlad, dsp.SXTB16: dsp.sxtb16, dsp.SXTB16_ROR8: dsp.sxtb16_ror8, dsp.PACK16: dsp.pack16,
-          dsp.PACK16_HI: dsp.pack16_hi, dsp.QADD: dsp.qadd}[name]
+          dsp.PACK16_HI: dsp.pack16_hi, dsp.QADD: dsp.qadd, dsp.SSAT8: dsp.ssat8}[name]
     n = ARITY[name]
 
     @T.prim_func
@@ -172,8 +175,8 @@ def gemm_cases(draw):
     wide = draw(st.booleans())
     scales = [draw(st.floats(1e-6, 0.2) if wide else st.floats(1e-3, 4.0)) for _ in range(oc)]
     mult, shift = quantize_multipliers(scales)
-    qmin = draw(st.integers(-128, 0))
-    rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.integers(qmin, 127)))
+    qmin = draw(st.one_of(st.just(-128), st.integers(-128, 0)))  # often the whole int8 range (one SSAT)
+    rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.one_of(st.just(127), st.integers(qmin, 127))))
     channels = tuple(draw(st.permutations(range(ic)))[:draw(st.integers(0, ic))]) if k == 1 else ()
     trained = rng.integers(-128, 128, (oc, len(channels), 1, 1)).astype(np.int8)
     return x, wt, trained, channels, bias, rq, draw(st.integers(-128, 127)), stride, wide and int(shift.min()) >= 33
@@ -190,7 +193,8 @@ def test_conv_gemm_matches_reference_conv_and_requantize(case):
     want = reference.requantize(reference.conv2d_acc(x, merged, x_zero, stride, 1), bias, rq)
     (_, ic, h, w), (oc, _, k, _) = x.shape, wt.shape
     assert tir_conv_gemm.fits(ic, oc, 1, want.shape[3], k, merged=bool(channels))
-    func = tir_conv_gemm.conv_requant(ic, oc, h, w, k, stride, x_zero, rq.y_zero, rq.qmin, rq.qmax, wide, channels)
+    with kernel_variant("optimized"):  # as the passes build it: with SSAT for a full-range clamp
+        func = tir_conv_gemm.conv_requant(ic, oc, h, w, k, stride, x_zero, rq.y_zero, rq.qmin, rq.qmax, wide, channels)
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     inputs = (x, wt, *((trained,) if channels else ()), bias, rq.mult, rq.shift)
@@ -223,8 +227,8 @@ def block_cases(draw):
         bias[0] = draw(st.sampled_from([-(2**31), 2**31 - 1, 0]))
         wide = draw(st.booleans())
         mult, shift = quantize_multipliers([draw(st.floats(1e-5, 0.05) if wide else st.floats(1e-3, 2.0)) for _ in range(c)])
-        qmin = draw(st.integers(-128, 0))
-        rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.integers(qmin, 127)))
+        qmin = draw(st.one_of(st.just(-128), st.integers(-128, 0)))
+        rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.one_of(st.just(127), st.integers(qmin, 127))))
         wides.append(wide and int(shift.min()) >= 33)
         params.append((bias, rq))
     return x, w_pw, w_dw, params, draw(st.integers(-128, 127)), k, stride, wides
@@ -239,7 +243,8 @@ def test_expand_depthwise_matches_reference_convs(case):
     want = reference.requantize(reference.conv2d_acc(expanded, w_dw, rq1.y_zero, stride, w_dw.shape[0]), b2, rq2)
     _, ic, h, w = x.shape
     convs = [{"x_zero": zx, "y_zero": rq.y_zero, "qmin": rq.qmin, "qmax": rq.qmax} for zx, rq in ((x_zero, rq1), (rq1.y_zero, rq2))]
-    func = tir_expand_depthwise.expand_depthwise(ic, w_pw.shape[0], h, w, k, stride, *convs, tuple(wide))
+    with kernel_variant("optimized"):
+        func = tir_expand_depthwise.expand_depthwise(ic, w_pw.shape[0], h, w, k, stride, *convs, tuple(wide))
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (x, w_pw, b1, rq1.mult, rq1.shift, w_dw, b2, rq2.mult, rq2.shift)], out)
@@ -255,7 +260,8 @@ def test_depthwise_conv_matches_reference(case):
     want = reference.requantize(reference.conv2d_acc(planes, w_dw, x_zero, stride, w_dw.shape[0]), b2, rq2)
     _, c, h, w = planes.shape
     conv = {"x_zero": x_zero, "y_zero": rq2.y_zero, "qmin": rq2.qmin, "qmax": rq2.qmax}
-    func = tir_depthwise.depthwise_conv_requant(c, h, w, k, stride, conv, wide[1])
+    with kernel_variant("optimized"):
+        func = tir_depthwise.depthwise_conv_requant(c, h, w, k, stride, conv, wide[1])
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (planes, w_dw, b2, rq2.mult, rq2.shift)], out)

@@ -3,7 +3,7 @@
 A kernel's TIR calls ``tinytrain_smlad(a, b, acc)`` and friends with ``call_extern``.  Each name has
 
 * on a Cortex-M with the DSP extension (M4, M7): a ``static inline`` C function of one instruction, the ACLE
-  intrinsic where ACLE has one (``__smlad``, ``__sxtb16``, ``__qadd``) and inline assembly where it has not
+  intrinsic where ACLE has one (``__smlad``, ``__sxtb16``, ``__qadd``, ``__ssat``) and inline assembly where it has not
   (``PKHBT``, ``PKHTB``, ``SXTB16`` with its rotation); the 32-bit load is a ``memcpy``, which gcc emits as one
   ``ldr`` (unaligned loads are legal on ARMv7-M);
 * in any other C compiler (the host project): a portable C function with the same result;
@@ -33,9 +33,10 @@ SXTB16_ROR8 = "tinytrain_sxtb16_ror8"  # (sext(byte 1), sext(byte 3))
 PACK16 = "tinytrain_pack16"  # (lo(a), lo(b)): PKHBT
 PACK16_HI = "tinytrain_pack16_hi"  # (hi(a), hi(b)): PKHTB
 QADD = "tinytrain_qadd"  # int32 add, saturated
+SSAT8 = "tinytrain_ssat8"  # int32 clamped to [-128, 127]
 LOAD32 = "tinytrain_load_i32"  # four int8 bytes of a 1-D buffer, little-endian, at any alignment
 FMLA = "tinytrain_fmla"  # float32 acc + a * b with the product rounded first: VMLA.F32, not a fused multiply-add
-NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, LOAD32, FMLA)
+NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, SSAT8, LOAD32, FMLA)
 
 C_SOURCE = """\
 /* DSP helpers of the optimized int8 kernels (tvm_tinytrain/ops/dsp.py): one instruction each on a Cortex-M
@@ -59,6 +60,7 @@ static inline float tinytrain_fmla(float acc, float a, float b) { return acc + a
 static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) { return (int32_t)__smlad((uint32_t)a, (uint32_t)b, acc); }
 static inline int32_t tinytrain_sxtb16(int32_t a) { return (int32_t)__sxtb16((uint32_t)a); }
 static inline int32_t tinytrain_qadd(int32_t a, int32_t b) { return __qadd(a, b); }
+static inline int32_t tinytrain_ssat8(int32_t a) { return __ssat(a, 8); }
 /* ACLE has no PKHBT/PKHTB and no SXTB16 with its rotation, and gcc builds each from two or three instructions. */
 static inline int32_t tinytrain_sxtb16_ror8(int32_t a) {
   int32_t r;
@@ -88,6 +90,7 @@ static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) {
 }
 static inline int32_t tinytrain_sxtb16(int32_t a) { return tinytrain_pack16((int8_t)a, (int8_t)(a >> 16)); }
 static inline int32_t tinytrain_sxtb16_ror8(int32_t a) { return tinytrain_pack16((int8_t)(a >> 8), (int8_t)(a >> 24)); }
+static inline int32_t tinytrain_ssat8(int32_t a) { return a > 127 ? 127 : a < -128 ? -128 : a; }
 static inline int32_t tinytrain_qadd(int32_t a, int32_t b) {
   int64_t sum = (int64_t)a + b;
   return (int32_t)(sum > INT32_MAX ? INT32_MAX : sum < INT32_MIN ? INT32_MIN : sum);
@@ -123,6 +126,10 @@ def pack16_hi(lo, hi):
 
 def qadd(a, b):
     return _call(QADD, a, b)
+
+
+def ssat8(a):
+    return _call(SSAT8, a)
 
 
 def load_i32(element):
@@ -182,6 +189,7 @@ _LOWERINGS = {
     PACK16: _pack16_tir,
     PACK16_HI: _pack16_hi_tir,
     QADD: saturating_add,
+    SSAT8: lambda a: tirx.max(tirx.min(a, 127), -128),
     LOAD32: _load_i32_tir,
 }
 _EXTERN_OPS = (tvm.ir.Op.get("tirx.call_extern"), tvm.ir.Op.get("tirx.call_pure_extern"))
