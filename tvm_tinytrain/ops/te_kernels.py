@@ -67,9 +67,18 @@ def requant_preclamp(acc: te.Tensor, bias: te.Tensor | None, mult: te.Tensor, sh
                      wide_shift: bool = False):
     """Value of :func:`requantize` at ``idx`` before the clamp (see :func:`scale_shift`)."""
     c = idx[1]
-    add = dsp.qadd if current_variant() == "optimized" else dsp.saturating_add  # QADD: one instruction on a Cortex-M
-    total = acc[idx] if bias is None else add(acc[idx], bias[c])
+    total = acc[idx] if bias is None else add_bias(acc[idx], bias[c])
     return scale_shift(total, mult[c], shift[c], y_zero, wide_shift)
+
+
+def add_bias(acc, bias):
+    """int32 ``acc + bias``, saturated: QADD, one instruction on a Cortex-M, in the optimized variant."""
+    return (dsp.qadd if current_variant() == "optimized" else dsp.saturating_add)(acc, bias)
+
+
+def requantize_value(acc, bias, mult, shift, y_zero: int, qmin: int, qmax: int, wide_shift: bool = False):
+    """:func:`requantize` of one int32 accumulator value, given its channel's bias, multiplier and shift (TIR kernels)."""
+    return clamp_int8(scale_shift(add_bias(acc, bias), mult, shift, y_zero, wide_shift), qmin, qmax)
 
 
 WIDE_SHIFT = 33

@@ -23,7 +23,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import dsp
-from .te_kernels import clamp_int8, scale_shift
+from .te_kernels import requantize_value
 
 MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
 
@@ -74,7 +74,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         return acc
 
     def output(acc, c, bias, mult, shift):
-        return clamp_int8(scale_shift(dsp.qadd(acc, bias[c]), mult[c], shift[c], y_zero, wide_shift), qmin, qmax)
+        return requantize_value(acc, bias[c], mult[c], shift[c], y_zero, qmin, qmax, wide_shift)
 
     @T.macro
     def gemm(x, wt, trained, bias, mult, shift, y):

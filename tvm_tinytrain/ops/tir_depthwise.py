@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from . import dsp
-from .te_kernels import clamp_int8, scale_shift
+from .te_kernels import requantize_value
 
 
 def tile_width(out_width: int) -> int:
@@ -27,7 +26,7 @@ def tile_width(out_width: int) -> int:
 
 def requantized(acc, params, conv: dict, wide_shift: bool):
     """``acc`` requantized with ``params[0:3]`` = the channel's bias, multiplier and shift."""
-    return clamp_int8(scale_shift(dsp.qadd(acc, params[0]), params[1], params[2], conv["y_zero"], wide_shift), conv["qmin"], conv["qmax"])
+    return requantize_value(acc, params[0], params[1], params[2], conv["y_zero"], conv["qmin"], conv["qmax"], wide_shift)
 
 
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
