@@ -5,9 +5,10 @@ Builds each model's generated C training step for QEMU mps2-an386 (M4) and mps2-
 memory (320 KB RAM, 1 MB flash), once with the reference kernels and once with the optimized ones (the same
 bits), runs 3 steps on random data and reports the measured parts beside the planner's prediction and the paper,
 plus the instructions spent in each kind of kernel (a TINYTRAIN_PROFILE build).
-Writes results/device_table.json and results/device_table.md.
+Writes results/device_table.json and results/device_table.md; with ``--all-schemes`` (every published scheme of
+each model instead of the one the paper times) results/device_table_all_schemes.json and .md.
 
-    .venv/bin/python scripts/device_table.py [--kernels optimized]
+    .venv/bin/python scripts/device_table.py [--kernels optimized] [--targets qemu-m7] [--all-schemes]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tvm_tinytrain.boards import build_project, run_project, write_dataset
 from tvm_tinytrain.demo import paper_models_dir
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.importers.paper_pkl import load_paper_model
+from tvm_tinytrain.scheme import PAPER_SCHEMES
 
 CASES = [("mcunet-5fps", "paper-99kb"), ("mbv2-w0.35", "paper-99kb"), ("proxyless-w0.3", "paper-98kb")]
 PAPER = {"mcunet-5fps": "173 KB, 546 ms (118 M cycles)", "mbv2-w0.35": "141 KB, 373 ms", "proxyless-w0.3": "135 KB, 443 ms"}
@@ -53,19 +55,22 @@ def measure(name: str, scheme: str, target: str, kernels: str, work: Path) -> di
             "seconds": round(time.time() - t, 1)}
 
 
-def markdown(rows) -> str:
+def markdown(rows, timed_schemes: bool = True) -> str:
+    """The table; the paper's column and the per-kind table only for the schemes the paper times (one per model)."""
+    paper = " paper (sparse + reorder, STM32F746) |" if timed_schemes else ""
     lines = ["| model | scheme | target | kernels | planned peak (KB) | measured SRAM (KB): .data + .bss + stack peak + heap peak = total "
-             "| flash (KB) | instructions per step (M) | paper (sparse + reorder, STM32F746) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| flash (KB) | instructions per step (M) |{paper}", "|---" * (9 if timed_schemes else 8) + "|"]
     for r in rows:
         head = f"| {r['model']} | {r['scheme']} | {r['target']} | {r['kernels']} |"
+        tail = f" {PAPER[r['model']]} |" if timed_schemes else ""
         if "error" in r:
-            lines.append(f"{head} | does not fit: {r['error']} | | | {PAPER[r['model']]} |")
+            lines.append(f"{head} | does not fit: {r['error']} | | |{tail}")
             continue
         s = r["sram_bytes"]
         lines.append(f"{head} {r['planned_peak_sram_bytes'] / KB:.1f} | "
                      f"{s['data'] / KB:.1f} + {s['bss'] / KB:.1f} + {s['stack_peak'] / KB:.1f} + {s['heap_peak'] / KB:.1f} = {s['total'] / KB:.1f} | "
-                     f"{r['flash_bytes'] / KB:.0f} | {r['instructions_per_step'] / 1e6:.1f} | {PAPER[r['model']]} |")
-    return "\n".join(lines) + "\n\n" + by_op(rows)
+                     f"{r['flash_bytes'] / KB:.0f} | {r['instructions_per_step'] / 1e6:.1f} |{tail}")
+    return "\n".join(lines) + "\n" + ("\n" + by_op(rows) if timed_schemes else "")
 
 
 def by_op(rows) -> str:
@@ -86,23 +91,28 @@ def by_op(rows) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", nargs="+", default=["reference", "optimized"], choices=["reference", "optimized"])
+    ap.add_argument("--targets", nargs="+", default=["qemu-m4", "qemu-m7"], choices=["qemu-m4", "qemu-m7"])
+    ap.add_argument("--all-schemes", action="store_true", help="every published scheme of each model")
     args = ap.parse_args()
+    cases = [(name, f"paper-{label}") for name, _ in CASES for label in PAPER_SCHEMES[name]] if args.all_schemes else CASES
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, scheme in CASES:
+        for name, scheme in cases:
             if not (paper_models_dir() / f"{name}.pkl").exists():
                 print(f"{name}: model file missing; set TINYTRAIN_PAPER_MODELS", file=sys.stderr)
                 return 2
             for kernels in args.kernels:
-                for target in ("qemu-m4", "qemu-m7"):
+                for target in args.targets:
                     rows.append(measure(name, scheme, target, kernels, Path(tmp) / name))
                     print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{platform.node()} {platform.machine()}", "command": "python scripts/device_table.py " + " ".join(sys.argv[1:]), "qemu": "7.2 (Debian)",
             "board_memory": "RAM 320 KB, flash 1 MB (STM32F746)", "steps": 3}
-    (OUT / "device_table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (OUT / "device_table.md").write_text(markdown(rows))
-    print(markdown(rows))
+    stem = "device_table_all_schemes" if args.all_schemes else "device_table"
+    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = markdown(rows, timed_schemes=not args.all_schemes)
+    (OUT / f"{stem}.md").write_text(text)
+    print(text)
     return 0
 
 
