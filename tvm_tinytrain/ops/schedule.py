@@ -37,6 +37,8 @@ TILE = {"int32": 4, "float32": 8}
 
 # A stage the schedules keep whole, computed once per call: SparseUpdate's channel table (te_backward.merge_channels).
 MERGE_POSITION = "merge_position"
+# A reduction's annotation: the output axis to tile first (see tile_reduction).
+TILE_AXIS = "tinytrain.tile_axis"
 
 _variant: contextvars.ContextVar[str] = contextvars.ContextVar("tinytrain_kernel_variant", default="reference")
 
@@ -107,8 +109,11 @@ def tile_reduction(sch: s_tir.Schedule, block) -> bool:
         return False
     loops = sch.get_loops(block)
     widest = TILE.get(str(sch.get(block).writes[0].source.dtype), 4)
-    # The innermost output axis a tile size divides: e.g. a conv's output column, a weight gradient's input channel.
-    choice = next(((k, t) for k in reversed(range(n_spatial)) for t in (widest, widest // 2, 2)
+    # The innermost output axis a tile size divides: e.g. a conv's output column.  A kernel may name the axis
+    # whose operand is the cheaper one to load per tile element (TILE_AXIS): a weight gradient's output channel.
+    hint = sch.get(block).annotations.get(TILE_AXIS)
+    axes = [int(hint)] if hint is not None else reversed(range(n_spatial))
+    choice = next(((k, t) for k in axes for t in (widest, widest // 2, 2)
                    if int(sch.get(loops[k]).extent) % t == 0 and int(sch.get(loops[k]).extent) > 1), None)
     if choice is None:
         return False
@@ -123,13 +128,15 @@ def tile_reduction(sch: s_tir.Schedule, block) -> bool:
 
 
 def _second_tile_axis(sch: s_tir.Schedule, block, axis: int, tile: int) -> None:
-    """Rows of the tile along the outermost output axis before ``axis`` that the row count divides (a channel
-    axis in these kernels), so each operand loaded for one row serves all: 16 float32 accumulators (2 x 8, or
+    """Rows of the tile along the outermost other output axis that the row count divides (a channel axis in
+    these kernels), so each operand loaded for one row serves all: 16 float32 accumulators (2 x 8, or
     4 x 4 when the first tile axis is 4 wide) fit the FPU's 32 registers; int32 ones would not fit the 13
     general registers."""
     loops = sch.get_loops(block)
+    n_spatial, _ = _axes(sch, block)
+    candidates = [*range(axis), *range(axis + 1, n_spatial)]  # the tile's own axis is now its outer loop at ``axis``
     for rows in dict.fromkeys((min(4, max(2, 16 // tile)), 2)):
-        second = next((k for k in range(axis) if int(sch.get(loops[k]).extent) % rows == 0 and int(sch.get(loops[k]).extent) > rows), None)
+        second = next((k for k in candidates if int(sch.get(loops[k]).extent) % rows == 0 and int(sch.get(loops[k]).extent) > rows), None)
         if second is not None:
             break
     else:

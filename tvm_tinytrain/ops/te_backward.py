@@ -26,7 +26,7 @@ from tvm import te, tirx
 from ..errors import TinyTrainError
 from ..quant import INT32_MAX, INT32_MIN
 from . import te_kernels
-from .schedule import MERGE_POSITION
+from .schedule import MERGE_POSITION, TILE_AXIS
 
 F32 = "float32"
 
@@ -191,7 +191,8 @@ def _weight_grad_sum(x_sel: te.Tensor, g_acc: te.Tensor, x_zero: int, stride: in
         return te.sum(tirx.if_then_else(inside, g_acc[rn, g_ch, rh, rw] * xv, _f32(0.0)), axis=[rn, rh, rw])
 
     shape = (o, cs, kernel, kernel) if depthwise_channels is None else (cs, 1, kernel, kernel)
-    return te.compute(shape, body, name="wgrad_sum")
+    # Tiled along the rows first: a row's operand is a float32 load, a column's an int8 load and conversion.
+    return te.compute(shape, body, name="wgrad_sum", attrs={TILE_AXIS: 0})
 
 
 def conv2d_weight_grad_sgd(w: te.Tensor, x_sel: te.Tensor, g_acc: te.Tensor, scale: te.Tensor, lr: te.Tensor, x_zero: int,
