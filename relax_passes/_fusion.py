@@ -16,6 +16,7 @@ from tvm_tinytrain.ops import te_kernels
 from tvm_tinytrain.ops.schedule import current_variant
 
 from ._ir import KernelCall, builder_without, decode, shape_of
+from .config import option
 
 
 def reader_positions(func: relax.Function) -> dict[relax.Var, list[int]]:
@@ -86,6 +87,27 @@ def relax_function_names(mod: tvm.IRModule) -> list[str]:
 def placeholders(args, first: int = 0) -> list[te.Tensor]:
     """TE placeholders for a kernel call's Relax arguments (to rebuild its TE with another stage around it)."""
     return [te.placeholder(shape_of(a), str(a.ty.dtype), f"arg{first + i}") for i, a in enumerate(args)]
+
+
+def conv_quant(call) -> dict:
+    """A conv call's quantization attributes, as the TIR kernels take them: ``x_zero``, ``y_zero``, ``qmin``, ``qmax``."""
+    return {key: call.attrs[key] for key in ("x_zero", "y_zero", "qmin", "qmax")}
+
+
+class PlanePass:
+    """The frame of a module pass that rewrites each Relax function with the ``max_plane_bytes`` option.
+
+    A subclass (decorated with ``tvm.transform.module_pass``) gives ``_rewrite(mod, name, max_plane)``.
+    """
+
+    def __init__(self, max_plane_bytes: int | None = None):
+        self.max_plane_bytes = max_plane_bytes
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        max_plane = int(option("max_plane_bytes", self.max_plane_bytes))
+        for name in relax_function_names(mod):
+            mod = self._rewrite(mod, name, max_plane)
+        return mod
 
 
 def wide_shift(shift) -> bool:

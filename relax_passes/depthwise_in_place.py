@@ -36,9 +36,8 @@ from tvm_tinytrain.ops import te_backward, te_kernels, tir_depthwise
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import placeholders, reader_positions, reemit, relax_function_names, wide_shift
+from ._fusion import PlanePass, conv_quant, placeholders, reader_positions, reemit, wide_shift
 from ._ir import decode, shape_of
-from .config import option
 from .fuse_conv_requant import accumulator
 
 
@@ -81,8 +80,7 @@ def _conv_requant(call, max_plane: int):
     pad = _padding(call, max_plane)
     (n, c, h, w), k = shape_of(call.args[0]), shape_of(call.args[1])[2]
     if current_variant() == "optimized" and pad == (k - 1) // 2 and len(call.args) == 5 and n == 1:
-        conv = {key: a[key] for key in ("x_zero", "y_zero", "qmin", "qmax")}
-        return tir_depthwise.depthwise_conv_requant(c, h, w, k, a["stride"], conv, wide_shift(call.args[-1]))
+        return tir_depthwise.depthwise_conv_requant(c, h, w, k, a["stride"], conv_quant(call), wide_shift(call.args[-1]))
 
     def outputs_of(plane, args):
         n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
@@ -119,17 +117,8 @@ def _eligible(call, last_reader: dict, i: int, params, max_plane: int) -> bool:
 
 
 @tvm.transform.module_pass(opt_level=0, name="DepthwiseInPlace")
-class DepthwiseInPlace:
+class DepthwiseInPlace(PlanePass):
     """Re-emit every depthwise kernel whose operand dies there as an in-place kernel (run last before PlanMemory)."""
-
-    def __init__(self, max_plane_bytes: int | None = None):
-        self.max_plane_bytes = max_plane_bytes
-
-    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        max_plane = int(option("max_plane_bytes", self.max_plane_bytes))
-        for name in relax_function_names(mod):
-            mod = self._rewrite(mod, name, max_plane)
-        return mod
 
     @staticmethod
     def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:

@@ -42,9 +42,8 @@ from tvm import relax
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import reader_counts, reemit, relax_function_names
+from ._fusion import PlanePass, reader_counts, reemit
 from ._ir import decode, shape_of
-from .config import option
 
 OP = "depthwise_block_backward"
 
@@ -83,17 +82,8 @@ def _kernel(d, p) -> tvm.tirx.PrimFunc:
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDepthwiseBackward")
-class FuseDepthwiseBackward:
+class FuseDepthwiseBackward(PlanePass):
     """Fuse each depthwise input gradient with the frozen expansion's mask, bias gradient and input gradient."""
-
-    def __init__(self, max_plane_bytes: int | None = None):
-        self.max_plane_bytes = max_plane_bytes
-
-    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        max_plane = int(option("max_plane_bytes", self.max_plane_bytes))
-        for name in relax_function_names(mod):
-            mod = self._rewrite(mod, name, max_plane)
-        return mod
 
     @staticmethod
     def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:

@@ -28,7 +28,7 @@ from tvm_tinytrain.ops import te_kernels, tir_expand_depthwise
 from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import fuse_pairs, placeholders, relax_function_names, wide_shift
+from ._fusion import conv_quant, fuse_pairs, placeholders, relax_function_names, wide_shift
 from ._ir import shape_of
 
 
@@ -46,8 +46,8 @@ def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     """
     (n, ic, h, w), k = shape_of(expand.args[0]), shape_of(depthwise.args[1])[2]
     if current_variant() == "optimized" and tir_expand_depthwise.fits(ic, n, w):
-        convs = [{key: call.attrs[key] for key in ("x_zero", "y_zero", "qmin", "qmax")} for call in (expand, depthwise)]
-        return tir_expand_depthwise.expand_depthwise(ic, shape_of(expand.var)[1], h, w, k, depthwise.attrs["stride"], *convs,
+        return tir_expand_depthwise.expand_depthwise(ic, shape_of(expand.var)[1], h, w, k, depthwise.attrs["stride"],
+                                                     conv_quant(expand), conv_quant(depthwise),
                                                      (wide_shift(expand.args[4]), wide_shift(depthwise.args[4])))
     args = placeholders(expand.args + depthwise.args[1:])
     expanded = _conv_requant(*args[:5], expand.attrs, wide_shift(expand.args[4]))

@@ -29,6 +29,14 @@ def requantized(acc, params, conv: dict, wide_shift: bool):
     return requantize_value(acc, params[0], params[1], params[2], conv["y_zero"], conv["qmin"], conv["qmax"], wide_shift)
 
 
+@T.macro
+def copy_channel_params(params, b, m, s, c):
+    """``params[0:3]`` = channel ``c``'s bias, multiplier and shift (see the module doc)."""
+    params[0] = b[c]
+    params[1] = m[c]
+    params[2] = s[c]
+
+
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
     """A macro ``(plane, w, b, m, s, c, start, params, acc, y)``: output channel ``c`` of the conv over ``plane``
     (padded; ``start``, ``params``, ``acc``: the caller's local scratch arrays of 1, 3 and 4 int32)."""
@@ -36,9 +44,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
 
     @T.macro
     def conv_channel(plane, w, b, m, s, c, start, params, acc, y):
-        params[0] = b[c]
-        params[1] = m[c]
-        params[2] = s[c]
+        copy_channel_params(params, b, m, s, c)
         start[0] = 0
         for kh, kw in T.grid(k, k):
             start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])

@@ -52,9 +52,7 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         for i, j in T.grid(h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[i, j] = T.int8(plane_zero)
         for c in range(c_out):
-            params[0] = b1[c]  # a local copy: see tir_depthwise
-            params[1] = m1[c]
-            params[2] = s1[c]
+            tir_depthwise.copy_channel_params(params, b1, m1, s1, c)
             start[0] = 0
             for i in range(ic):
                 start[0] = start[0] - expand["x_zero"] * T.Cast("int32", w_pw[c, i, 0, 0])
