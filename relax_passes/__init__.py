@@ -6,7 +6,8 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), DepthwiseInPlace(), PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), DepthwiseInPlace(), StreamInputRows(),
+        PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -23,8 +24,9 @@ from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
+from .stream_input_rows import StreamInputRows
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "StreamInputRows", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

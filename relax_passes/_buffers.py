@@ -7,7 +7,9 @@ var-to-var bindings alias a buffer.  SGD updates write in place into their
 parameter, so they allocate nothing.  A kernel of :data:`OVERWRITING_OPS`
 whose operand dies at that kernel writes over the operand: its output
 buffer is an ``alias`` of the operand's storage.  The image, label and learning rate are
-arena buffers; trainable parameters live in RAM outside the arena; frozen
+arena buffers, except an image that only ``conv2d_requant_rows`` reads (StreamInputRows): it is
+``streamed``, read a window of rows at a time into that kernel's ``.window`` buffer, and takes no
+arena space.  Trainable parameters live in RAM outside the arena; frozen
 parameters and constants live in flash.
 """
 
@@ -22,6 +24,7 @@ from tvm import relax, s_tir, tirx
 from tvm_tinytrain.model import DTYPE_BYTES
 
 from ._ir import decode
+from .stream_input_rows import row_kernel
 
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
@@ -60,6 +63,7 @@ class Buffer:
     kind: str  # input | activation | mask | gradient | weight_gradient | workspace
     offset: int | None = None
     alias: int | None = None  # index of the buffer whose storage this one reuses (it then takes no space of its own)
+    streamed: bool = False  # the image, read in rows by its only reader: not in the arena
 
     def overlaps_in_time(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -132,7 +136,13 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
                 if call.op in OVERWRITING_OPS:
                     overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0]))
-                ws = _workspace_bytes(mod[call.gvar])
+                prim = mod[call.gvar]
+                if call.op == "conv2d_requant_rows":  # the band kernel's input window and output row, in the arena
+                    prim = row_kernel(prim)
+                    for part, buf in (("window", prim.params[0]), ("band", prim.params[-1])):
+                        buffers.append(Buffer(f"{var.name}.{part}", int(np.prod([int(d) for d in buf.shape])) * DTYPE_BYTES[str(buf.dtype)],
+                                              i, i, "workspace"))
+                ws = _workspace_bytes(prim)
                 if ws:
                     buffers.append(Buffer(f"{var.name}.workspace", ws, i, i, "workspace"))
         elif isinstance(value, relax.TupleGetItem):  # an alias of one field: the reader is its consumer
@@ -146,6 +156,9 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
         nodes.append(call.node if call is not None else "")
         reads.append(acc)
     use(func.body.body, len(bindings), set())
+    if num_input and buffers[0].end < len(bindings):
+        readers = [i for i, r in enumerate(reads) if 0 in r]
+        buffers[0].streamed = bool(readers) and all(ops[i] == "conv2d_requant_rows" for i in readers)
     _alias_overwriting_outputs(buffers, overwriting)
     return StepBuffers(buffers, trainable, frozen, bindings, ops, nodes, reads)
 
@@ -162,8 +175,8 @@ def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
 
 
 def storage_buffers(buffers: list[Buffer]) -> list[Buffer]:
-    """The buffers that take arena space (aliases share another's)."""
-    return [b for b in buffers if b.alias is None]
+    """The buffers that take arena space (aliases share another's; a streamed image has none)."""
+    return [b for b in buffers if b.alias is None and not b.streamed]
 
 
 def _workspace_bytes(prim_func) -> int:

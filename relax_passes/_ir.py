@@ -56,7 +56,8 @@ def decode(mod: tvm.IRModule, binding) -> KernelCall | None:
     attrs = func.attrs or {}
     if "tinytrain.op" not in attrs:
         return None
-    decoded = {k[len("tinytrain."):]: _py(v) for k, v in attrs.items() if k.startswith("tinytrain.")}
+    # A PrimFunc attribute (StreamInputRows' band kernel) is not a static value of the op.
+    decoded = {k[len("tinytrain."):]: _py(v) for k, v in attrs.items() if k.startswith("tinytrain.") and not isinstance(v, tvm.tirx.PrimFunc)}
     return KernelCall(binding.var, decoded.pop("op"), decoded, list(value.args[1].fields), gvar)
 
 

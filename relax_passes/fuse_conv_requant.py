@@ -45,26 +45,38 @@ def accumulator(acc_call, args: list[te.Tensor], pad: int | None = None) -> te.T
 
 
 def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
-    """One PrimFunc: the accumulation then requantize, scheduled so the accumulator is a scalar.
-
-    In the optimized variant a conv that :func:`tir_conv_gemm.fits` is the DSP GEMM kernel instead.
-    """
+    """One PrimFunc: the accumulation then requantize, scheduled so the accumulator is a scalar."""
+    if acc_call.op == "conv2d_acc":
+        args = [*acc_call.args, *rq_call.args[1:]]
+        return conv_requant_func({**acc_call.attrs, **rq_call.attrs}, [(shape_of(a), str(a.ty.dtype)) for a in args], rq_call.args[3])
     r = rq_call.attrs
-    if current_variant() == "optimized" and _gemm(acc_call):
-        (_, ic, h, w), (_, oc, _, _), k = shape_of(acc_call.args[0]), shape_of(acc_call.var), shape_of(acc_call.args[1])[2]
-        return tir_conv_gemm.conv_requant(ic, oc, h, w, k, acc_call.attrs["stride"], acc_call.attrs["x_zero"], r["y_zero"], r["qmin"],
-                                          r["qmax"], wide_shift(rq_call.args[3]), tuple(acc_call.attrs.get("merged_channels", ())))
     acc_args = placeholders(acc_call.args)
     rq_args = placeholders(rq_call.args[1:], len(acc_args))
     y = te_kernels.requantize(accumulator(acc_call, acc_args), *rq_args, r["y_zero"], r["qmin"], r["qmax"], wide_shift(rq_call.args[3]))
     return compact_schedule(te.create_prim_func([*acc_args, *rq_args, y])).without_attr("global_symbol")
 
 
-def _gemm(acc_call) -> bool:
-    if acc_call.op != "conv2d_acc" or acc_call.attrs["groups"] != 1:
-        return False
-    (n, ic, _, _), (oc, _, k, _), (_, _, _, wo) = shape_of(acc_call.args[0]), shape_of(acc_call.args[1]), shape_of(acc_call.var)
-    return tir_conv_gemm.fits(ic, oc, n, wo, k, merged=len(acc_call.args) == 3)
+def conv_requant_func(attrs: dict, arg_types: list[tuple[tuple[int, ...], str]], shift, pad_h: int | None = None) -> tvm.tirx.PrimFunc:
+    """The ``conv2d_requant`` PrimFunc of a conv with the (merged) conv and requantize ``attrs``, on arguments of
+    ``arg_types`` = (shape, dtype) of ``(x, w[, trained slice], bias, mult, shift)``; ``pad_h`` as in
+    :func:`te_kernels.conv2d_acc`.  In the optimized variant a conv that :func:`tir_conv_gemm.fits` is the DSP GEMM
+    kernel."""
+    a = attrs
+    (n, ic, h, w), (oc, _, k, _) = arg_types[0][0], arg_types[1][0]
+    merged = len(arg_types) == 6
+    pad = (k - 1) // 2
+    wo = (w + 2 * pad - k) // a["stride"] + 1
+    if current_variant() == "optimized" and a["groups"] == 1 and tir_conv_gemm.fits(ic, oc, n, wo, k, merged=merged):
+        return tir_conv_gemm.conv_requant(ic, oc, h, w, k, a["stride"], a["x_zero"], a["y_zero"], a["qmin"], a["qmax"], wide_shift(shift),
+                                          tuple(a.get("merged_channels", ())), pad_h)
+    args = [te.placeholder(s, d, f"arg{i}") for i, (s, d) in enumerate(arg_types)]
+    n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
+    x, wt = args[0], args[1]
+    if merged:  # SparseUpdate's partially trained weight: (x, frozen, trained slice)
+        wt = te_backward.merge_channels(args[1], args[2], 0 if a["groups"] > 1 else 1, tuple(a["merged_channels"]))
+    acc = te_kernels.conv2d_acc(x, wt, a["x_zero"], a["stride"], a["groups"], pad_h=pad_h)
+    y = te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"], wide_shift(shift))
+    return compact_schedule(te.create_prim_func([*args, y])).without_attr("global_symbol")
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseConvRequant")

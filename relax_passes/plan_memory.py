@@ -1,7 +1,8 @@
 """PlanMemory: one static arena for a training step, with byte offsets and a proof of no overlap.
 
 Every buffer of ``train_step`` (see ``_buffers.py``: kernel outputs, masks,
-gradients, kernel workspaces, the image) gets a fixed offset in one arena.
+gradients, kernel workspaces, the image unless StreamInputRows streams it) gets
+a fixed offset in one arena.
 Offsets come from a greedy best-fit over lifetimes (largest buffers first);
 an element-wise gradient kernel whose operand dies there writes in place
 (the output aliases the operand's storage, see ``_buffers.py``).
@@ -83,7 +84,7 @@ def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
     for b in buffers:
         if b.alias is not None:
             b.offset = buffers[b.alias].offset
-    return max((b.offset + b.size for b in buffers), default=0)
+    return max((b.offset + b.size for b in buffers if b.offset is not None), default=0)
 
 
 def validate_plan(buffers: list[Buffer]) -> None:

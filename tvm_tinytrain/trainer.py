@@ -1,7 +1,7 @@
 """Host trainer: the int8 training step compiled by TVM (llvm) and driven from Python.
 
 It runs the same pipeline the device build uses: model -> Relax -> AppendLoss
--> QuantizedGradient -> SparseUpdate -> ReorderUpdates -> PlanMemory, then
+-> QuantizedGradient -> SparseUpdate -> ReorderUpdates -> the fusions -> StreamInputRows -> PlanMemory, then
 compiles ``train_step`` and ``infer`` and keeps the parameters between steps
 (the VM returns updated parameters; on the device they are updated in place).
 """
@@ -44,6 +44,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         QuantizedGradient,
         ReorderUpdates,
         SparseUpdate,
+        StreamInputRows,
     )
 
     with kernel_variant(kernels):
@@ -52,7 +53,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
             FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
-            PlanMemory(),
+            StreamInputRows(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)

@@ -20,8 +20,8 @@ uint32_t platform_heap_peak(void);
  * flash returns a pointer into it, so it needs no RAM copy); NULL when the data is shorter or unreadable. */
 int platform_data_open(const char *path);
 const void *platform_data_read(uint32_t offset, uint32_t bytes);
-/* The same, for an image: bytes that must be copied are copied into `dst` (the model's own input buffer, so no
- * second image-sized buffer is needed); data in flash is returned in place. */
+/* The same, for image rows: bytes that must be copied are copied into `dst` (the model's own window of rows, so no
+ * image-sized buffer is needed); data in flash is returned in place. */
 const void *platform_data_read_to(uint32_t offset, uint32_t bytes, void *dst);
 
 /* Output file out_dir/name: a host file through stdio or semihosting; a real board streams it on its serial line. */

@@ -58,17 +58,32 @@ static int open_dataset(const char *path) {
     return 0;
 }
 
-/* Record i: its label, and its image read into the model's own input buffer; NULL (after a message) on a read error. */
-static const int8_t *read_record(uint32_t i, int32_t *label) {
+/* The row reader of a record: ctx points to the byte offset of its image in the dataset.  On a board whose dataset
+ * is in flash the rows are copied from there; elsewhere each row is read from the file when the step needs it, so no
+ * image-sized buffer is needed when the model streams its input (TINYTRAIN_STREAMS_INPUT). */
+static int read_image_row(void *ctx, int32_t channel, int32_t row, int8_t *dst) {
+    uint32_t offset = *(const uint32_t *)ctx + ((uint32_t)channel * TINYTRAIN_INPUT_H + (uint32_t)row) * TINYTRAIN_INPUT_W;
+    const void *src = platform_data_read_to(offset, TINYTRAIN_INPUT_W, dst);
+    if (src == NULL) return -1;
+    if (src != dst) memcpy(dst, src, TINYTRAIN_INPUT_W);
+    return 0;
+}
+
+/* Record i: its label, and the offset of its image for read_image_row; -1 (after a message) on a read error. */
+static int read_record(uint32_t i, int32_t *label, uint32_t *image_offset) {
     uint32_t offset = HEADER_BYTES + i * RECORD_BYTES;
     const uint8_t *r = platform_data_read(offset, 4);
-    const void *image = r == NULL ? NULL : platform_data_read_to(offset + 4, TINYTRAIN_INPUT_BYTES, tinytrain_input_buffer());
-    if (image == NULL) {
+    if (r == NULL) {
         fprintf(stderr, "tinytrain: cannot read record %lu of %lu\n", (unsigned long)i, (unsigned long)record_count);
-        return NULL;
+        return -1;
     }
     *label = (int32_t)read_u32(r);
-    return (const int8_t *)image;
+    *image_offset = offset + 4;
+    return 0;
+}
+
+static void report_image_error(uint32_t i) {
+    fprintf(stderr, "tinytrain: cannot read the image of record %lu of %lu\n", (unsigned long)i, (unsigned long)record_count);
 }
 
 /* Correct predictions (argmax, first index on ties) on the first `count` records; -1 on a read error. */
@@ -77,8 +92,12 @@ static int32_t count_correct(uint32_t count) {
     int32_t correct = 0;
     for (uint32_t i = 0; i < count; i++) {
         int32_t label;
-        const int8_t *image = read_record(i, &label);
-        if (image == NULL || tinytrain_infer(image, logits) != 0) return -1;
+        uint32_t image;
+        if (read_record(i, &label, &image) != 0) return -1;
+        if (tinytrain_infer_rows(read_image_row, &image, logits) != 0) {
+            report_image_error(i);
+            return -1;
+        }
         int32_t best = 0;
         for (int32_t k = 1; k < TINYTRAIN_NUM_CLASSES; k++)
             if (logits[k] > logits[best]) best = k;
@@ -178,12 +197,16 @@ int main(int argc, char **argv) {
 #endif
     for (uint32_t s = 0; s < steps; s++) {
         int32_t label;
-        const int8_t *image = read_record(s % record_count, &label);
-        if (image == NULL) return 1;
+        uint32_t image;
+        if (read_record(s % record_count, &label, &image) != 0) return 1;
         float loss;
         uint64_t start = platform_counter();
-        int step_rc = tinytrain_train_step(image, label, &loss);
+        int step_rc = tinytrain_train_step_rows(read_image_row, &image, label, &loss);
         uint64_t spent = platform_counter() - start;
+        if (step_rc == 2) {
+            report_image_error(s % record_count);
+            return 1;
+        }
         if (step_rc != 0) {
             fprintf(stderr, "tinytrain: record %lu: label %ld is not in 0..%d\n", (unsigned long)(s % record_count), (long)label, TINYTRAIN_NUM_CLASSES - 1);
             return 1;

@@ -105,7 +105,7 @@ const void *platform_data_read(uint32_t offset, uint32_t bytes) {
 }
 
 const void *platform_data_read_to(uint32_t offset, uint32_t bytes, void *dst) {
-    (void)dst; /* the dataset is in flash: the model copies the image into its arena itself */
+    (void)dst; /* the dataset is in flash: the row reader copies each row where the model wants it */
     return platform_data_read(offset, bytes);
 }
 

@@ -35,6 +35,7 @@ from tvm import relax, tirx
 
 from relax_passes._buffers import IN_PLACE_OPS, OVERWRITING_OPS
 from relax_passes._ir import decode
+from relax_passes.stream_input_rows import ROW_KERNEL, row_kernel
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.model import DTYPE_BYTES
 from tvm_tinytrain.ops import dsp
@@ -215,11 +216,20 @@ def _check_externs(declarations: dict[str, str], definitions: dict[str, str]) ->
         raise TinyTrainError(f"codegen: TVM's C for kernel(s) {', '.join(users) or '?'} calls {name}, which is not in the C library")
 
 
+def c_kernel(prim_func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The PrimFunc the C calls for a kernel: a ``conv2d_requant_rows``'s band kernel (the step function streams its
+    image, see step.py), else the kernel itself."""
+    if str(prim_func.attrs.get("tinytrain.op", "")) == "conv2d_requant_rows":
+        return row_kernel(prim_func).with_attrs({k: v for k, v in prim_func.attrs.items() if k != ROW_KERNEL})
+    return prim_func
+
+
 def emit(mod: tvm.IRModule, func_names=("train_step", "infer")) -> KernelLibrary:
     """Lower every kernel of ``func_names`` with target ``c`` and print one standalone C source."""
     gvars = called_prim_funcs(mod, func_names)
     symbols = {gv.name_hint: f"{PREFIX}{i}" for i, gv in enumerate(gvars)}
-    ptr_mod = tvm.IRModule({tvm.ir.GlobalVar(symbols[gv.name_hint]): pointer_form(mod[gv]) for gv in gvars})
+    funcs = {gv.name_hint: c_kernel(mod[gv]) for gv in gvars}
+    ptr_mod = tvm.IRModule({tvm.ir.GlobalVar(symbols[name]): pointer_form(f) for name, f in funcs.items()})
     target = tvm.target.Target("c")
     with tvm.transform.PassContext(config=_PASS_CONFIG):
         lowered = lower(ptr_mod, target)
@@ -231,7 +241,7 @@ def emit(mod: tvm.IRModule, func_names=("train_step", "infer")) -> KernelLibrary
         raise TinyTrainError(f"codegen: TVM printed functions {sorted(definitions)}, expected {sorted(symbols.values())}")
     kernels, bodies = {}, {}
     for gv in gvars:
-        sym, func = symbols[gv.name_hint], mod[gv]
+        sym, func = symbols[gv.name_hint], funcs[gv.name_hint]
         low = lowered[sym]
         label = f"{sym} ({gv.name_hint})"
         text = _STACK_ARRAY.sub(r"\1 = {0};", _exact_literals(definitions[sym], float_constants(low, label), label))

@@ -9,6 +9,12 @@ the parameter's RAM array, so nothing may read a parameter after its update
 (ReorderUpdates guarantees it; we check).  The two functions never run at the
 same time, so they share the arena, sized for the larger plan.
 
+The image comes from a row reader (``tinytrain_train_step_rows``; the
+pointer forms read an image in memory through one).  Where StreamInputRows
+streamed it, the first conv runs one output row at a time: the reader fills
+its window of rows, the band kernel computes the row, and the row is stored in
+the conv's output; otherwise the reader fills the arena's image buffer.
+
 Trainable parameters (``tinytrain.updated_params``) are RAM arrays filled from
 ``static const`` initial values by ``tinytrain_init``; every other parameter and
 every constant is ``static const`` (flash).
@@ -29,6 +35,7 @@ from relax_passes import memory_plan
 from relax_passes._buffers import IN_PLACE_OPS, type_bytes
 from relax_passes._ir import decode
 from relax_passes.plan_memory import plan
+from relax_passes.stream_input_rows import window_shape
 from tvm_tinytrain.errors import TinyTrainError
 
 from .kernels import C_TYPES, Kernel, KernelLibrary, c_float, emit
@@ -39,6 +46,14 @@ class Arena:
     """A planned buffer: ``tinytrain_arena + offset``."""
 
     offset: int
+    dtype: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """The image, read in rows by the only kernel that reads it: it has no storage."""
+
     dtype: str
     size: int
 
@@ -104,13 +119,15 @@ class PlannedBuffers:
     def __init__(self, rows: list[dict], func: str):
         self.rows, self.func, self.next = rows, func, 0
 
-    def take(self, name: str, ty) -> Arena:
+    def take(self, name: str, ty) -> Arena | Streamed:
+        return self.take_bytes(name, str(ty.dtype), type_bytes(ty))
+
+    def take_bytes(self, name: str, dtype: str, size: int) -> Arena | Streamed:
         row = self.rows[self.next] if self.next < len(self.rows) else None
-        size = type_bytes(ty)
         if row is None or row["name"] != name or row["size"] != size:
             raise TinyTrainError(f"codegen: {self.func}: buffer {name} ({size} bytes) does not match the memory plan's next buffer {row}")
         self.next += 1
-        return Arena(int(row["offset"]), str(ty.dtype), size)
+        return Streamed(dtype, size) if row.get("streamed") else Arena(int(row["offset"]), dtype, size)
 
     def skip_workspace(self, var_name: str) -> None:
         """Kernel workspaces are stack arrays in the C kernels (see kernels.py), so their arena slot stays unused."""
@@ -156,6 +173,28 @@ def _kernel_call(kernel: Kernel, locs: list, index: int, func: str, var, op_id: 
     return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  TT_PROFILED({op_id}, {kernel.symbol}({args}));"
 
 
+def _streamed_conv(call, kernel: Kernel, args: list, buffers: PlannedBuffers, index: int, func: str, op_id: int) -> tuple[Arena, str]:
+    """A ``conv2d_requant_rows`` on the streamed image: its output and the C loop over its output rows."""
+    what = f"{func} binding {index} ({call.var.name} = {call.op} of {call.node})"
+    if not isinstance(args[0], Streamed):
+        raise TinyTrainError(f"codegen: {what}: its image is in the arena (another kernel reads it), but its C kernel reads a window of rows")
+    _, c_out, h_out, w_out = (int(d) for d in call.var.ty.shape)
+    shape = window_shape(call)
+    out = buffers.take(call.var.name, call.var.ty)
+    window = buffers.take_bytes(f"{call.var.name}.window", "int8", int(np.prod(shape)))
+    band = buffers.take_bytes(f"{call.var.name}.band", "int8", c_out * w_out)
+    buffers.skip_workspace(call.var.name)
+    band_call = _kernel_call(kernel, [window, *args[1:], band], index, func, call.var, op_id).replace("\n", "\n  ")
+    first_row = f"tt_y * {call.attrs['stride']} - {(shape[2] - 1) // 2}"
+    text = (f"  /* {index}: the image streamed in windows of {shape[2]} rows, one output row of {call.var.name} at a time */\n"
+            f"  for (int32_t tt_y = 0; tt_y < {h_out}; tt_y++) {{\n"
+            f"    if (tinytrain_read_window(read, ctx, {pointer(window, 'int8', what)}, {first_row}, {shape[2]}, {call.attrs['x_zero']}) != 0) {{\n"
+            f"      return 2;\n    }}\n"
+            f"  {band_call}\n"
+            f"    tinytrain_store_row({pointer(out, 'int8', what)}, {pointer(band, 'int8', what)}, tt_y, {c_out}, {h_out}, {w_out});\n  }}")
+    return out, text
+
+
 def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage: Storage, lib: KernelLibrary) -> Lowered:
     """Walk ``func_name``'s bindings like the planner did, giving every value a location and every kernel call its C."""
     func = mod[func_name]
@@ -165,7 +204,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
     inputs = {}
     for i, p in enumerate(func.params):
         where[p] = inputs[p.name] = buffers.take(p.name, p.ty) if i < num_input else storage.param(p.name)
-    inputs = {k: v for k, v in inputs.items() if isinstance(v, Arena)}
+    inputs = {k: v for k, v in inputs.items() if isinstance(v, (Arena, Streamed))}
     params = set(func.params[num_input:])
     calls, updated = [], set()  # parameters already updated in place: their Relax Var (the old value) is gone
     op_ids = {op: k for k, op in enumerate(profile_ops(lib))}
@@ -185,6 +224,13 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
         if call is not None:
             what = f"binding {i} ({var.name} = {call.op} of {call.node})"
             args = [locate(a, what) for a in call.args]
+            kernel = lib.kernels[call.gvar.name_hint]
+            if call.op == "conv2d_requant_rows":
+                where[var], text = _streamed_conv(call, kernel, args, buffers, i, func_name, op_ids[kernel.op])
+                calls.append(text)
+                continue
+            if any(isinstance(a, Streamed) for a in args):
+                raise TinyTrainError(f"codegen: {func_name}: {what} reads the streamed image, which only its first conv may read")
             if call.op in IN_PLACE_OPS:
                 target = args[0]
                 if not (isinstance(target, Symbol) and not target.const):
@@ -197,7 +243,6 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 outs = [buffers.take(n, ty) for n, ty in zip(names, tys)]
                 buffers.skip_workspace(var.name)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
-            kernel = lib.kernels[call.gvar.name_hint]
             calls.append(_kernel_call(kernel, args + outs, i, func_name, var, op_ids[kernel.op]))
         elif isinstance(value, relax.TupleGetItem):
             where[var] = where[value.tuple_value][value.index]
@@ -212,7 +257,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
 
 
 def _expect_inputs(lowered: Lowered, func: str, expected: dict[str, tuple[str, int]]) -> None:
-    """The C API copies the image, label and lr into these arena buffers, so their order, dtypes and sizes are fixed."""
+    """The C API writes the image (unless streamed), label and lr into these arena buffers: their order, dtypes and sizes are fixed."""
     got = {k: (v.dtype, v.size) for k, v in lowered.inputs.items()}
     if got != expected or list(got) != list(expected):
         raise TinyTrainError(f"codegen: {func} must take inputs {expected} (dtype, bytes), found {got}")
@@ -253,6 +298,7 @@ class Layout:
     lr: float
     peak_sram_bytes: int  # the planner's: train_step arena + trainable parameters
     max_stack_bytes: int  # the largest kernel-internal buffers, on the caller's stack
+    streams_input: bool  # the image is read in windows of rows (StreamInputRows), in train_step and infer
 
     def trainable_bytes(self) -> int:
         return sum(self.storage.bytes_of(s) for s in self.trainable)
@@ -270,7 +316,7 @@ def header(layout: Layout, model_name: str, scheme: str, ops: list[str]) -> str:
     per_param = "\n".join(f" *   {'RAM  ' if not s.const else 'flash'} {s.param:<40} {str(st.init[s.param].dtype):<8} "
                           f"{str(list(st.init[s.param].shape)):<18} {st.bytes_of(s):>8} B" for s in [*layout.trainable, *st.frozen()])
     sizes = "\n".join(f" *   {label:<72} {value:>8}" for label, value in [
-        ("arena (activations, masks, gradients, image; shared by train and infer)", layout.arena_bytes),
+        (f"arena (activations, masks, gradients{'' if layout.streams_input else ', image'}; shared by train and infer)", layout.arena_bytes),
         ("trainable parameters (RAM)", layout.trainable_bytes()),
         ("frozen parameters (flash)", layout.frozen_param_bytes()),
         ("constants: requantization and QAS scales (flash)", layout.constant_bytes()),
@@ -305,9 +351,18 @@ extern const tinytrain_param_t tinytrain_params[TINYTRAIN_NUM_TRAINABLE];
 
 int tinytrain_init(void);                /* copy the trainable parameters' initial values (const, flash) into RAM; 0 = ok */
 void tinytrain_set_lr(float lr);         /* default {layout.lr!r} */
-int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);   /* 0 = ok, 1 = label out of range */
-int tinytrain_infer(const int8_t *input, float *logits);                      /* logits[TINYTRAIN_NUM_CLASSES] */
-int8_t *tinytrain_input_buffer(void);    /* the arena's image buffer: an image loaded here is not copied again */
+/* A row reader writes row `row` of channel `channel` of the image (TINYTRAIN_INPUT_W int8 values, NCHW) to dst and
+ * returns 0, or nonzero when it cannot.  The step asks for each row when it needs it, some rows twice, so the image
+ * can come from a camera, a file or flash without an image-sized buffer in RAM. */
+typedef int (*tinytrain_row_reader_t)(void *ctx, int32_t channel, int32_t row, int8_t *dst);
+#define TINYTRAIN_STREAMS_INPUT {int(layout.streams_input)}  /* 1: the image is read in windows of rows, never held whole */
+
+/* 0 = ok, 1 = label out of range, 2 = the reader failed (nothing was updated). */
+int tinytrain_train_step_rows(tinytrain_row_reader_t read, void *ctx, int32_t label, float *loss);
+int tinytrain_infer_rows(tinytrain_row_reader_t read, void *ctx, float *logits);   /* logits[TINYTRAIN_NUM_CLASSES] */
+/* The same on an NCHW image in memory (RAM or flash), read where it is. */
+int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);
+int tinytrain_infer(const int8_t *input, float *logits);
 
 #ifdef TINYTRAIN_PROFILE
 /* Built with -DTINYTRAIN_PROFILE: each kernel call adds the clock's advance to its kind's count (clock NULL: off). */
@@ -336,7 +391,7 @@ def _arrays(layout: Layout) -> str:
 
 
 def source(layout: Layout, lib: KernelLibrary, train: Lowered, infer: Lowered) -> str:
-    inp, label, lr = train.inputs["input"], train.inputs["label"], train.inputs["lr"]
+    label, lr = train.inputs["label"], train.inputs["lr"]
     loss = _result(train.result[0], "train_step (loss)", 4)
     logits = _result(infer.result, "infer", 4 * layout.num_classes)
     table = ",\n".join(f'  {{"{s.param}", {s.name}, {layout.storage.bytes_of(s)}u, "{s.dtype}"}}' for s in layout.trainable)
@@ -381,18 +436,34 @@ void tinytrain_set_lr(float lr) {{
   tinytrain_lr = lr;
 }}
 
-int8_t *tinytrain_input_buffer(void) {{
-  return (int8_t *)(tinytrain_arena + {inp.offset});
+/* Rows first_row .. first_row + rows - 1 of every channel into window[channel][rows][W]; rows outside the image hold
+ * the input zero point, which adds nothing to a conv's sums, as its padding does. */
+static int tinytrain_read_window(tinytrain_row_reader_t read, void *ctx, int8_t *window, int32_t first_row, int32_t rows, int8_t zero) {{
+  for (int32_t c = 0; c < TINYTRAIN_INPUT_C; c++) {{
+    for (int32_t r = 0; r < rows; r++) {{
+      int8_t *dst = window + ((size_t)c * rows + r) * TINYTRAIN_INPUT_W;
+      int32_t row = first_row + r;
+      if (row < 0 || row >= TINYTRAIN_INPUT_H) {{
+        memset(dst, zero, TINYTRAIN_INPUT_W);
+      }} else if (read(ctx, c, row, dst) != 0) {{
+        return -1;
+      }}
+    }}
+  }}
+  return 0;
 }}
 
-int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {{
+/* The row reader of an image in memory: ctx is the image. */
+static int tinytrain_image_rows(void *ctx, int32_t channel, int32_t row, int8_t *dst) {{
+  memcpy(dst, (const int8_t *)ctx + ((size_t)channel * TINYTRAIN_INPUT_H + row) * TINYTRAIN_INPUT_W, TINYTRAIN_INPUT_W);
+  return 0;
+}}
+{_store_row() if layout.streams_input else ""}
+int tinytrain_train_step_rows(tinytrain_row_reader_t read, void *ctx, int32_t label, float *loss) {{
   if (label < 0 || label >= TINYTRAIN_NUM_CLASSES) {{
     return 1;
   }}
-  if (input != tinytrain_input_buffer()) {{
-    memcpy(tinytrain_arena + {inp.offset}, input, TINYTRAIN_INPUT_BYTES);
-  }}
-  memcpy(tinytrain_arena + {label.offset}, &label, sizeof label);
+{_load_image(train.inputs["input"])}  memcpy(tinytrain_arena + {label.offset}, &label, sizeof label);
   memcpy(tinytrain_arena + {lr.offset}, &tinytrain_lr, sizeof tinytrain_lr);
 {chr(10).join(train.calls)}
   if (loss) {{
@@ -401,13 +472,39 @@ int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {{
   return 0;
 }}
 
-int tinytrain_infer(const int8_t *input, float *logits) {{
-  memmove(tinytrain_arena + {infer.inputs["input"].offset}, input, TINYTRAIN_INPUT_BYTES);  /* may be tinytrain_input_buffer() */
-{chr(10).join(infer.calls)}
+int tinytrain_infer_rows(tinytrain_row_reader_t read, void *ctx, float *logits) {{
+{_load_image(infer.inputs["input"])}{chr(10).join(infer.calls)}
   memcpy(logits, tinytrain_arena + {logits.offset}, TINYTRAIN_NUM_CLASSES * sizeof(float));
   return 0;
 }}
+
+int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {{
+  return tinytrain_train_step_rows(tinytrain_image_rows, (void *)input, label, loss);
+}}
+
+int tinytrain_infer(const int8_t *input, float *logits) {{
+  return tinytrain_infer_rows(tinytrain_image_rows, (void *)input, logits);
+}}
 """
+
+
+def _store_row() -> str:
+    return """
+/* Output row y of a streamed conv, computed as band[channel][width], into its place in out[channel][height][width]. */
+static void tinytrain_store_row(int8_t *out, const int8_t *band, int32_t y, int32_t channels, int32_t height, int32_t width) {
+  for (int32_t c = 0; c < channels; c++) {
+    memcpy(out + ((size_t)c * height + y) * width, band + (size_t)c * width, width);
+  }
+}
+"""
+
+
+def _load_image(loc) -> str:
+    """C that reads the whole image into the arena, unless it is streamed."""
+    if isinstance(loc, Streamed):
+        return ""
+    return (f"  if (tinytrain_read_window(read, ctx, (int8_t *)(tinytrain_arena + {loc.offset}), 0, TINYTRAIN_INPUT_H, 0) != 0) {{\n"
+            f"    return 2;\n  }}\n")
 
 
 # ---------------------------------------------------------------- entry point
@@ -428,7 +525,8 @@ def generate(mod: tvm.IRModule, out_dir, lr: float = 0.003) -> dict:
     _expect_inputs(train, "train_step", {"input": ("int8", int(np.prod(shape))), "label": ("int32", 4), "lr": ("float32", 4)})
     _expect_inputs(infer, "infer", {"input": ("int8", int(np.prod(shape)))})
     layout = Layout(num_classes, shape[1:], max(train_plan.arena_bytes, infer_plan.arena_bytes), [storage.params[n] for n in trainable_names],
-                    storage, float(lr), train_plan.peak_sram_bytes, max(k.stack_bytes for k in lib.kernels.values()))
+                    storage, float(lr), train_plan.peak_sram_bytes, max(k.stack_bytes for k in lib.kernels.values()),
+                    any(isinstance(f.inputs["input"], Streamed) for f in (train, infer)))
     model_name, scheme = str(mod.attrs["tinytrain.model_name"]), str(step.attrs["tinytrain.scheme"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

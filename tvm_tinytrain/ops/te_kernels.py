@@ -21,12 +21,15 @@ def _rshift_round(v, shift):
     return tirx.shift_right(v + tirx.shift_left(one, shift - one), shift)
 
 
-def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int, pad: int | None = None) -> te.Tensor:
-    """int32 ``acc[n,o,h,w] = sum (x - x_zero) * w`` with zero-point padding ``(k-1)//2`` (``pad=0``: ``x`` is already padded)."""
+def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int, pad: int | None = None,
+               pad_h: int | None = None) -> te.Tensor:
+    """int32 ``acc[n,o,h,w] = sum (x - x_zero) * w`` with zero-point padding ``(k-1)//2`` (``pad=0``: ``x`` is already padded;
+    ``pad_h`` overrides the rows' padding: 0 for a band of input rows whose padding rows are already in it)."""
     n, _, h, wd = (int(d) for d in x.shape)
     o, cg, k, _ = (int(d) for d in w.shape)
     pad = (k - 1) // 2 if pad is None else pad
-    ho = (h + 2 * pad - k) // stride + 1
+    pad_h = pad if pad_h is None else pad_h
+    ho = (h + 2 * pad_h - k) // stride + 1
     wo = (wd + 2 * pad - k) // stride + 1
     og = o // groups
     rc = te.reduce_axis((0, cg), "rc")
@@ -34,7 +37,7 @@ def conv2d_acc(x: te.Tensor, w: te.Tensor, x_zero: int, stride: int, groups: int
     rw = te.reduce_axis((0, k), "rw")
 
     def body(b, oc, oh, ow):
-        ih = oh * stride + rh - pad
+        ih = oh * stride + rh - pad_h
         iw = ow * stride + rw - pad
         c = (oc // og) * cg + rc if groups > 1 else rc
         inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < wd)

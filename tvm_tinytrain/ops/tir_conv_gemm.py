@@ -38,8 +38,9 @@ def fits(in_channels: int, out_channels: int, batch: int, out_width: int, k: int
 
 
 def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, stride: int, x_zero: int, y_zero: int,
-                 qmin: int, qmax: int, wide_shift: bool, trained_channels: tuple[int, ...] = ()):
-    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a conv (padding ``(k-1)//2``) then requantize (module doc).
+                 qmin: int, qmax: int, wide_shift: bool, trained_channels: tuple[int, ...] = (), pad_h: int | None = None):
+    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a conv (padding ``(k-1)//2``, rows ``pad_h`` when given) then
+    requantize (module doc).
 
     With ``trained_channels`` (1x1 only) the weight is SparseUpdate's merged one and the PrimFunc is
     ``(x, frozen, trained, bias, mult, shift) -> y``: ``trained[:, j]`` replaces input channel
@@ -49,7 +50,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     """
     ic, oc, n_trained = in_channels, out_channels, len(trained_channels)
     pad = (k - 1) // 2
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    pad_h = pad if pad_h is None else pad_h
+    ho, wo = (h + 2 * pad_h - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     taps = ic * k * k
     groups = (taps + 3) // 4
     staged = taps % 4 != 0
@@ -59,7 +61,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         if k == 1 and stride == 1:
             return x[0, r, oh, ow].astype("int32") - x_zero
         c, kh, kw = r // (k * k), r // k % k, r % k
-        ih, iw = oh * stride + kh - pad, ow * stride + kw - pad
+        ih, iw = oh * stride + kh - pad_h, ow * stride + kw - pad
         inside = tirx.all(r < taps, ih >= 0, ih < h, iw >= 0, iw < w)
         return tirx.if_then_else(inside, x[0, c, ih, iw].astype("int32") - x_zero, 0)
 

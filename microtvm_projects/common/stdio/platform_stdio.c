@@ -4,7 +4,7 @@
 #include "platform.h"
 #include "tinytrain_model.h"
 
-/* The 20-byte header or a 4-byte label; images are read straight into the model's input buffer. */
+/* The 20-byte header or a 4-byte label; image rows are read straight into the model's window. */
 #define BUFFER_BYTES 20u
 
 static FILE *dataset;
@@ -12,7 +12,7 @@ static uint8_t buffer[BUFFER_BYTES];
 
 int platform_data_open(const char *path) {
     dataset = fopen(path, "rb");
-    /* Unbuffered: every read is one whole record, and a stdio buffer would only cost heap on a board. */
+    /* Unbuffered: every read is one whole field or image row, and a stdio buffer would only cost heap on a board. */
     return dataset != NULL && setvbuf(dataset, NULL, _IONBF, 0) == 0 ? 0 : -1;
 }
 

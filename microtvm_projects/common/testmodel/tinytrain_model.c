@@ -13,9 +13,6 @@
 static const float initial_weight[K][C] = {{0.1f, -0.2f, 0.05f}, {-0.1f, 0.15f, 0.0f}, {0.2f, 0.1f, -0.1f}, {0.0f, -0.05f, 0.1f}};
 static const float initial_bias[K] = {0.05f, -0.05f, 0.0f, 0.1f};
 static float weight[K][C], bias[K];
-static int8_t input_buffer[TINYTRAIN_INPUT_BYTES];
-
-int8_t *tinytrain_input_buffer(void) { return input_buffer; }
 
 const tinytrain_param_t tinytrain_params[TINYTRAIN_NUM_TRAINABLE] = {
     {"fc.weight", weight, sizeof weight, "float32"},
@@ -38,10 +35,15 @@ int tinytrain_init(void) {
 
 void tinytrain_set_lr(float lr) { learning_rate = lr; }
 
-static void forward(const int8_t *input) {
+/* Reads the image one row at a time, as a generated model that streams its input does. */
+static int forward(tinytrain_row_reader_t read, void *ctx) {
+    int8_t row[TINYTRAIN_INPUT_W];
     for (int c = 0; c < C; c++) {
         int32_t sum = 0;
-        for (int i = 0; i < HW; i++) sum += input[c * HW + i];
+        for (int r = 0; r < TINYTRAIN_INPUT_H; r++) {
+            if (read(ctx, c, r, row) != 0) return -1;
+            for (int i = 0; i < TINYTRAIN_INPUT_W; i++) sum += row[i];
+        }
         arena.features[c] = (float)sum / (float)(128 * HW);
     }
     for (int k = 0; k < K; k++) {
@@ -49,17 +51,18 @@ static void forward(const int8_t *input) {
         for (int c = 0; c < C; c++) acc += weight[k][c] * arena.features[c];
         arena.logits[k] = acc;
     }
+    return 0;
 }
 
-int tinytrain_infer(const int8_t *input, float *logits) {
-    forward(input);
+int tinytrain_infer_rows(tinytrain_row_reader_t read, void *ctx, float *logits) {
+    if (forward(read, ctx) != 0) return 2;
     memcpy(logits, arena.logits, sizeof arena.logits);
     return 0;
 }
 
-int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {
+int tinytrain_train_step_rows(tinytrain_row_reader_t read, void *ctx, int32_t label, float *loss) {
     if (label < 0 || label >= K) return 1;
-    forward(input);
+    if (forward(read, ctx) != 0) return 2;
     float total = 0.0f;
     for (int k = 0; k < K; k++) {
         float grad = arena.logits[k] - (k == label ? 1.0f : 0.0f);
@@ -69,4 +72,15 @@ int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {
     }
     *loss = total;
     return 0;
+}
+
+static int image_rows(void *ctx, int32_t channel, int32_t row, int8_t *dst) {
+    memcpy(dst, (const int8_t *)ctx + (channel * TINYTRAIN_INPUT_H + row) * TINYTRAIN_INPUT_W, TINYTRAIN_INPUT_W);
+    return 0;
+}
+
+int tinytrain_infer(const int8_t *input, float *logits) { return tinytrain_infer_rows(image_rows, (void *)input, logits); }
+
+int tinytrain_train_step(const int8_t *input, int32_t label, float *loss) {
+    return tinytrain_train_step_rows(image_rows, (void *)input, label, loss);
 }

@@ -24,8 +24,12 @@ extern const tinytrain_param_t tinytrain_params[TINYTRAIN_NUM_TRAINABLE];
 
 int tinytrain_init(void);
 void tinytrain_set_lr(float lr);
+typedef int (*tinytrain_row_reader_t)(void *ctx, int32_t channel, int32_t row, int8_t *dst);
+#define TINYTRAIN_STREAMS_INPUT 1
+
+int tinytrain_train_step_rows(tinytrain_row_reader_t read, void *ctx, int32_t label, float *loss);
+int tinytrain_infer_rows(tinytrain_row_reader_t read, void *ctx, float *logits);
 int tinytrain_train_step(const int8_t *input, int32_t label, float *loss);
 int tinytrain_infer(const int8_t *input, float *logits);
-int8_t *tinytrain_input_buffer(void);
 
 #endif
