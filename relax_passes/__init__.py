@@ -6,8 +6,8 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), DepthwiseInPlace(), StreamInputRows(),
-        PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), FuseWeightUpdate(), DepthwiseInPlace(), PointwiseInPlace(),
+        StreamInputRows(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -21,6 +21,7 @@ from .fuse_depthwise_backward import FuseDepthwiseBackward
 from .fuse_expand_depthwise import FuseExpandDepthwise
 from .fuse_weight_update import FuseWeightUpdate
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
+from .pointwise_in_place import PointwiseInPlace
 from .quantized_gradient import QuantizedGradient
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
@@ -28,5 +29,5 @@ from .stream_input_rows import StreamInputRows
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "StreamInputRows", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

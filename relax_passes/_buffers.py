@@ -30,8 +30,9 @@ SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
 # Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
-# and the depthwise kernels that stage each operand plane first (DepthwiseInPlace).
-OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place")
+# the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
+# pixel's column first (PointwiseInPlace).
+OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place", "pointwise_in_place")
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
 
@@ -64,6 +65,11 @@ class Buffer:
     offset: int | None = None
     alias: int | None = None  # index of the buffer whose storage this one reuses (it then takes no space of its own)
     streamed: bool = False  # the image, read in rows by its only reader: not in the arena
+    overwrites: int | None = None  # a larger operand dying at this buffer's kernel, whose offset this one should take
+
+    def in_place(self, buffers: list[Buffer]) -> bool:
+        """Placed over the operand it overwrites: the two then share bytes at their kernel only, as it allows."""
+        return self.overwrites is not None and self.offset is not None and self.offset == buffers[self.overwrites].offset
 
     def overlaps_in_time(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -164,13 +170,22 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
 
 
 def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
-    """Let each such output reuse an operand that dies at its kernel; the storage's lifetime grows to cover it."""
+    """Let each such output reuse an operand that dies at its kernel.
+
+    An output as large as the operand shares its storage (an alias: the storage's lifetime grows to cover it).  A
+    smaller one only asks for the operand's offset (``overwrites``), so the operand's tail is free once the kernel is
+    done: sharing the whole storage would keep it alive as long as the output, e.g. a block's projection output
+    saved for the backward would hold the six times larger expanded tensor's bytes.
+    """
     for i, operands, out in overwriting:
         for b in operands:
             if buffers[b].end == i and buffers[b].size >= buffers[out].size and buffers[b].kind == buffers[out].kind:
                 storage = buffers[b].alias if buffers[b].alias is not None else b
-                buffers[out].alias = storage
-                buffers[storage].end = max(buffers[storage].end, buffers[out].end)
+                if buffers[b].size == buffers[out].size:
+                    buffers[out].alias = storage
+                    buffers[storage].end = max(buffers[storage].end, buffers[out].end)
+                elif buffers[storage].end == i:  # no alias of the operand outlives the kernel
+                    buffers[out].overwrites = storage
                 break
 
 
@@ -201,6 +216,7 @@ def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:
     n = len(sb.bindings)
     timeline = [dict.fromkeys(("input", "activation", "mask", "gradient", "weight_gradient", "workspace"), 0) for _ in range(n)]
     for b in storage_buffers(sb.buffers):
-        for t in range(max(b.start, 0), min(b.end, n - 1) + 1):
+        first = b.start + 1 if b.in_place(sb.buffers) else b.start  # at its kernel it is the operand's bytes
+        for t in range(max(first, 0), min(b.end, n - 1) + 1):
             timeline[t][b.kind] += b.size
     return timeline

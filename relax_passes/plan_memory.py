@@ -66,20 +66,31 @@ class MemoryPlan:
 
 
 def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
-    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime; aliases share theirs."""
+    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime, or the offset of the
+    operand it overwrites (placed just before it) when that is free but for the operand; aliases share their storage's."""
 
     def align(v):
         return (v + alignment - 1) // alignment * alignment
 
+    def order(b: Buffer):  # a buffer that overwrites another comes right after it, before anything can take its place
+        depth = 0
+        while b.overwrites is not None:
+            b, depth = buffers[b.overwrites], depth + 1
+        return -b.size, b.start, b.name, depth
+
     placed: list[Buffer] = []
-    for b in sorted(storage_buffers(buffers), key=lambda b: (-b.size, b.start, b.name)):
-        busy = sorted((p.offset, p.offset + p.size) for p in placed if p.overlaps_in_time(b))
-        offset = 0
-        for lo, hi in busy:
-            if offset + b.size <= lo:
-                break
-            offset = max(offset, align(hi))
-        b.offset = offset
+    for b in sorted(storage_buffers(buffers), key=order):
+        alive = [p for p in placed if p.overlaps_in_time(b)]
+        target = buffers[b.overwrites] if b.overwrites is not None else None
+        if target is not None and target.offset is not None and not any(
+                p is not target and p.offset < target.offset + b.size and target.offset < p.offset + p.size for p in alive):
+            b.offset = target.offset  # in place over the dying operand: nothing else is there
+        else:
+            b.offset = 0
+            for lo, hi in sorted((p.offset, p.offset + p.size) for p in alive):
+                if b.offset + b.size <= lo:
+                    break
+                b.offset = max(b.offset, align(hi))
         placed.append(b)
     for b in buffers:
         if b.alias is not None:
@@ -97,9 +108,17 @@ def validate_plan(buffers: list[Buffer]) -> None:
         for b in by_offset[i + 1:]:
             if b.offset >= a.offset + a.size:
                 break
-            if a.overlaps_in_time(b) and a.size and b.size:
+            if a.overlaps_in_time(b) and a.size and b.size and not _meet_in_place(a, b, buffers):
                 raise TinyTrainError(f"PlanMemory: buffers {a.name!r} [{a.offset}, {a.offset + a.size}) and {b.name!r} "
                                      f"[{b.offset}, {b.offset + b.size}) overlap while both are alive")
+
+
+def _meet_in_place(a: Buffer, b: Buffer, buffers: list[Buffer]) -> bool:
+    """Whether one overwrites the other in place: same offset, alive together only at its kernel."""
+    for out, operand in ((a, b), (b, a)):
+        if out.in_place(buffers) and buffers[out.overwrites] is operand and operand.end == out.start:
+            return True
+    return False
 
 
 def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16) -> MemoryPlan:

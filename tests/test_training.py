@@ -338,9 +338,12 @@ def test_depthwise_kernels_overwrite_their_dying_operand(model):
     sb = analyze(mod, mod["train_step"])  # the plan's buffers, in the same order
     outputs = [k for k, b in enumerate(sb.buffers) if "in_place" in sb.ops[b.start] and b.kind != "workspace"]
     assert len(outputs) == 3
-    for k in outputs:
+    for k in outputs:  # an output as large as its operand shares its storage; a smaller one (b1.dw) only its offset
         out = plan.buffers[k]
-        assert out["alias"] is not None and plan.buffers[out["alias"]]["offset"] == out["offset"]
+        storage = out["alias"] if out["alias"] is not None else out["overwrites"]
+        assert storage is not None and plan.buffers[storage]["offset"] == out["offset"]
+        assert (out["overwrites"] is not None) == (out["size"] < plan.buffers[storage]["size"])
+    assert any(plan.buffers[k]["overwrites"] is not None for k in outputs)
     with pass_config(max_plane_bytes=8):
         small = tvm.transform.Sequential([FuseConvRequant(), DepthwiseInPlace(), PlanMemory()])(_reordered(model, "bias-only:6"))
     assert not [c for c in _step_calls(small) if "in_place" in c.op]

@@ -41,6 +41,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         FuseExpandDepthwise,
         FuseWeightUpdate,
         PlanMemory,
+        PointwiseInPlace,
         QuantizedGradient,
         ReorderUpdates,
         SparseUpdate,
@@ -53,7 +54,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
             FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
-            StreamInputRows(), PlanMemory(),
+            PointwiseInPlace(), StreamInputRows(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)

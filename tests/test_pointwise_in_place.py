@@ -1,0 +1,73 @@
+"""PointwiseInPlace: the column-staged 1x1 kernel against numpy, the rewrite, and the plan that puts it in place.
+
+The generated C of the random model's bias-only:6 (reference) and bias-only:2/optimized steps runs b0.project in
+place over its operand; test_codegen.py checks those steps against the Python trainer bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import make_random_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm import relax
+
+from relax_passes import memory_plan
+from relax_passes._ir import KernelCall, decode
+from relax_passes.pointwise_in_place import pointwise_in_place
+from tvm_tinytrain.ops import dsp, reference
+from tvm_tinytrain.ops.constants import Requant
+from tvm_tinytrain.ops.schedule import kernel_variant
+from tvm_tinytrain.quant import quantize_multipliers
+from tvm_tinytrain.trainer import build_training_module
+
+
+def _call(x, wt, bias, rq, x_zero) -> KernelCall:
+    """A conv2d_requant call on Relax vars of the arrays' types (what the kernel builder reads)."""
+    def var(name, a):
+        return relax.Var(name, relax.TensorType(a.shape, str(a.dtype)))
+
+    attrs = {"x_zero": x_zero, "y_zero": rq.y_zero, "qmin": rq.qmin, "qmax": rq.qmax, "stride": 1, "groups": 1}
+    args = [var("x", x), var("w", wt), var("b", bias), var("m", rq.mult), relax.const(rq.shift)]
+    out = var("y", np.empty((1, wt.shape[0], *x.shape[2:]), np.int8))
+    return KernelCall(out, "conv2d_requant", attrs, args, None)
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31), st.sampled_from(["reference", "optimized"]))
+@settings(max_examples=25, deadline=None)
+def test_pointwise_in_place_kernel_matches_reference(ic, oc, h, w, seed, variant):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (1, ic, h, w)).astype(np.int8)
+    wt = rng.integers(-128, 128, (oc, ic, 1, 1)).astype(np.int8)
+    bias = rng.integers(-50000, 50000, oc).astype(np.int32)
+    mult, shift = quantize_multipliers(rng.uniform(1e-3, 2.0, oc))
+    rq = Requant(mult, shift, int(rng.integers(-128, 128)), -128, 127)
+    x_zero = int(rng.integers(-128, 128))
+    want = reference.requantize(reference.conv2d_acc(x, wt, x_zero, 1, 1), bias, rq)
+    with kernel_variant(variant):
+        func = pointwise_in_place(_call(x, wt, bias, rq, x_zero))
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
+    out = tvm.runtime.empty(want.shape, "int8")
+    fn(*[tvm.runtime.tensor(a) for a in (x, wt, bias, rq.mult, rq.shift)], out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+@pytest.mark.parametrize("scheme, kernels", [("bias-only:6", "reference"), ("bias-only:2", "optimized")])
+def test_projection_runs_in_place_over_its_dying_operand(scheme, kernels):
+    mod = build_training_module(make_random_model(3), scheme, num_classes=4, kernels=kernels)
+    calls = [decode(mod, b) for b in mod["train_step"].body.blocks[0].bindings]
+    project = next(c for c in calls if c is not None and c.node == "b0.project" and c.op in ("conv2d_requant", "pointwise_in_place"))
+    assert project.op == "pointwise_in_place"
+    assert not [c for c in calls if c is not None and c.op == "pointwise_in_place" and c.node == "b1.project"]  # 8 -> 12: wider
+    plan = memory_plan(mod)
+    out = next(b for b in plan.buffers if b["name"] == project.var.name)
+    operand = plan.buffers[out["overwrites"]]
+    assert out["offset"] == operand["offset"] and out["size"] < operand["size"] and operand["end"] == out["start"]
+
+
+def test_projection_stays_when_its_operand_is_saved():
+    """Under ``full`` b0.project's weight gradient reads its input, which then outlives the conv: no in-place kernel."""
+    mod = build_training_module(make_random_model(3), "full", num_classes=4)
+    assert not [b for b in mod["train_step"].body.blocks[0].bindings if (c := decode(mod, b)) is not None and c.op == "pointwise_in_place"]
