@@ -33,7 +33,7 @@ from tvm import relax, s_tir, te
 
 from tvm_tinytrain.model import DTYPE_BYTES
 from tvm_tinytrain.ops import te_backward, te_kernels, tir_depthwise
-from tvm_tinytrain.ops.schedule import current_variant, finish_tile, tile_reduction
+from tvm_tinytrain.ops.schedule import current_variant, finish_tile, stage_at, tile_reduction
 from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import PlanePass, conv_quant, placeholders, reader_positions, reemit, wide_shift
@@ -58,6 +58,8 @@ def _staged(outputs_of, call, pad: int = 0, pad_value=0) -> tvm.tirx.PrimFunc:
     for consumer in sch.get_consumers(main):  # requantize, or a tile's write-back: per output pixel (or tile)
         sch.reverse_compute_at(consumer, sch.get_loops(main)[3])
     sch.compute_at(blocks["plane"], sch.get_loops(main)[1])  # one operand plane per channel
+    if "w_real" in blocks and not stage_at(sch, blocks["w_real"]):  # an input gradient's real weights, per channel
+        sch.compute_inline(blocks["w_real"])
     if tiled:
         finish_tile(sch, name)
     return sch.mod["main"].without_attr("global_symbol")

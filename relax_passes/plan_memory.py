@@ -60,6 +60,7 @@ class MemoryPlan:
                 **{f"peak_{k}_bytes": v for k, v in self.peak_parts.items()},
             },
             "peak_live_bytes": self.peak_live_bytes,
+            "input_streamed": any(b.get("streamed") for b in self.buffers),  # StreamInputRows: the image is not in RAM
             "frozen_param_bytes_flash": self.frozen_param_bytes,
             "peak_op": self.timeline[self.peak_index] if self.timeline else None,
         }

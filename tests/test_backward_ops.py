@@ -20,6 +20,7 @@ from tvm import te
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.ops import reference, te_backward, te_kernels
 from tvm_tinytrain.ops import reference_backward as ref
+from tvm_tinytrain.ops.schedule import VARIANTS, compact_schedule, kernel_variant
 from tvm_tinytrain.quant import INT32_MAX, INT32_MIN
 
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -423,3 +424,23 @@ def test_depthwise_block_backward_is_the_four_kernels(shape, seed):
     masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
     np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
     np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_pw, s_pw, (1, cin, h, w), 1, 1))
+
+
+@pytest.mark.parametrize("out_channels, fits", [(8, True), (300, False)])
+def test_input_grad_stages_real_weights_only_in_the_optimized_schedule(out_channels, fits):
+    """The optimized schedule computes ``float(w) * scale`` once per tile of input channels into a stack array, when
+    that fits :data:`MAX_STAGE_BYTES` (300 output channels x 4 do not); the reference inlines it.  Same bits."""
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(1, out_channels, 4, 4)).astype(F32)
+    w = rng.integers(-128, 128, (out_channels, 8, 1, 1)).astype(np.int8)
+    s = rng.uniform(0.001, 0.1, out_channels).astype(F32)
+    want = ref.conv2d_input_grad(g, w, s, (1, 8, 4, 4), 1, 1)
+    phs = [te.placeholder(a.shape, str(a.dtype), f"in{i}") for i, a in enumerate((g, w, s))]
+    out = te_backward.conv2d_input_grad(*phs, (1, 8, 4, 4), 1, 1)
+    for variant in VARIANTS:
+        with kernel_variant(variant):
+            func = compact_schedule(te.create_prim_func([*phs, out]))
+        assert ("w_real" in func.script()) == (variant == "optimized" and fits)
+        got = tvm.runtime.empty(want.shape, "float32")
+        tvm.compile(func, target="llvm")(*[tvm.runtime.tensor(a) for a in (g, w, s)], got)
+        assert_same(got.numpy(), want)

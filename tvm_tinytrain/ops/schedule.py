@@ -14,9 +14,12 @@ elements (along the innermost output axis) together: their accumulators are
 a small local array, the reduction's initialisation moves out of the
 reduction loop, and the tile loop is innermost and unrolled, so every weight
 (and its float conversion) is loaded once per tile instead of once per
-element and the compiler can keep the accumulators in registers.  Each
-element still sums its terms in the same order, so both variants produce
-the same bits.  The variant in force is set with :func:`kernel_variant`.
+element and the compiler can keep the accumulators in registers.  A stage
+annotated :data:`STAGE_AT` (an input gradient's real weights) is computed
+once per tile of channels into a small stack array instead of at every
+read.  Each element still sums its terms in the same order, so both
+variants produce the same bits.  The variant in force is set with
+:func:`kernel_variant`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tvm
 from tvm import s_tir
 
 from ..errors import TinyTrainError
+from ..model import DTYPE_BYTES
 
 SPATIAL = 0  # IterVar type of a data-parallel axis
 VARIANTS = ("reference", "optimized")
@@ -39,6 +43,10 @@ TILE = {"int32": 4, "float32": 8}
 MERGE_POSITION = "merge_position"
 # A reduction's annotation: the output axis to tile first (see tile_reduction).
 TILE_AXIS = "tinytrain.tile_axis"
+# An element-wise stage's annotation: the loop of its consumer at which the optimized variant computes it (see
+# stage_at), instead of inlining it into every read.
+STAGE_AT = "tinytrain.stage_at"
+MAX_STAGE_BYTES = 4096  # a staged stage's region is a stack array of the C kernel
 
 _variant: contextvars.ContextVar[str] = contextvars.ContextVar("tinytrain_kernel_variant", default="reference")
 
@@ -72,7 +80,7 @@ def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs or sch.get(block).name_hint == MERGE_POSITION:
+        if sch.get(block).name_hint in outputs or sch.get(block).name_hint == MERGE_POSITION or stage_at(sch, block):
             continue
         n_spatial, n_iters = _axes(sch, block)
         try:
@@ -85,6 +93,29 @@ def compact_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     for reduction in tiled:
         finish_tile(sch, reduction)
     return sch.mod["main"]
+
+
+def stage_at(sch: s_tir.Schedule, block) -> bool:
+    """In the optimized variant, compute a :data:`STAGE_AT` stage at that loop of its only consumer, once for all
+    the consumer's iterations inside it (e.g. a conv's real weights ``float(w) * scale`` once per tile of input
+    channels instead of once per multiply-add), when its region there fits :data:`MAX_STAGE_BYTES`.  The values
+    are those the inlined expression computes, so the bits do not change.  False: nothing done."""
+    loop_index = sch.get(block).annotations.get(STAGE_AT)
+    consumers = sch.get_consumers(block)
+    if _variant.get() != "optimized" or loop_index is None or len(consumers) != 1:
+        return False
+    trial = sch.copy()  # to size the staged region first: a schedule step cannot be undone
+    try:
+        trial.compute_at(block, trial.get_loops(consumers[0])[int(loop_index)])
+    except s_tir.ScheduleError:
+        return False
+    elements = 1
+    for lp in trial.get_loops(block)[int(loop_index) + 1:]:  # the loops compute_at made: the region of one iteration
+        elements *= int(trial.get(lp).extent)
+    if elements * DTYPE_BYTES[str(sch.get(block).writes[0].source.dtype)] > MAX_STAGE_BYTES:
+        return False
+    sch.compute_at(block, sch.get_loops(consumers[0])[int(loop_index)])
+    return True
 
 
 def _tile_reductions(sch: s_tir.Schedule) -> list[str]:

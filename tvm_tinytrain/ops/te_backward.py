@@ -26,7 +26,7 @@ from tvm import te, tirx
 from ..errors import TinyTrainError
 from ..quant import INT32_MAX, INT32_MIN
 from . import te_kernels
-from .schedule import MERGE_POSITION, TILE_AXIS
+from .schedule import MERGE_POSITION, STAGE_AT, TILE_AXIS
 
 F32 = "float32"
 
@@ -148,14 +148,17 @@ def conv2d_input_grad(g_acc: te.Tensor, w: te.Tensor, w_scales: te.Tensor, in_sh
     rh = te.reduce_axis((0, taps), "rh")
     rw = te.reduce_axis((0, taps), "rw")
 
+    # The real weights: inlined by the reference schedule; the optimized one computes those of a tile of input
+    # channels once per tile (the loop at index 1 of g_x: its channels, or their tiles).
+    w_real = te.compute(w.shape, lambda *idx: w[idx].astype(F32) * w_scales[idx[0]], name="w_real", attrs={STAGE_AT: 1})
+
     def body(b, ci, ih, iw):
         oc = (ci // cg) * og + ro
         kh, kw = (ih + pad) % stride + rh * stride, (iw + pad) % stride + rw * stride
         th, tw = ih + pad - kh, iw + pad - kw
         oh, ow = th // stride, tw // stride
         valid = tirx.all(kh < k, kw < k, th >= 0, tw >= 0, oh < ho, ow < wo)
-        w_real = w[oc, ci % cg, kh, kw].astype(F32) * w_scales[oc]
-        return te.sum(tirx.if_then_else(valid, g_acc[b, oc, oh, ow] * w_real, _f32(0.0)), axis=[ro, rh, rw])
+        return te.sum(tirx.if_then_else(valid, g_acc[b, oc, oh, ow] * w_real[oc, ci % cg, kh, kw], _f32(0.0)), axis=[ro, rh, rw])
 
     return te.compute((n, c, h, wd), body, name="g_x")
 
