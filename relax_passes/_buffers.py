@@ -29,6 +29,8 @@ from .stream_input_rows import row_kernel
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
+# Multi-output kernels with one output written over an argument (a trainable parameter): op -> (field, argument).
+IN_PLACE_FIELDS = {"depthwise_block_backward_sgd": (2, 0)}
 # Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
 # the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
 # pixel's column first (PointwiseInPlace).
@@ -46,7 +48,7 @@ def _field_kind(op: str, index: int) -> str:
         return "mask"
     if op == "softmax_cross_entropy":
         return "activation" if index == 0 else "gradient"
-    if op in ("linear_float_grads", "depthwise_block_backward"):
+    if op in ("linear_float_grads", "depthwise_block_backward", "depthwise_block_backward_sgd"):
         return "gradient" if index == 0 else "weight_gradient"
     if op in PARAM_GRAD_OPS:
         return "weight_gradient"
@@ -136,6 +138,9 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
                 idx = []
                 for k, ty in enumerate(tys):
+                    if IN_PLACE_FIELDS.get(call.op, (None,))[0] == k:
+                        idx.append(None)  # in place, into the parameter
+                        continue
                     idx.append(len(buffers))
                     name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
                     buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))

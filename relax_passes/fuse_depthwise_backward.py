@@ -9,9 +9,13 @@ expanded side, so this pass replaces the four kernels with one
 ``depthwise_block_backward`` kernel (``tvm_tinytrain/ops/tir_backward.py``)
 that builds one masked plane at a time and adds it into the bias gradient
 and the expansion's input gradient at once: same bits, and only one plane
-of the big tensor ever exists.  It applies when the expansion's weight is
-frozen (a trained weight would need the whole masked gradient for its own
-gradient), when neither weight is a partially trained merge, when a plane
+of the big tensor ever exists.  Where the expansion's whole weight is trained
+too (its gradient and SGD step fused by FuseWeightUpdate), row ``c`` of that
+gradient needs masked plane ``c`` only: ``depthwise_block_backward_sgd``
+also updates the weight, row by row in place, right after the plane has used
+the row's old value for the input gradient (e.g. MCUNet's blocks[10], a 60 KB
+float32 tensor at the peak of ``paper-99kb``).  It applies when neither
+weight is a partially trained merge, when a plane
 fits ``max_plane_bytes``, and when the depthwise conv is strided: a
 stride-1 input gradient is no larger than its operand, so DepthwiseInPlace
 already writes it over that operand, with faster (tiled) kernels.  Run it
@@ -32,6 +36,14 @@ After::
     g_x = fused[0]
     g_b = fused[1]
     b_new = R.call_tir(cls.sgd_update_int32, (b, g_b, lr), R.Tensor((96,), "int32"))
+
+With the expansion's weight update ``w_new = R.call_tir(cls.conv2d_weight_grad_sgd, (w_pw, x, g_m, w_scale, lr), ...)``::
+
+    fused = R.call_tir(cls.depthwise_block_backward_sgd, (w_pw, g_acc, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr),
+                       [R.Tensor((1, 16, 16, 16), "float32"), R.Tensor((96,), "float32"), R.Tensor((96, 16, 1, 1), "int8")])
+    g_x = fused[0]
+    g_b = fused[1]
+    w_new = fused[2]
 """
 
 from __future__ import annotations
@@ -46,44 +58,62 @@ from ._fusion import PlanePass, reader_counts, reemit
 from ._ir import decode, shape_of
 
 OP = "depthwise_block_backward"
+TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
 
 
 def _groups(calls, readers, max_plane: int) -> dict:
-    """depthwise input-gradient var -> (depthwise call, mask call, bias-gradient call, expansion input-gradient call)."""
+    """depthwise input-gradient var -> (depthwise call, mask call, bias-gradient call, expansion input-gradient call,
+    the expansion's fused weight update or None)."""
     by_input: dict = {}
     for c in calls:
         if c is not None and c.args:
             by_input.setdefault(c.args[0], []).append(c)
+            if c.op == "conv2d_weight_grad_sgd":
+                by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
     groups = {}
     for d in calls:
         if (d is None or d.op != "conv2d_input_grad" or d.attrs["groups"] <= 1 or d.attrs["stride"] == 1 or len(d.args) != 3
                 or readers.get(d.var) != 1):
             continue
         masks = [m for m in by_input.get(d.var, []) if m.op == "apply_mask"]
-        if len(masks) != 1 or readers.get(masks[0].var) != 2:
+        if len(masks) != 1:
             continue
         m = masks[0]
-        readers_of_m = {c.op: c for c in by_input.get(m.var, [])}
-        b, p = readers_of_m.get("bias_grad"), readers_of_m.get("conv2d_input_grad")
+        readers_of_m = {c.op: c for c in by_input.get(m.var, []) if c.args[0].same_as(m.var) or c.op == "conv2d_weight_grad_sgd"}
+        b, p, u = (readers_of_m.get(op) for op in ("bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"))
         _, _, h, w = shape_of(d.var)
         if (b is None or p is None or p.attrs["groups"] != 1 or len(p.args) != 3 or shape_of(p.args[1])[2:] != (1, 1)
-                or p.attrs["stride"] != 1 or h * w * 4 > max_plane):
+                or p.attrs["stride"] != 1 or h * w * 4 > max_plane or readers.get(m.var) != 2 + (u is not None)):
             continue
-        groups[d.var] = (d, m, b, p)
+        if u is not None and not _trained_expansion(u, p, readers):
+            continue
+        groups[d.var] = (d, m, b, p, u)
     return groups
 
 
-def _kernel(d, p) -> tvm.tirx.PrimFunc:
+def _trained_expansion(u, p, readers) -> bool:
+    """Whether ``u`` updates the whole expansion weight that ``p`` reads, from its whole input, and nothing else reads
+    that weight in the step (its readers are then the forward conv, ``p`` and ``u``)."""
+    weight, x = u.args[0], u.args[1]
+    return (weight.same_as(p.args[1]) and not u.attrs["depthwise"] and u.attrs["kernel"] == 1 and u.attrs["stride"] == 1
+            and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 3)
+
+
+def _kernel(d, p, u) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
     in_channels = shape_of(p.var)[1]
-    prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"])
-    return prim.with_attrs(kernel_attrs(OP, f"{d.node}+{p.node}", stride=d.attrs["stride"]))
+    x_zero = None if u is None else u.attrs["x_zero"]
+    prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero)
+    if u is None:
+        return prim.with_attrs(kernel_attrs(OP, f"{d.node}+{p.node}", stride=d.attrs["stride"]))
+    return prim.with_attrs(kernel_attrs(TRAINED_OP, f"{d.node}+{p.node}", stride=d.attrs["stride"], param=u.attrs["param"]))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDepthwiseBackward")
 class FuseDepthwiseBackward(PlanePass):
-    """Fuse each depthwise input gradient with the frozen expansion's mask, bias gradient and input gradient."""
+    """Fuse each strided depthwise input gradient with the expansion's mask, bias gradient, input gradient and,
+    where it is trained, weight update."""
 
     @staticmethod
     def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:
@@ -93,19 +123,22 @@ class FuseDepthwiseBackward(PlanePass):
         groups = _groups(calls, reader_counts(func), max_plane)
         if not groups:
             return mod
-        replaced = {c.var for d, m, b, p in groups.values() for c in (m, b, p)}
+        replaced = {c.var for d, m, b, p, u in groups.values() for c in (m, b, p, u) if c is not None}
 
         def emit(bb, binding) -> bool:
             if binding.var in replaced:
                 return True  # now bound by the fused kernel
             if binding.var not in groups:
                 return False
-            d, m, b, p = groups[binding.var]
-            gv = bb.add_func(_kernel(d, p), OP)
-            args = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]]
-            fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [p.var.ty, b.var.ty]))
-            bb.emit_normalized(relax.VarBinding(p.var, relax.TupleGetItem(fused, 0)))
-            bb.emit_normalized(relax.VarBinding(b.var, relax.TupleGetItem(fused, 1)))
+            d, m, b, p, u = groups[binding.var]
+            gv = bb.add_func(_kernel(d, p, u), OP if u is None else TRAINED_OP)
+            if u is None:
+                args, outs = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
+            else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr): the weight first, updated in place
+                args, outs = [u.args[0], d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[2], u.args[1], u.args[3], u.args[4]], [p, b, u]
+            fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [c.var.ty for c in outs]))
+            for k, c in enumerate(outs):
+                bb.emit_normalized(relax.VarBinding(c.var, relax.TupleGetItem(fused, k)))
             return True
 
         return reemit(mod, name, emit)

@@ -402,10 +402,11 @@ def test_merge_channels(o, c, axis, seed):
     np.testing.assert_array_equal(np.take(got, rest, axis=axis), np.take(frozen, rest, axis=axis))
 
 
-@given(st.sampled_from([(8, 4, 8, 8, 3, 2), (6, 3, 7, 7, 5, 1), (8, 4, 8, 8, 7, 2), (5, 2, 6, 6, 3, 1)]), st.integers(0, 2**31))
-@settings(max_examples=12, deadline=None)
-def test_depthwise_block_backward_is_the_four_kernels(shape, seed):
-    """The fused TIR kernel == depthwise input grad -> mask -> bias grad + 1x1 input grad of the numpy reference, bit for bit."""
+@given(st.sampled_from([(8, 4, 8, 8, 3, 2), (6, 3, 7, 7, 5, 1), (8, 4, 8, 8, 7, 2), (5, 2, 6, 6, 3, 1)]), st.integers(0, 2**31), st.booleans())
+@settings(max_examples=16, deadline=None)
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained):
+    """The fused TIR kernel == depthwise input grad -> mask -> bias grad + 1x1 input grad of the numpy reference, bit
+    for bit; ``trained``: also the expansion's weight gradient and SGD step, each row after its old value was read."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride = shape
@@ -417,13 +418,22 @@ def test_depthwise_block_backward_is_the_four_kernels(shape, seed):
     s_dw, s_pw = (rng.uniform(1e-3, 1e-2, c).astype(np.float32) for _ in range(2))
     mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
     b_scale = rng.uniform(1, 100, c).astype(np.float32)
-    fn = tvm.compile(tvm.IRModule({"main": depthwise_block_backward(c, cin, h, w, ho, wo, k, stride).with_attr("global_symbol", "main")}),
-                     target="llvm")
-    g_x, g_b = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32")
-    fn(*[tvm.runtime.tensor(a) for a in (g, w_dw, s_dw, mask, b_scale, w_pw, s_pw)], g_x, g_b)
+    x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
+    x_zero, w_scale, lr = int(rng.integers(-128, 128)), rng.uniform(1, 1e3, c).astype(np.float32), np.array([0.01], np.float32)
+    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None)
+    fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
+    g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
+    if trained:
+        fn(*[tvm.runtime.tensor(a) for a in (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr)], g_x, g_b, w_new)
+    else:
+        fn(*[tvm.runtime.tensor(a) for a in (g, w_dw, s_dw, mask, b_scale, w_pw, s_pw)], g_x, g_b)
     masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
     np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
     np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_pw, s_pw, (1, cin, h, w), 1, 1))
+    if trained:
+        want = ref.sgd_update_int8(w_pw, ref.conv2d_weight_grad(x, masked, x_zero, 1, 1, w_scale), lr)
+        np.testing.assert_array_equal(w_new.numpy(), want)
+        assert (want != w_pw).any()  # the steps are large enough to move weights
 
 
 @pytest.mark.parametrize("out_channels, fits", [(8, True), (300, False)])

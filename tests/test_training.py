@@ -350,19 +350,28 @@ def test_depthwise_kernels_overwrite_their_dying_operand(model):
     assert memory_plan(small).arena_bytes > plan.arena_bytes
 
 
+FUSED_BLOCKS = {  # scheme -> (fused op, its nodes): bias-only:13 trains the expansions' biases, last-k:6 block 4's weights too
+    "bias-only:13": ("depthwise_block_backward", ["block4.dw+block4.expand", "block2.dw+block2.expand"]),
+    "last-k:6": ("depthwise_block_backward_sgd", ["block4.dw+block4.expand"]),
+}
+
+
 @pytest.mark.parametrize("kernels", ["reference", "optimized"])
-def test_depthwise_backward_is_fused_with_the_frozen_expansion(kernels):
-    """The default model under bias-only:13 trains its expansions' biases only: behind each strided depthwise conv,
-    the expansion's mask, bias gradient and input gradient consume the depthwise input gradient one plane at a
-    time; the step stays equal to the numpy reference bit for bit and needs less memory."""
+@pytest.mark.parametrize("scheme", list(FUSED_BLOCKS))
+def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
+    """Behind each strided depthwise conv of the default model, the expansion's mask, bias gradient, input gradient
+    (and, where its weight is trained, its weight update, in place) consume the depthwise input gradient one plane at
+    a time; the step stays equal to the numpy reference bit for bit and needs less memory."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
-    trainer = Int8Trainer(model, "bias-only:13", num_classes=5, lr=0.05, kernels=kernels)
+    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
     calls = _step_calls(trainer.mod)
-    assert [c.node for c in calls if c.op == "depthwise_block_backward"] == ["block4.dw+block4.expand", "block2.dw+block2.expand"]
-    assert not [c for c in calls if c.op in ("apply_mask", "bias_grad", "conv2d_input_grad") and c.node in ("block2.expand", "block4.expand")]
-    ups = layer_updates(parse_scheme("bias-only:13", model), model)
+    op, nodes = FUSED_BLOCKS[scheme]
+    assert [c.node for c in calls if c.op == op] == nodes
+    expansions = [n.split("+")[1] for n in nodes]
+    assert not [c for c in calls if c.op in ("apply_mask", "bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd") and c.node in expansions]
+    ups = layer_updates(parse_scheme(scheme, model), model)
     rng = np.random.default_rng(3)
     for step in range(2):
         x, label = rng.integers(-128, 128, (1, 3, 32, 32)).astype(np.int8), int(rng.integers(0, 5))
@@ -373,6 +382,6 @@ def test_depthwise_backward_is_fused_with_the_frozen_expansion(kernels):
         for name in ref.params:
             np.testing.assert_array_equal(trainer.weights()[name], ref.params[name], err_msg=f"step {step}: {name}")
     mod, _ = build_relax(model)
-    unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate("bias-only:13"), ReorderUpdates(), FuseConvRequant(),
+    unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate(scheme), ReorderUpdates(), FuseConvRequant(),
                                         DepthwiseInPlace(), PlanMemory()])(mod)
     assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(unfused).peak_live_bytes

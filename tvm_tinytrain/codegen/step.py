@@ -32,7 +32,7 @@ import tvm
 from tvm import relax
 
 from relax_passes import memory_plan
-from relax_passes._buffers import IN_PLACE_OPS, type_bytes
+from relax_passes._buffers import IN_PLACE_FIELDS, IN_PLACE_OPS, type_bytes
 from relax_passes._ir import decode
 from relax_passes.plan_memory import plan
 from relax_passes.stream_input_rows import window_shape
@@ -231,16 +231,20 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 continue
             if any(isinstance(a, Streamed) for a in args):
                 raise TinyTrainError(f"codegen: {func_name}: {what} reads the streamed image, which only its first conv may read")
-            if call.op in IN_PLACE_OPS:
-                target = args[0]
+            def in_place(arg: int):
+                target = args[arg]
                 if not (isinstance(target, Symbol) and not target.const):
                     raise TinyTrainError(f"codegen: {func_name}: {what} updates {target}, which is not a trainable parameter")
-                outs = [target]  # in place
                 updated.add(target.param)
+                return target
+
+            if call.op in IN_PLACE_OPS:
+                outs = [in_place(0)]
             else:
                 tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
                 names = [var.name] if len(tys) == 1 else [f"{var.name}[{k}]" for k in range(len(tys))]
-                outs = [buffers.take(n, ty) for n, ty in zip(names, tys)]
+                field, arg = IN_PLACE_FIELDS.get(call.op, (None, None))
+                outs = [in_place(arg) if k == field else buffers.take(n, ty) for k, (n, ty) in enumerate(zip(names, tys))]
                 buffers.skip_workspace(var.name)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
             calls.append(_kernel_call(kernel, args + outs, i, func_name, var, op_ids[kernel.op]))

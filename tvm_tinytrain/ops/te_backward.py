@@ -211,7 +211,7 @@ def conv2d_weight_grad_sgd(w: te.Tensor, x_sel: te.Tensor, g_acc: te.Tensor, sca
     if tuple(s.shape) != tuple(w.shape):
         raise TinyTrainError(f"conv2d_weight_grad_sgd: gradient shape {tuple(s.shape)} does not match the weight's {tuple(w.shape)}")
     # One stage after the sum (not a separate scaled-gradient stage) so the schedule can put it inside the sum's loop.
-    return te.compute(w.shape, lambda row, *rest: _int8_step(w[(row, *rest)], lr, scale[row] * s[(row, *rest)]), name="w_new")
+    return te.compute(w.shape, lambda row, *rest: int8_step(w[(row, *rest)], lr, scale[row] * s[(row, *rest)]), name="w_new")
 
 
 def bias_grad(g_acc: te.Tensor, scale: te.Tensor) -> te.Tensor:
@@ -230,7 +230,8 @@ def _sgd_step(lr: te.Tensor, g, lo: float, hi: float):
     return tirx.max(tirx.min(tirx.floor(_f32(0.5) - lr[0] * g), _f32(hi)), _f32(lo))
 
 
-def _int8_step(w, lr, g):
+def int8_step(w, lr, g):
+    """The new int8 weight after SGD step ``-lr * g`` (``lr`` a one-element tensor or buffer)."""
     return te_kernels.clamp_int8(w.astype("int32") + _sgd_step(lr, g, -256.0, 256.0).astype("int32"), -128, 127)
 
 
@@ -242,7 +243,7 @@ def sgd_update_int8(w: te.Tensor, grad: te.Tensor, lr: te.Tensor, channel_axis: 
     order, e.g. from :func:`conv2d_weight_grad`); every other element is copied unchanged.
     """
     if channels is None:
-        return te.compute(w.shape, lambda *idx: _int8_step(w[idx], lr, grad[idx]), name="w_new")
+        return te.compute(w.shape, lambda *idx: int8_step(w[idx], lr, grad[idx]), name="w_new")
     size = int(w.shape[channel_axis])
     position = [-1] * size
     for j, ch in enumerate(channels):
@@ -251,7 +252,7 @@ def sgd_update_int8(w: te.Tensor, grad: te.Tensor, lr: te.Tensor, channel_axis: 
     def body(*idx):
         j = _static_index(idx[channel_axis], position)
         g_idx = (*idx[:channel_axis], j, *idx[channel_axis + 1:])
-        return tirx.if_then_else(j >= 0, _int8_step(w[idx], lr, grad[g_idx]), w[idx])  # lazy: grad[-1] is never read
+        return tirx.if_then_else(j >= 0, int8_step(w[idx], lr, grad[g_idx]), w[idx])  # lazy: grad[-1] is never read
 
     return te.compute(w.shape, body, name="w_new")
 
