@@ -11,10 +11,14 @@ that builds one masked plane at a time and adds it into the bias gradient
 and the expansion's input gradient at once: same bits, and only one plane
 of the big tensor ever exists.  Where the expansion's whole weight is trained
 too (its gradient and SGD step fused by FuseWeightUpdate), row ``c`` of that
-gradient needs masked plane ``c`` only: ``depthwise_block_backward_sgd``
-also updates the weight, row by row in place, right after the plane has used
-the row's old value for the input gradient (e.g. MCUNet's blocks[10], a 60 KB
-float32 tensor at the peak of ``paper-99kb``).  It applies when neither
+gradient needs masked plane ``c`` only: with the option
+``fuse_trained_expansion``, ``depthwise_block_backward_sgd`` also updates the
+weight, row by row in place, right after the plane has used the row's old
+value for the input gradient (e.g. MCUNet's blocks[10], a 60 KB float32
+tensor at the peak of ``paper-99kb``).  That trades speed for memory: the
+input gradient then adds each plane into the whole ``g_x`` in memory instead
+of summing register tiles (MCUNet ``paper-99kb`` on the M7: 9 KB less arena,
+about 21 M more instructions), so it is off by default.  It applies when neither
 weight is a partially trained merge, when a plane
 fits ``max_plane_bytes``, and when the depthwise conv is strided: a
 stride-1 input gradient is no larger than its operand, so DepthwiseInPlace
@@ -56,12 +60,13 @@ from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import PlanePass, reader_counts, reemit
 from ._ir import decode, shape_of
+from .config import option
 
 OP = "depthwise_block_backward"
 TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
 
 
-def _groups(calls, readers, max_plane: int) -> dict:
+def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
     """depthwise input-gradient var -> (depthwise call, mask call, bias-gradient call, expansion input-gradient call,
     the expansion's fused weight update or None)."""
     by_input: dict = {}
@@ -85,7 +90,7 @@ def _groups(calls, readers, max_plane: int) -> dict:
         if (b is None or p is None or p.attrs["groups"] != 1 or len(p.args) != 3 or shape_of(p.args[1])[2:] != (1, 1)
                 or p.attrs["stride"] != 1 or h * w * 4 > max_plane or readers.get(m.var) != 2 + (u is not None)):
             continue
-        if u is not None and not _trained_expansion(u, p, readers):
+        if u is not None and not (trained_expansion and _trained_expansion(u, p, readers)):
             continue
         groups[d.var] = (d, m, b, p, u)
     return groups
@@ -113,14 +118,17 @@ def _kernel(d, p, u) -> tvm.tirx.PrimFunc:
 @tvm.transform.module_pass(opt_level=0, name="FuseDepthwiseBackward")
 class FuseDepthwiseBackward(PlanePass):
     """Fuse each strided depthwise input gradient with the expansion's mask, bias gradient, input gradient and,
-    where it is trained, weight update."""
+    with ``trained_expansion`` (option ``fuse_trained_expansion``), a trained expansion's weight update."""
 
-    @staticmethod
-    def _rewrite(mod, name: str, max_plane: int) -> tvm.IRModule:
+    def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None):
+        super().__init__(max_plane_bytes)
+        self.trained_expansion = trained_expansion
+
+    def _rewrite(self, mod, name: str, max_plane: int) -> tvm.IRModule:
         func = mod[name]
         bindings = list(func.body.blocks[0].bindings)
         calls = [decode(mod, b) for b in bindings]
-        groups = _groups(calls, reader_counts(func), max_plane)
+        groups = _groups(calls, reader_counts(func), max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)))
         if not groups:
             return mod
         replaced = {c.var for d, m, b, p, u in groups.values() for c in (m, b, p, u) if c is not None}

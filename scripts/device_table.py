@@ -6,9 +6,11 @@ memory (320 KB RAM, 1 MB flash), once with the reference kernels and once with t
 bits), runs 3 steps on random data and reports the measured parts beside the planner's prediction and the paper,
 plus the instructions spent in each kind of kernel (a TINYTRAIN_PROFILE build).
 Writes results/device_table.json and results/device_table.md; with ``--all-schemes`` (every published scheme of
-each model instead of the one the paper times) results/device_table_all_schemes.json and .md.
+each model instead of the one the paper times) results/device_table_all_schemes.json and .md; with
+``--fuse-trained-expansion`` (the pass option of FuseDepthwiseBackward that trades speed for memory) the names
+end in ``_fuse_trained_expansion``.
 
-    .venv/bin/python scripts/device_table.py [--kernels optimized] [--targets qemu-m7] [--all-schemes]
+    .venv/bin/python scripts/device_table.py [--kernels optimized] [--targets qemu-m7] [--all-schemes] [--fuse-trained-expansion]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from relax_passes import pass_config
 from tvm_tinytrain.boards import build_project, run_project, write_dataset
 from tvm_tinytrain.demo import paper_models_dir
 from tvm_tinytrain.errors import TinyTrainError
@@ -93,6 +96,7 @@ def main() -> int:
     ap.add_argument("--kernels", nargs="+", default=["reference", "optimized"], choices=["reference", "optimized"])
     ap.add_argument("--targets", nargs="+", default=["qemu-m4", "qemu-m7"], choices=["qemu-m4", "qemu-m7"])
     ap.add_argument("--all-schemes", action="store_true", help="every published scheme of each model")
+    ap.add_argument("--fuse-trained-expansion", action="store_true", help="pass option: fuse a trained expansion's update too")
     args = ap.parse_args()
     cases = [(name, f"paper-{label}") for name, _ in CASES for label in PAPER_SCHEMES[name]] if args.all_schemes else CASES
     rows = []
@@ -103,12 +107,13 @@ def main() -> int:
                 return 2
             for kernels in args.kernels:
                 for target in args.targets:
-                    rows.append(measure(name, scheme, target, kernels, Path(tmp) / name))
+                    with pass_config(fuse_trained_expansion=args.fuse_trained_expansion):
+                        rows.append(measure(name, scheme, target, kernels, Path(tmp) / name))
                     print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{platform.node()} {platform.machine()}", "command": "python scripts/device_table.py " + " ".join(sys.argv[1:]), "qemu": "7.2 (Debian)",
             "board_memory": "RAM 320 KB, flash 1 MB (STM32F746)", "steps": 3}
-    stem = "device_table_all_schemes" if args.all_schemes else "device_table"
+    stem = ("device_table_all_schemes" if args.all_schemes else "device_table") + ("_fuse_trained_expansion" if args.fuse_trained_expansion else "")
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(rows, timed_schemes=not args.all_schemes)
     (OUT / f"{stem}.md").write_text(text)

@@ -365,7 +365,8 @@ def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
-    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    with pass_config(fuse_trained_expansion=True):
+        trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
     calls = _step_calls(trainer.mod)
     op, nodes = FUSED_BLOCKS[scheme]
     assert [c.node for c in calls if c.op == op] == nodes
@@ -385,3 +386,5 @@ def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
     unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate(scheme), ReorderUpdates(), FuseConvRequant(),
                                         DepthwiseInPlace(), PlanMemory()])(mod)
     assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(unfused).peak_live_bytes
+    if op == "depthwise_block_backward_sgd":  # an option: by default the trained expansion keeps its faster kernels
+        assert not [c for c in _step_calls(build_training_module(model, scheme, num_classes=5)) if c.op == op]
