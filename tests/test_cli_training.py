@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,17 @@ def test_memory_json_and_plot(capsys, tiny_pkl, tmp_path):
     assert parts["trainable_param_bytes"] > 0 and plot.stat().st_size > 1000
     code, out, _ = run_cli(capsys, "memory", tiny_pkl, "--scheme", "last-k:2", "--no-reorder", "--json")
     assert json.loads(out)["peak_sram_bytes"] >= r["peak_sram_bytes"]
+
+
+def test_memory_with_the_trained_expansion_fused(capsys):
+    """--fuse-trained-expansion (a pass option) lowers the default model's last-k:6 step, whose peak is the depthwise
+    input gradient in front of block 4's trained expansion; the option does not leak into later commands."""
+    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
+    args = ("memory", model, "--scheme", "last-k:6", "--num-classes", 5, "--json")
+    plain = json.loads(run_cli(capsys, *args)[1])
+    fused = json.loads(run_cli(capsys, *args, "--fuse-trained-expansion")[1])
+    assert plain["peak_op"]["node"] == "block4.dw" and fused["peak_sram_bytes"] < plain["peak_sram_bytes"]
+    assert json.loads(run_cli(capsys, *args)[1]) == plain
 
 
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):

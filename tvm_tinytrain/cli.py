@@ -291,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    def training_cmd(name, help_, with_lr=False, with_scheme=True):
+    def training_cmd(name, help_, with_lr=False, with_scheme=True, with_pass_options=True):
         sp = model_cmd(name, help_)
+        if with_pass_options:  # read in this process only (search's parallel candidates would not see them)
+            sp.add_argument("--fuse-trained-expansion", action="store_true",
+                            help="pass option: fuse a trained expansion's weight update into its depthwise backward (less SRAM, slower)")
         if with_scheme:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
@@ -320,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
     sp.set_defaults(func=cmd_train)
     sp = training_cmd("search", "find the sparse-update scheme with the largest accuracy gain under a memory budget",
-                      with_lr=True, with_scheme=False)
+                      with_lr=True, with_scheme=False, with_pass_options=False)
     sp.add_argument("--data", default="digits", help=DATA_HELP + "; a validation split of its train part scores the candidates")
     sp.add_argument("--budget", type=parse_bytes, required=True, help="peak SRAM the scheme must fit (e.g. 100KB)")
     sp.add_argument("-o", "--output", required=True, help="scheme .json to write (readable by --scheme)")
@@ -367,8 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from relax_passes import pass_config
+
     try:
-        return args.func(args)
+        with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", False)):
+            return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)
         return 2
