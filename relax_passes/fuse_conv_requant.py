@@ -35,13 +35,18 @@ from ._ir import shape_of
 def accumulator(acc_call, args: list[te.Tensor], pad: int | None = None) -> te.Tensor:
     """The TE of an accumulating kernel call, including a weight merged from a flash original and a RAM slice
     (``pad=0``: ``args[0]`` is the input already padded)."""
-    a = acc_call.attrs
     if acc_call.op == "linear_acc":
-        return te_kernels.linear_acc(*args, a["x_zero"])
+        return te_kernels.linear_acc(*args, acc_call.attrs["x_zero"])
+    return conv_accumulator(acc_call.attrs, args, pad)
+
+
+def conv_accumulator(attrs: dict, args: list[te.Tensor], pad: int | None = None, pad_h: int | None = None) -> te.Tensor:
+    """The TE of a conv with ``attrs`` on ``(x, weight[, trained slice])``: a partially trained weight is merged from
+    its flash original and RAM slice; ``pad``, ``pad_h`` as in :func:`te_kernels.conv2d_acc`."""
     x, w = args[0], args[1]
     if len(args) == 3:  # SparseUpdate's partially trained weight: (x, frozen, trained slice)
-        w = te_backward.merge_channels(args[1], args[2], 0 if a["groups"] > 1 else 1, tuple(a["merged_channels"]))
-    return te_kernels.conv2d_acc(x, w, a["x_zero"], a["stride"], a["groups"], pad)
+        w = te_backward.merge_channels(args[1], args[2], 0 if attrs["groups"] > 1 else 1, tuple(attrs["merged_channels"]))
+    return te_kernels.conv2d_acc(x, w, attrs["x_zero"], attrs["stride"], attrs["groups"], pad, pad_h)
 
 
 def fused_conv_requant(acc_call, rq_call) -> tvm.tirx.PrimFunc:
@@ -71,10 +76,7 @@ def conv_requant_func(attrs: dict, arg_types: list[tuple[tuple[int, ...], str]],
                                           tuple(a.get("merged_channels", ())), pad_h)
     args = [te.placeholder(s, d, f"arg{i}") for i, (s, d) in enumerate(arg_types)]
     n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
-    x, wt = args[0], args[1]
-    if merged:  # SparseUpdate's partially trained weight: (x, frozen, trained slice)
-        wt = te_backward.merge_channels(args[1], args[2], 0 if a["groups"] > 1 else 1, tuple(a["merged_channels"]))
-    acc = te_kernels.conv2d_acc(x, wt, a["x_zero"], a["stride"], a["groups"], pad_h=pad_h)
+    acc = conv_accumulator(a, args[:n_acc], pad_h=pad_h)
     y = te_kernels.requantize(acc, *args[n_acc:], a["y_zero"], a["qmin"], a["qmax"], wide_shift(shift))
     return compact_schedule(te.create_prim_func([*args, y])).without_attr("global_symbol")
 

@@ -84,7 +84,7 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         if len(masks) != 1:
             continue
         m = masks[0]
-        readers_of_m = {c.op: c for c in by_input.get(m.var, []) if c.args[0].same_as(m.var) or c.op == "conv2d_weight_grad_sgd"}
+        readers_of_m = {c.op: c for c in by_input.get(m.var, [])}
         b, p, u = (readers_of_m.get(op) for op in ("bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"))
         _, _, h, w = shape_of(d.var)
         if (b is None or p is None or p.attrs["groups"] != 1 or len(p.args) != 3 or shape_of(p.args[1])[2:] != (1, 1)
