@@ -25,7 +25,7 @@ DEFAULTS = {
     "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
     "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
-    "fuse_trained_expansion": False,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory, slower)
+    "fuse_trained_expansion": True,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
 }

@@ -1,4 +1,4 @@
-"""FuseDepthwiseBackward: an inverted block's depthwise input gradient consumed one channel plane at a time.
+"""FuseDepthwiseBackward: an inverted block's depthwise input gradient consumed a few channel planes at a time.
 
 Going backwards through ``expand (1x1) -> depthwise``, the depthwise conv's
 input gradient is a whole float32 tensor of the expanded width (e.g. 96 KB
@@ -7,18 +7,18 @@ the expansion's clamp mask, whose result only the expansion's bias gradient
 and input gradient read.  All of these work channel by channel on the
 expanded side, so this pass replaces the four kernels with one
 ``depthwise_block_backward`` kernel (``tvm_tinytrain/ops/tir_backward.py``)
-that builds one masked plane at a time and adds it into the bias gradient
-and the expansion's input gradient at once: same bits, and only one plane
-of the big tensor ever exists.  Where the expansion's whole weight is trained
-too (its gradient and SGD step fused by FuseWeightUpdate), row ``c`` of that
-gradient needs masked plane ``c`` only: with the option
-``fuse_trained_expansion``, ``depthwise_block_backward_sgd`` also updates the
-weight, row by row in place, right after the plane has used the row's old
-value for the input gradient (e.g. MCUNet's blocks[10], a 60 KB float32
-tensor at the peak of ``paper-99kb``).  That trades speed for memory: the
-input gradient then adds each plane into the whole ``g_x`` in memory instead
-of summing register tiles (MCUNet ``paper-99kb`` on the M7: 9 KB less arena,
-about 21 M more instructions), so it is off by default.  It applies when neither
+that builds a tile of masked planes at a time (one in the reference variant;
+in the optimized one up to :data:`MAX_TILE` that fit ``max_plane_bytes``) and
+adds them into the bias gradient and the expansion's input gradient at once:
+same bits, and only a tile of the big tensor ever exists.  Where the
+expansion's whole weight is trained too (its gradient and SGD step fused by
+FuseWeightUpdate), row ``c`` of that gradient needs masked plane ``c`` only:
+with the option ``fuse_trained_expansion`` (on by default),
+``depthwise_block_backward_sgd`` also updates the weight, the tile's rows in
+place right after its planes have used their old values for the input
+gradient (e.g. MCUNet's blocks[10], a 60 KB float32 tensor at the peak of
+``paper-99kb``: 9 KB less arena for about 1 M more instructions on the M7,
+``scripts/device_table.py``).  It applies when neither
 weight is a partially trained merge, when a plane
 fits ``max_plane_bytes``, and when the depthwise conv is strided: a
 stride-1 input gradient is no larger than its operand, so DepthwiseInPlace
@@ -55,6 +55,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from tvm_tinytrain.ops.schedule import current_variant
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 from tvm_tinytrain.relax_build import kernel_attrs
 
@@ -64,6 +65,7 @@ from .config import option
 
 OP = "depthwise_block_backward"
 TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
+MAX_TILE = 8  # planes at a time: their 8 weight-gradient accumulators and 8 real weights fit the FPU's 32 registers
 
 
 def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
@@ -104,12 +106,21 @@ def _trained_expansion(u, p, readers) -> bool:
             and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 3)
 
 
-def _kernel(d, p, u) -> tvm.tirx.PrimFunc:
+def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
+    """Planes the kernel builds at a time: one in the reference variant; in the optimized one the most, up to
+    :data:`MAX_TILE`, that divide ``channels`` and fit ``max_plane_bytes`` together."""
+    if current_variant() != "optimized":
+        return 1
+    return max(t for t in range(1, MAX_TILE + 1) if channels % t == 0 and t * plane_bytes <= max(max_plane, plane_bytes))
+
+
+def _kernel(d, p, u, max_plane: int) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
     in_channels = shape_of(p.var)[1]
     x_zero = None if u is None else u.attrs["x_zero"]
-    prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero)
+    prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
+                                    planes_per_tile(channels, h * w * 4, max_plane))
     if u is None:
         return prim.with_attrs(kernel_attrs(OP, f"{d.node}+{p.node}", stride=d.attrs["stride"]))
     return prim.with_attrs(kernel_attrs(TRAINED_OP, f"{d.node}+{p.node}", stride=d.attrs["stride"], param=u.attrs["param"]))
@@ -139,7 +150,7 @@ class FuseDepthwiseBackward(PlanePass):
             if binding.var not in groups:
                 return False
             d, m, b, p, u = groups[binding.var]
-            gv = bb.add_func(_kernel(d, p, u), OP if u is None else TRAINED_OP)
+            gv = bb.add_func(_kernel(d, p, u, max_plane), OP if u is None else TRAINED_OP)
             if u is None:
                 args, outs = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
             else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr): the weight first, updated in place

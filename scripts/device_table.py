@@ -7,10 +7,10 @@ bits), runs 3 steps on random data and reports the measured parts beside the pla
 plus the instructions spent in each kind of kernel (a TINYTRAIN_PROFILE build).
 Writes results/device_table.json and results/device_table.md; with ``--all-schemes`` (every published scheme of
 each model instead of the one the paper times) results/device_table_all_schemes.json and .md; with
-``--fuse-trained-expansion`` (the pass option of FuseDepthwiseBackward that trades speed for memory) the names
-end in ``_fuse_trained_expansion``.
+``--no-fuse-trained-expansion`` (the pass option of FuseDepthwiseBackward, on by default, off) the names end in
+``_no_fuse_trained_expansion``.
 
-    .venv/bin/python scripts/device_table.py [--kernels optimized] [--targets qemu-m7] [--all-schemes] [--fuse-trained-expansion]
+    .venv/bin/python scripts/device_table.py [--kernels optimized] [--targets qemu-m7] [--all-schemes] [--no-fuse-trained-expansion]
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--kernels", nargs="+", default=["reference", "optimized"], choices=["reference", "optimized"])
     ap.add_argument("--targets", nargs="+", default=["qemu-m4", "qemu-m7"], choices=["qemu-m4", "qemu-m7"])
     ap.add_argument("--all-schemes", action="store_true", help="every published scheme of each model")
-    ap.add_argument("--fuse-trained-expansion", action="store_true", help="pass option: fuse a trained expansion's update too")
+    ap.add_argument("--no-fuse-trained-expansion", dest="fuse_trained_expansion", action="store_false",
+                    help="pass option off: a trained expansion's update stays out of the depthwise backward")
     args = ap.parse_args()
     cases = [(name, f"paper-{label}") for name, _ in CASES for label in PAPER_SCHEMES[name]] if args.all_schemes else CASES
     rows = []
@@ -113,7 +114,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{platform.node()} {platform.machine()}", "command": "python scripts/device_table.py " + " ".join(sys.argv[1:]), "qemu": "7.2 (Debian)",
             "board_memory": "RAM 320 KB, flash 1 MB (STM32F746)", "steps": 3}
-    stem = ("device_table_all_schemes" if args.all_schemes else "device_table") + ("_fuse_trained_expansion" if args.fuse_trained_expansion else "")
+    stem = ("device_table_all_schemes" if args.all_schemes else "device_table") + ("" if args.fuse_trained_expansion else "_no_fuse_trained_expansion")
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(rows, timed_schemes=not args.all_schemes)
     (OUT / f"{stem}.md").write_text(text)

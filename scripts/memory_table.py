@@ -2,11 +2,11 @@
 """Peak SRAM of one training step for the paper's three models, every published scheme, with and without reordering.
 
 Writes results/memory_table.json, results/memory_table.md (the README table) and
-results/memory_timeline_mcunet.png; with ``--fuse-trained-expansion`` (the pass option of FuseDepthwiseBackward
-that trades speed for memory) results/memory_table_fuse_trained_expansion.json and .md.  Needs ../shared/models
+results/memory_timeline_mcunet.png; with ``--no-fuse-trained-expansion`` (the pass option of FuseDepthwiseBackward,
+on by default, off) results/memory_table_no_fuse_trained_expansion.json and .md.  Needs ../shared/models
 (or $TINYTRAIN_PAPER_MODELS).
 
-    .venv/bin/python scripts/memory_table.py [--fuse-trained-expansion]
+    .venv/bin/python scripts/memory_table.py [--no-fuse-trained-expansion]
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def measure(model, scheme: str, reorder: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fuse-trained-expansion", action="store_true",
-                    help="pass option of FuseDepthwiseBackward (less memory, slower); writes memory_table_fuse_trained_expansion.*")
+    ap.add_argument("--no-fuse-trained-expansion", dest="fuse_trained_expansion", action="store_false",
+                    help="pass option of FuseDepthwiseBackward off; writes memory_table_no_fuse_trained_expansion.*")
     args = ap.parse_args()
-    stem = "memory_table_fuse_trained_expansion" if args.fuse_trained_expansion else "memory_table"
+    stem = "memory_table" if args.fuse_trained_expansion else "memory_table_no_fuse_trained_expansion"
     OUT.mkdir(exist_ok=True)
     rows, timelines = [], {}
     for name in PAPER_MODELS:
@@ -64,7 +64,7 @@ def main() -> int:
             "command": "python scripts/memory_table.py " + " ".join(sys.argv[1:]), "batch": 1, "resolution": 128, "num_classes": 10}
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (OUT / f"{stem}.md").write_text(markdown(rows))
-    if not args.fuse_trained_expansion:
+    if args.fuse_trained_expansion:
         plot_memory_timeline(timelines, str(OUT / "memory_timeline_mcunet.png"), "MCUNet-5FPS, paper-99kb, 128x128, batch 1")
     print((OUT / f"{stem}.md").read_text())
     return 0

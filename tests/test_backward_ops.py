@@ -402,14 +402,16 @@ def test_merge_channels(o, c, axis, seed):
     np.testing.assert_array_equal(np.take(got, rest, axis=axis), np.take(frozen, rest, axis=axis))
 
 
-@given(st.sampled_from([(8, 4, 8, 8, 3, 2), (6, 3, 7, 7, 5, 1), (8, 4, 8, 8, 7, 2), (5, 2, 6, 6, 3, 1)]), st.integers(0, 2**31), st.booleans())
-@settings(max_examples=16, deadline=None)
+@given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
+                        (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2)]), st.integers(0, 2**31), st.booleans())
+@settings(max_examples=24, deadline=None)
 def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained):
-    """The fused TIR kernel == depthwise input grad -> mask -> bias grad + 1x1 input grad of the numpy reference, bit
-    for bit; ``trained``: also the expansion's weight gradient and SGD step, each row after its old value was read."""
+    """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
+    1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
+    each row after its old value was read."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
-    c, cin, h, w, k, stride = shape
+    c, cin, h, w, k, stride, tile = shape
     pad = (k - 1) // 2
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     rng = np.random.default_rng(seed)
@@ -420,7 +422,7 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained):
     b_scale = rng.uniform(1, 100, c).astype(np.float32)
     x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
     x_zero, w_scale, lr = int(rng.integers(-128, 128)), rng.uniform(1, 1e3, c).astype(np.float32), np.array([0.01], np.float32)
-    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None)
+    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile)
     fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
     g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
     if trained:

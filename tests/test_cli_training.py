@@ -30,14 +30,15 @@ def test_memory_json_and_plot(capsys, tiny_pkl, tmp_path):
 
 
 def test_memory_with_the_trained_expansion_fused(capsys):
-    """--fuse-trained-expansion (a pass option) lowers the default model's last-k:6 step, whose peak is the depthwise
-    input gradient in front of block 4's trained expansion; the option does not leak into later commands."""
+    """The pass option fuse_trained_expansion (on by default) lowers the default model's last-k:6 step, whose peak
+    without it (--no-fuse-trained-expansion) is the depthwise input gradient in front of block 4's trained expansion;
+    the option does not leak into later commands."""
     model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
     args = ("memory", model, "--scheme", "last-k:6", "--num-classes", 5, "--json")
-    plain = json.loads(run_cli(capsys, *args)[1])
-    fused = json.loads(run_cli(capsys, *args, "--fuse-trained-expansion")[1])
+    fused = json.loads(run_cli(capsys, *args)[1])
+    plain = json.loads(run_cli(capsys, *args, "--no-fuse-trained-expansion")[1])
     assert plain["peak_op"]["node"] == "block4.dw" and fused["peak_sram_bytes"] < plain["peak_sram_bytes"]
-    assert json.loads(run_cli(capsys, *args)[1]) == plain
+    assert json.loads(run_cli(capsys, *args)[1]) == fused
 
 
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):

@@ -17,7 +17,7 @@ from conftest import make_random_model, paper_model_path
 from test_training import partial_scheme
 from tvm import te
 
-from relax_passes import memory_plan, pass_config
+from relax_passes import memory_plan
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.codegen import generate, kernels
 from tvm_tinytrain.errors import TinyTrainError
@@ -190,13 +190,12 @@ def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path
 @pytest.mark.parametrize("scheme, op", [("bias-only:13", "depthwise_block_backward"), ("last-k:6", "depthwise_block_backward_sgd")])
 def test_default_model_fused_depthwise_backward_in_c(tmp_path, scheme, op):
     """The default model runs the TIR-written depthwise block backward (last-k:6: with its expansion's weight update
-    in place, an option) and every in-place kernel; the optimized C equals the reference trainer over two steps."""
+    in place, a default option) and every in-place kernel; the optimized C equals the reference trainer over two steps."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
     trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05)
-    with pass_config(fuse_trained_expansion=True):
-        optimized = build_training_module(model, scheme, num_classes=5, kernels="optimized")
+    optimized = build_training_module(model, scheme, num_classes=5, kernels="optimized")
     meta = generate(optimized, tmp_path / "gen", lr=0.05)
     assert f"{op} " in (tmp_path / "gen" / "tinytrain_kernels.c").read_text()
     images = np.random.default_rng(1).integers(-128, 128, (2, 3, 32, 32)).astype(np.int8)

@@ -360,13 +360,12 @@ FUSED_BLOCKS = {  # scheme -> (fused op, its nodes): bias-only:13 trains the exp
 @pytest.mark.parametrize("scheme", list(FUSED_BLOCKS))
 def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
     """Behind each strided depthwise conv of the default model, the expansion's mask, bias gradient, input gradient
-    (and, where its weight is trained, its weight update, in place) consume the depthwise input gradient one plane at
+    (and, where its weight is trained, its weight update, in place) consume the depthwise input gradient a few planes at
     a time; the step stays equal to the numpy reference bit for bit and needs less memory."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
-    with pass_config(fuse_trained_expansion=True):
-        trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
     calls = _step_calls(trainer.mod)
     op, nodes = FUSED_BLOCKS[scheme]
     assert [c.node for c in calls if c.op == op] == nodes
@@ -386,5 +385,6 @@ def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
     unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate(scheme), ReorderUpdates(), FuseConvRequant(),
                                         DepthwiseInPlace(), PlanMemory()])(mod)
     assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(unfused).peak_live_bytes
-    if op == "depthwise_block_backward_sgd":  # an option: by default the trained expansion keeps its faster kernels
-        assert not [c for c in _step_calls(build_training_module(model, scheme, num_classes=5)) if c.op == op]
+    if op == "depthwise_block_backward_sgd":  # an option, on by default: without it the expansion keeps its own kernels
+        with pass_config(fuse_trained_expansion=False):
+            assert not [c for c in _step_calls(build_training_module(model, scheme, num_classes=5)) if c.op == op]

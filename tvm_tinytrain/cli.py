@@ -294,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     def training_cmd(name, help_, with_lr=False, with_scheme=True, with_pass_options=True):
         sp = model_cmd(name, help_)
         if with_pass_options:  # read in this process only (search's parallel candidates would not see them)
-            sp.add_argument("--fuse-trained-expansion", action="store_true",
-                            help="pass option: fuse a trained expansion's weight update into its depthwise backward (less SRAM, slower)")
+            sp.add_argument("--no-fuse-trained-expansion", dest="fuse_trained_expansion", action="store_false",
+                            help="pass option: keep a trained expansion's weight update out of its depthwise backward "
+                                 "(a little faster, more SRAM)")
         if with_scheme:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
@@ -373,7 +374,7 @@ def main(argv=None) -> int:
     from relax_passes import pass_config
 
     try:
-        with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", False)):
+        with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True)):
             return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)

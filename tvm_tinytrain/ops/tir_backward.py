@@ -3,7 +3,7 @@
 :func:`depthwise_block_backward` is the backward of a depthwise conv followed, going backwards, by the 1x1
 expansion that feeds it (an inverted-residual block): the depthwise input gradient, the expansion's clamp
 mask, its bias gradient and its input gradient.  As separate kernels the depthwise input gradient is a whole
-float32 tensor (e.g. 96 KB at 96 channels of 16x16); here it exists one channel plane at a time, consumed at
+float32 tensor (e.g. 96 KB at 96 channels of 16x16); here it exists a few channel planes at a time, consumed at
 once by the expansion's gradients.  Each output element sums the same float32 terms in the same order as the
 separate kernels of :mod:`.te_backward` (the expansion's input gradient over expanded channels in increasing
 order, starting from ``0.0f``), so the results are the same bits.
@@ -13,55 +13,91 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..errors import TinyTrainError
 from .te_backward import int8_step
 
 
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
-                             trained_x_zero: int | None = None):
+                             trained_x_zero: int | None = None, tile: int = 1):
     """PrimFunc ``(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_x, g_b)`` for one depthwise conv of
     ``channels`` planes ``h x w -> ho x wo`` (kernel ``k``, ``stride``, padding ``(k-1)//2``) whose input is a 1x1 conv
     of ``in_channels``.  ``mask`` is the expansion's packed clamp mask; ``g_b = b_scale * sum(masked gradient)``
     per channel (:func:`.te_backward.bias_grad`), ``g_x`` the expansion's input gradient.
 
+    The masked planes are built ``tile`` channels at a time (``tile`` divides ``channels``; 1 is the plainest
+    form, plane by plane).  Each element of ``g_x`` then takes the tile's terms in one register pass, and each
+    expansion input pixel converted for a weight gradient serves the whole tile, instead of one pass over
+    ``g_x`` in memory per plane.  A plane element sums only the taps of its stride parity, with the channel's
+    real weights computed once, and reads the output gradient from a copy inside a zero border instead of
+    testing each tap's bounds.  The terms skipped or read from the border are ``+-0.0``, which change no sum
+    that starts at ``+0.0``: the sums are those of the separate kernels.
+
     With ``trained_x_zero`` (the zero point of the expansion's input) the expansion's weight is trained too:
     ``(w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr) -> (g_x, g_b, w_new)`` also applies its SGD step
     (:func:`.te_backward.conv2d_weight_grad_sgd` over input ``x``).  Its gradient row ``c`` needs masked plane ``c``
-    only, so row ``c`` is updated as soon as that plane has added into ``g_x`` with the old row: ``w_new`` may be
-    ``w_pw`` itself (in place, as the C step runs it).
+    only, so the tile's rows are updated as soon as its planes have added into ``g_x`` with the old rows: ``w_new``
+    may be ``w_pw`` itself (in place, as the C step runs it).
     """
+    if tile < 1 or channels % tile:
+        raise TinyTrainError(f"depthwise_block_backward: tile {tile} does not divide {channels} channels")
     pad = (k - 1) // 2
+    taps = -(-k // stride)  # the most taps of one parity along an axis
+    rows, cols = (h - 1 + pad) // stride + taps, (w - 1 + pad) // stride + taps
     mask_bytes = (channels * h * w + 7) // 8
 
     @T.macro
     def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new):
-        plane = T.alloc_buffer((h, w), "float32", scope="global")
-        wsum = T.alloc_buffer((1,), "float32", scope="global")
+        planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
+        g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
+        dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
+        pw_real = T.alloc_buffer((tile,), "float32", scope="global")  # one input channel's real expansion weights in the tile
+        acc = T.alloc_buffer((tile,), "float32", scope="global")
+        one = T.alloc_buffer((1,), "float32", scope="global")  # an element of g_x, or an input value
         for ci, y, xx in T.grid(in_channels, h, w):
             g_x[0, ci, y, xx] = T.float32(0.0)
-        for c in range(channels):
-            for y, xx in T.grid(h, w):  # the depthwise input gradient of channel c, masked by the expansion's clamp
-                plane[y, xx] = T.float32(0.0)
-                for rh, rw in T.grid(k, k):  # tap (rh, rw) reads output (y + pad - rh, x + pad - rw) / stride when that is exact
-                    plane[y, xx] = plane[y, xx] + T.if_then_else(
-                        y + pad - rh >= 0 and xx + pad - rw >= 0 and (y + pad - rh) % stride == 0 and (xx + pad - rw) % stride == 0
-                        and (y + pad - rh) // stride < ho and (xx + pad - rw) // stride < wo,
-                        g[0, c, (y + pad - rh) // stride, (xx + pad - rw) // stride] * (T.Cast("float32", w_dw[c, 0, rh, rw]) * s_dw[c]),
-                        T.float32(0.0))
-                plane[y, xx] = T.Select(
-                    T.bitwise_and(T.shift_right(mask[((c * h + y) * w + xx) // 8], T.Cast("uint8", ((c * h + y) * w + xx) % 8)), T.uint8(1))
-                    != T.uint8(0), plane[y, xx], T.float32(0.0))
-            g_b[c] = T.float32(0.0)
-            for y, xx in T.grid(h, w):
-                g_b[c] = g_b[c] + plane[y, xx]
-            g_b[c] = b_scale[c] * g_b[c]
-            for ci, y, xx in T.grid(in_channels, h, w):
-                g_x[0, ci, y, xx] = g_x[0, ci, y, xx] + plane[y, xx] * (T.Cast("float32", w_pw[c, ci, 0, 0]) * s_pw[c])
-            if trained_x_zero is not None:  # the weight row c, after g_x has read its old value
+        for i, j in T.grid(rows, cols):  # the border; each channel overwrites the inside
+            g_pad[i, j] = T.float32(0.0)
+        for c0 in range(channels // tile):
+            for t in range(tile):  # the depthwise input gradient of channel c, masked by the expansion's clamp
+                for rh, rw in T.grid(k, k):
+                    dw_real[rh, rw] = T.Cast("float32", w_dw[c0 * tile + t, 0, rh, rw]) * s_dw[c0 * tile + t]
+                for i, j in T.grid(ho, wo):
+                    g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
+                for y, xx in T.grid(h, w):
+                    planes[t, y, xx] = T.float32(0.0)
+                    # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
+                    # (y + pad) // stride - jh; the border stands for the rows outside the output.
+                    for jh in range((k - (y + pad) % stride + stride - 1) // stride):
+                        for jw in range((k - (xx + pad) % stride + stride - 1) // stride):
+                            planes[t, y, xx] = planes[t, y, xx] + (
+                                g_pad[(y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
+                                * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
+                    planes[t, y, xx] = T.Select(
+                        T.bitwise_and(T.shift_right(mask[(((c0 * tile + t) * h + y) * w + xx) // 8],
+                                                    T.Cast("uint8", (((c0 * tile + t) * h + y) * w + xx) % 8)), T.uint8(1))
+                        != T.uint8(0), planes[t, y, xx], T.float32(0.0))
+                g_b[c0 * tile + t] = T.float32(0.0)
+                for y, xx in T.grid(h, w):
+                    g_b[c0 * tile + t] = g_b[c0 * tile + t] + planes[t, y, xx]
+                g_b[c0 * tile + t] = b_scale[c0 * tile + t] * g_b[c0 * tile + t]
+            for ci in range(in_channels):
+                for t in T.unroll(tile):
+                    pw_real[t] = T.Cast("float32", w_pw[c0 * tile + t, ci, 0, 0]) * s_pw[c0 * tile + t]
+                for y, xx in T.grid(h, w):
+                    one[0] = g_x[0, ci, y, xx]
+                    for t in T.unroll(tile):
+                        one[0] = one[0] + planes[t, y, xx] * pw_real[t]
+                    g_x[0, ci, y, xx] = one[0]
+            if trained_x_zero is not None:  # the tile's weight rows, after g_x has read their old values
                 for j in range(in_channels):
-                    wsum[0] = T.float32(0.0)
+                    for t in T.unroll(tile):
+                        acc[t] = T.float32(0.0)
                     for y, xx in T.grid(h, w):
-                        wsum[0] = wsum[0] + plane[y, xx] * T.Cast("float32", T.Cast("int32", x[0, j, y, xx]) - trained_x_zero)
-                    w_new[c, j, 0, 0] = int8_step(w_pw[c, j, 0, 0], lr, w_scale[c] * wsum[0])
+                        one[0] = T.Cast("float32", T.Cast("int32", x[0, j, y, xx]) - trained_x_zero)
+                        for t in T.unroll(tile):
+                            acc[t] = acc[t] + planes[t, y, xx] * one[0]
+                    for t in T.unroll(tile):
+                        w_new[c0 * tile + t, j, 0, 0] = int8_step(w_pw[c0 * tile + t, j, 0, 0], lr, w_scale[c0 * tile + t] * acc[t])
 
     if trained_x_zero is not None:
         @T.prim_func(private=True)
