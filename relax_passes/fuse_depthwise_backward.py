@@ -18,12 +18,21 @@ with the option ``fuse_trained_expansion`` (on by default),
 place right after its planes have used their old values for the input
 gradient (e.g. MCUNet's blocks[10], a 60 KB float32 tensor at the peak of
 ``paper-99kb``: 9 KB less arena for about 1 M more instructions on the M7,
-``scripts/device_table.py``).  It applies when neither
-weight is a partially trained merge, when a plane
-fits ``max_plane_bytes``, and when the depthwise conv is strided: a
-stride-1 input gradient is no larger than its operand, so DepthwiseInPlace
-already writes it over that operand, with faster (tiled) kernels.  Run it
-after ReorderUpdates and before DepthwiseInPlace.
+``scripts/device_table.py``).
+
+The depthwise conv's output gradient is a tensor of the expanded width too,
+the block's 1x1 projection's input gradient, masked by the depthwise clamp
+(e.g. 48 KB for 192 channels of 8x8 at the peak of MCUNet's ``paper-99kb``).
+Where the depthwise weight is frozen, only the depthwise input gradient and
+bias gradient read it, so the kernel starts from the projection's output
+gradient instead (``projection``): plane ``c`` is the projection's input
+gradient for channel ``c``, masked, and the depthwise bias gradient becomes
+one more output.  A stride-1 depthwise conv is fused only with this front:
+without it, its input gradient is no larger than its operand and
+DepthwiseInPlace already writes it over that operand, with faster (tiled)
+kernels.  It applies when no weight read is a partially trained merge and
+when a plane fits ``max_plane_bytes``.  Run it after ReorderUpdates and before
+DepthwiseInPlace.
 
 Before::
 
@@ -48,6 +57,17 @@ With the expansion's weight update ``w_new = R.call_tir(cls.conv2d_weight_grad_s
     g_x = fused[0]
     g_b = fused[1]
     w_new = fused[2]
+
+With the projection's front, ``g_acc`` above being
+``R.call_tir(cls.apply_mask, (R.call_tir(cls.conv2d_input_grad, (g_out, w_proj, s_proj), ...), mask_dw), ...)``
+with ``g_b_dw = R.call_tir(cls.bias_grad, (g_acc, b_scale_dw), ...)``::
+
+    fused = R.call_tir(cls.depthwise_block_backward, (g_out, w_proj, s_proj, mask_dw, b_scale_dw, w_dw, s_dw, mask, b_scale,
+                                                      w_pw, s_pw),
+                       [R.Tensor((1, 16, 16, 16), "float32"), R.Tensor((96,), "float32"), R.Tensor((96,), "float32")])
+    g_x = fused[0]
+    g_b = fused[1]
+    g_b_dw = fused[2]
 """
 
 from __future__ import annotations
@@ -69,18 +89,20 @@ MAX_TILE = 8  # planes at a time: their 8 weight-gradient accumulators and 8 rea
 
 
 def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
-    """depthwise input-gradient var -> (depthwise call, mask call, bias-gradient call, expansion input-gradient call,
-    the expansion's fused weight update or None)."""
+    """var of the first replaced binding -> (the projection's front (its input gradient, the depthwise clamp's mask,
+    the depthwise bias gradient) or None, depthwise call, mask call, bias-gradient call, expansion input-gradient
+    call, the expansion's fused weight update or None)."""
     by_input: dict = {}
     for c in calls:
         if c is not None and c.args:
             by_input.setdefault(c.args[0], []).append(c)
             if c.op == "conv2d_weight_grad_sgd":
                 by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
+    producer = {c.var: c for c in calls if c is not None}
+    position = {c.var: i for i, c in enumerate(calls) if c is not None}
     groups = {}
     for d in calls:
-        if (d is None or d.op != "conv2d_input_grad" or d.attrs["groups"] <= 1 or d.attrs["stride"] == 1 or len(d.args) != 3
-                or readers.get(d.var) != 1):
+        if d is None or d.op != "conv2d_input_grad" or d.attrs["groups"] <= 1 or len(d.args) != 3 or readers.get(d.var) != 1:
             continue
         masks = [m for m in by_input.get(d.var, []) if m.op == "apply_mask"]
         if len(masks) != 1:
@@ -89,13 +111,36 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         readers_of_m = {c.op: c for c in by_input.get(m.var, [])}
         b, p, u = (readers_of_m.get(op) for op in ("bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"))
         _, _, h, w = shape_of(d.var)
-        if (b is None or p is None or p.attrs["groups"] != 1 or len(p.args) != 3 or shape_of(p.args[1])[2:] != (1, 1)
-                or p.attrs["stride"] != 1 or h * w * 4 > max_plane or readers.get(m.var) != 2 + (u is not None)):
+        if (b is None or not _is_plain_1x1_input_grad(p) or h * w * 4 > max_plane or readers.get(m.var) != 2 + (u is not None)):
             continue
         if u is not None and not (trained_expansion and _trained_expansion(u, p, readers)):
             continue
-        groups[d.var] = (d, m, b, p, u)
+        front = _projection_front(d, producer, by_input, readers)
+        if d.attrs["stride"] == 1 and front is None:
+            continue  # DepthwiseInPlace writes a stride-1 input gradient over its operand, with faster kernels
+        first = position[(front[0] if front else d).var]
+        groups[calls[first].var] = (front, d, m, b, p, u)
     return groups
+
+
+def _is_plain_1x1_input_grad(call) -> bool:
+    """A groups-1 1x1 stride-1 conv's input gradient on a whole weight (not SparseUpdate's merge of two)."""
+    return (call is not None and call.op == "conv2d_input_grad" and call.attrs["groups"] == 1 and len(call.args) == 3
+            and shape_of(call.args[1])[2:] == (1, 1) and call.attrs["stride"] == 1)
+
+
+def _projection_front(d, producer, by_input, readers):
+    """(projection input gradient, depthwise clamp mask, depthwise bias gradient) when the depthwise conv's masked
+    output gradient ``d.args[0]`` comes from the block's 1x1 projection and only ``d`` and that bias gradient read it
+    (a trained depthwise weight would read it too: no front then), else None."""
+    md = producer.get(d.args[0])
+    if md is None or md.op != "apply_mask" or readers.get(md.var) != 2:
+        return None
+    p2 = producer.get(md.args[0])
+    bds = [c for c in by_input.get(md.var, []) if c.op == "bias_grad"]
+    if not _is_plain_1x1_input_grad(p2) or readers.get(p2.var) != 1 or len(bds) != 1:
+        return None
+    return p2, md, bds[0]
 
 
 def _trained_expansion(u, p, readers) -> bool:
@@ -114,22 +159,25 @@ def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
     return max(t for t in range(1, MAX_TILE + 1) if channels % t == 0 and t * plane_bytes <= max(max_plane, plane_bytes))
 
 
-def _kernel(d, p, u, max_plane: int) -> tvm.tirx.PrimFunc:
+def _kernel(front, d, p, u, max_plane: int) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
     in_channels = shape_of(p.var)[1]
     x_zero = None if u is None else u.attrs["x_zero"]
+    projection = None if front is None else shape_of(front[0].args[0])[1]
     prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
-                                    planes_per_tile(channels, h * w * 4, max_plane))
+                                    planes_per_tile(channels, h * w * 4, max_plane), projection)
+    node = "+".join(c.node for c in ((front[0], d, p) if front else (d, p)))
     if u is None:
-        return prim.with_attrs(kernel_attrs(OP, f"{d.node}+{p.node}", stride=d.attrs["stride"]))
-    return prim.with_attrs(kernel_attrs(TRAINED_OP, f"{d.node}+{p.node}", stride=d.attrs["stride"], param=u.attrs["param"]))
+        return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
+    return prim.with_attrs(kernel_attrs(TRAINED_OP, node, stride=d.attrs["stride"], param=u.attrs["param"]))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDepthwiseBackward")
 class FuseDepthwiseBackward(PlanePass):
-    """Fuse each strided depthwise input gradient with the expansion's mask, bias gradient, input gradient and,
-    with ``trained_expansion`` (option ``fuse_trained_expansion``), a trained expansion's weight update."""
+    """Fuse each depthwise input gradient with the expansion's mask, bias gradient, input gradient, with
+    ``trained_expansion`` (option ``fuse_trained_expansion``) a trained expansion's weight update, and, where the
+    depthwise weight is frozen, the projection's input gradient in front (see the module doc)."""
 
     def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None):
         super().__init__(max_plane_bytes)
@@ -142,19 +190,23 @@ class FuseDepthwiseBackward(PlanePass):
         groups = _groups(calls, reader_counts(func), max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)))
         if not groups:
             return mod
-        replaced = {c.var for d, m, b, p, u in groups.values() for c in (m, b, p, u) if c is not None}
+        replaced = {c.var for front, *rest in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
 
         def emit(bb, binding) -> bool:
             if binding.var in replaced:
                 return True  # now bound by the fused kernel
             if binding.var not in groups:
                 return False
-            d, m, b, p, u = groups[binding.var]
-            gv = bb.add_func(_kernel(d, p, u, max_plane), OP if u is None else TRAINED_OP)
+            front, d, m, b, p, u = groups[binding.var]
+            gv = bb.add_func(_kernel(front, d, p, u, max_plane), OP if u is None else TRAINED_OP)
+            # The projection's front replaces the depthwise output gradient by (g_out, w_proj, s_proj, mask_dw,
+            # b_scale_dw) and adds the depthwise bias gradient as the last output.
+            g = [d.args[0]] if front is None else [front[0].args[0], front[0].args[1], front[0].args[2], front[1].args[1], front[2].args[1]]
             if u is None:
-                args, outs = [d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
+                args, outs = [*g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
             else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr): the weight first, updated in place
-                args, outs = [u.args[0], d.args[0], d.args[1], d.args[2], m.args[1], b.args[1], p.args[2], u.args[1], u.args[3], u.args[4]], [p, b, u]
+                args, outs = [u.args[0], *g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[2], u.args[1], u.args[3], u.args[4]], [p, b, u]
+            outs += [front[2]] if front else []
             fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [c.var.ty for c in outs]))
             for k, c in enumerate(outs):
                 bb.emit_normalized(relax.VarBinding(c.var, relax.TupleGetItem(fused, k)))

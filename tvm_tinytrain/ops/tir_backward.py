@@ -18,7 +18,7 @@ from .te_backward import int8_step
 
 
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
-                             trained_x_zero: int | None = None, tile: int = 1):
+                             trained_x_zero: int | None = None, tile: int = 1, projection: int | None = None):
     """PrimFunc ``(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_x, g_b)`` for one depthwise conv of
     ``channels`` planes ``h x w -> ho x wo`` (kernel ``k``, ``stride``, padding ``(k-1)//2``) whose input is a 1x1 conv
     of ``in_channels``.  ``mask`` is the expansion's packed clamp mask; ``g_b = b_scale * sum(masked gradient)``
@@ -37,6 +37,14 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     (:func:`.te_backward.conv2d_weight_grad_sgd` over input ``x``).  Its gradient row ``c`` needs masked plane ``c``
     only, so the tile's rows are updated as soon as its planes have added into ``g_x`` with the old rows: ``w_new``
     may be ``w_pw`` itself (in place, as the C step runs it).
+
+    With ``projection`` (the output channels of the block's 1x1 projection, which reads the depthwise output)
+    the kernel starts one step earlier: ``g`` is replaced by ``(g_out, w_proj, s_proj, mask_dw, b_scale_dw)``
+    and ``g_b_dw`` is appended to the outputs.  Plane ``c`` of the depthwise output gradient is then the
+    projection's input gradient for channel ``c`` (:func:`.te_backward.conv2d_input_grad`: the sum over the
+    projection's outputs, in increasing order), masked by the depthwise conv's clamp, and ``g_b_dw`` the
+    depthwise bias gradient: the tensor of the expanded width never exists, on either side of the depthwise
+    conv.
     """
     if tile < 1 or channels % tile:
         raise TinyTrainError(f"depthwise_block_backward: tile {tile} does not divide {channels} channels")
@@ -44,9 +52,12 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     taps = -(-k // stride)  # the most taps of one parity along an axis
     rows, cols = (h - 1 + pad) // stride + taps, (w - 1 + pad) // stride + taps
     mask_bytes = (channels * h * w + 7) // 8
+    mask_dw_bytes = (channels * ho * wo + 7) // 8
+    px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
 
     @T.macro
-    def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new):
+    def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
+                       b_scale_dw, g_b_dw):
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
@@ -61,8 +72,29 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
             for t in range(tile):  # the depthwise input gradient of channel c, masked by the expansion's clamp
                 for rh, rw in T.grid(k, k):
                     dw_real[rh, rw] = T.Cast("float32", w_dw[c0 * tile + t, 0, rh, rw]) * s_dw[c0 * tile + t]
-                for i, j in T.grid(ho, wo):
-                    g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
+                if projection is None:
+                    for i, j in T.grid(ho, wo):
+                        g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
+                else:  # g is the projection's output gradient: channel c's input gradient, masked by the depthwise clamp
+                    proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
+                    proj_acc = T.alloc_buffer((px,), "float32", scope="global")
+                    for o in range(projection):
+                        proj_real[o] = T.Cast("float32", w_proj[o, c0 * tile + t, 0, 0]) * s_proj[o]
+                    for i, jq in T.grid(ho, wo // px):
+                        for u in T.unroll(px):
+                            proj_acc[u] = T.float32(0.0)
+                        for o in range(projection):
+                            for u in T.unroll(px):
+                                proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
+                        for u in T.unroll(px):
+                            g_pad[i + taps - 1, jq * px + u + taps - 1] = T.Select(
+                                T.bitwise_and(T.shift_right(mask_dw[(((c0 * tile + t) * ho + i) * wo + jq * px + u) // 8],
+                                                            T.Cast("uint8", (((c0 * tile + t) * ho + i) * wo + jq * px + u) % 8)), T.uint8(1))
+                                != T.uint8(0), proj_acc[u], T.float32(0.0))
+                    g_b_dw[c0 * tile + t] = T.float32(0.0)
+                    for i, j in T.grid(ho, wo):
+                        g_b_dw[c0 * tile + t] = g_b_dw[c0 * tile + t] + g_pad[i + taps - 1, j + taps - 1]
+                    g_b_dw[c0 * tile + t] = b_scale_dw[c0 * tile + t] * g_b_dw[c0 * tile + t]
                 for y, xx in T.grid(h, w):
                     planes[t, y, xx] = T.float32(0.0)
                     # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
@@ -99,6 +131,38 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     for t in T.unroll(tile):
                         w_new[c0 * tile + t, j, 0, 0] = int8_step(w_pw[c0 * tile + t, j, 0, 0], lr, w_scale[c0 * tile + t] * acc[t])
 
+    # One PrimFunc per signature; the buffers of the projection's front replace ``g`` and add ``g_b_dw``.
+    if trained_x_zero is not None and projection is not None:
+        @T.prim_func(private=True)
+        def trained_from_projection(
+                w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), g_out: T.Buffer((1, projection, ho, wo), "float32"),
+                w_proj: T.Buffer((projection, channels, 1, 1), "int8"), s_proj: T.Buffer((projection,), "float32"),
+                mask_dw: T.Buffer((mask_dw_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
+                w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"),
+                b_scale: T.Buffer((channels,), "float32"), s_pw: T.Buffer((channels,), "float32"),
+                x: T.Buffer((1, in_channels, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
+                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
+                w_new: T.Buffer((channels, in_channels, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
+            block_backward(g_out, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
+                           b_scale_dw, g_b_dw)
+
+        return trained_from_projection
+
+    if projection is not None:
+        @T.prim_func(private=True)
+        def from_projection(
+                g_out: T.Buffer((1, projection, ho, wo), "float32"), w_proj: T.Buffer((projection, channels, 1, 1), "int8"),
+                s_proj: T.Buffer((projection,), "float32"), mask_dw: T.Buffer((mask_dw_bytes,), "uint8"),
+                b_scale_dw: T.Buffer((channels,), "float32"), w_dw: T.Buffer((channels, 1, k, k), "int8"),
+                s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
+                w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
+                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
+                g_b_dw: T.Buffer((channels,), "float32")):
+            block_backward(g_out, w_dw, s_dw, mask, b_scale, w_pw, s_pw, None, None, None, g_x, g_b, None, w_proj, s_proj, mask_dw,
+                           b_scale_dw, g_b_dw)
+
+        return from_projection
+
     if trained_x_zero is not None:
         @T.prim_func(private=True)
         def trained(w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), g: T.Buffer((1, channels, ho, wo), "float32"),
@@ -107,7 +171,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     x: T.Buffer((1, in_channels, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
                     g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
                     w_new: T.Buffer((channels, in_channels, 1, 1), "int8")):
-            block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new)
+            block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, None, None, None, None, None)
 
         return trained
 
@@ -116,6 +180,6 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
                w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32")):
-        block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, None, None, None, g_x, g_b, None)
+        block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, None, None, None, g_x, g_b, None, None, None, None, None, None)
 
     return kernel
