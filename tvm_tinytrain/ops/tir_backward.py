@@ -27,7 +27,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     The masked planes are built ``tile`` channels at a time (``tile`` divides ``channels``; 1 is the plainest
     form, plane by plane).  Each element of ``g_x`` then takes the tile's terms in one register pass, and each
     expansion input pixel converted for a weight gradient serves the whole tile, instead of one pass over
-    ``g_x`` in memory per plane.  A plane element sums only the taps of its stride parity, with the channel's
+    ``g_x`` in memory per plane; two input channels are taken together, so each plane value loaded serves both.  A plane element sums only the taps of its stride parity, with the channel's
     real weights computed once, and reads the output gradient from a copy inside a zero border instead of
     testing each tap's bounds.  The terms skipped or read from the border are ``+-0.0``, which change no sum
     that starts at ``+0.0``: the sums are those of the separate kernels.
@@ -54,6 +54,8 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     mask_bytes = (channels * h * w + 7) // 8
     mask_dw_bytes = (channels * ho * wo + 7) // 8
     px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
+    pair = 2 if in_channels % 2 == 0 else 1  # expansion input channels taken together: each plane load serves both
+    tap_loop = T.unroll if stride == 1 else T.serial  # stride 1: k taps a row, a constant
 
     @T.macro
     def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
@@ -61,9 +63,9 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
-        pw_real = T.alloc_buffer((tile,), "float32", scope="global")  # one input channel's real expansion weights in the tile
-        acc = T.alloc_buffer((tile,), "float32", scope="global")
-        one = T.alloc_buffer((1,), "float32", scope="global")  # an element of g_x, or an input value
+        pw_real = T.alloc_buffer((pair, tile), "float32", scope="global")  # the pair's real expansion weights in the tile
+        acc = T.alloc_buffer((pair, tile), "float32", scope="global")
+        two = T.alloc_buffer((pair,), "float32", scope="global")  # elements of g_x, or input values
         for ci, y, xx in T.grid(in_channels, h, w):
             g_x[0, ci, y, xx] = T.float32(0.0)
         for i, j in T.grid(rows, cols):  # the border; each channel overwrites the inside
@@ -100,7 +102,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
                     # (y + pad) // stride - jh; the border stands for the rows outside the output.
                     for jh in range((k - (y + pad) % stride + stride - 1) // stride):
-                        for jw in range((k - (xx + pad) % stride + stride - 1) // stride):
+                        for jw in tap_loop((k - (xx + pad) % stride + stride - 1) // stride):
                             planes[t, y, xx] = planes[t, y, xx] + (
                                 g_pad[(y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
                                 * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
@@ -112,24 +114,32 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                 for y, xx in T.grid(h, w):
                     g_b[c0 * tile + t] = g_b[c0 * tile + t] + planes[t, y, xx]
                 g_b[c0 * tile + t] = b_scale[c0 * tile + t] * g_b[c0 * tile + t]
-            for ci in range(in_channels):
-                for t in T.unroll(tile):
-                    pw_real[t] = T.Cast("float32", w_pw[c0 * tile + t, ci, 0, 0]) * s_pw[c0 * tile + t]
+            for ci2 in range(in_channels // pair):
+                for s, t in T.grid(pair, tile):
+                    pw_real[s, t] = T.Cast("float32", w_pw[c0 * tile + t, ci2 * pair + s, 0, 0]) * s_pw[c0 * tile + t]
                 for y, xx in T.grid(h, w):
-                    one[0] = g_x[0, ci, y, xx]
+                    for s in T.unroll(pair):
+                        two[s] = g_x[0, ci2 * pair + s, y, xx]
                     for t in T.unroll(tile):
-                        one[0] = one[0] + planes[t, y, xx] * pw_real[t]
-                    g_x[0, ci, y, xx] = one[0]
+                        for s in T.unroll(pair):
+                            two[s] = two[s] + planes[t, y, xx] * pw_real[s, t]
+                    for s in T.unroll(pair):
+                        g_x[0, ci2 * pair + s, y, xx] = two[s]
             if trained_x_zero is not None:  # the tile's weight rows, after g_x has read their old values
-                for j in range(in_channels):
-                    for t in T.unroll(tile):
-                        acc[t] = T.float32(0.0)
-                    for y, xx in T.grid(h, w):
-                        one[0] = T.Cast("float32", T.Cast("int32", x[0, j, y, xx]) - trained_x_zero)
+                for j2 in range(in_channels // pair):
+                    for s in T.unroll(pair):
                         for t in T.unroll(tile):
-                            acc[t] = acc[t] + planes[t, y, xx] * one[0]
-                    for t in T.unroll(tile):
-                        w_new[c0 * tile + t, j, 0, 0] = int8_step(w_pw[c0 * tile + t, j, 0, 0], lr, w_scale[c0 * tile + t] * acc[t])
+                            acc[s, t] = T.float32(0.0)
+                    for y, xx in T.grid(h, w):
+                        for s in T.unroll(pair):
+                            two[s] = T.Cast("float32", T.Cast("int32", x[0, j2 * pair + s, y, xx]) - trained_x_zero)
+                        for t in T.unroll(tile):
+                            for s in T.unroll(pair):
+                                acc[s, t] = acc[s, t] + planes[t, y, xx] * two[s]
+                    for s in T.unroll(pair):
+                        for t in T.unroll(tile):
+                            w_new[c0 * tile + t, j2 * pair + s, 0, 0] = int8_step(w_pw[c0 * tile + t, j2 * pair + s, 0, 0], lr,
+                                                                                 w_scale[c0 * tile + t] * acc[s, t])
 
     # One PrimFunc per signature; the buffers of the projection's front replace ``g`` and add ``g_b_dw``.
     if trained_x_zero is not None and projection is not None:
