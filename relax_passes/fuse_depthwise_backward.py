@@ -99,7 +99,6 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
             if c.op == "conv2d_weight_grad_sgd":
                 by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
     producer = {c.var: c for c in calls if c is not None}
-    position = {c.var: i for i, c in enumerate(calls) if c is not None}
     groups = {}
     for d in calls:
         if d is None or d.op != "conv2d_input_grad" or d.attrs["groups"] <= 1 or len(d.args) != 3 or readers.get(d.var) != 1:
@@ -118,8 +117,7 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         front = _projection_front(d, producer, by_input, readers)
         if d.attrs["stride"] == 1 and front is None:
             continue  # DepthwiseInPlace writes a stride-1 input gradient over its operand, with faster kernels
-        first = position[(front[0] if front else d).var]
-        groups[calls[first].var] = (front, d, m, b, p, u)
+        groups[(front[0] if front else d).var] = (front, d, m, b, p, u)
     return groups
 
 
