@@ -30,9 +30,11 @@ gradient for channel ``c``, masked, and the depthwise bias gradient becomes
 one more output.  A stride-1 depthwise conv is fused only with this front:
 without it, its input gradient is no larger than its operand and
 DepthwiseInPlace already writes it over that operand, with faster (tiled)
-kernels.  It applies when no weight read is a partially trained merge and
-when a plane fits ``max_plane_bytes``.  Run it after ReorderUpdates and before
-DepthwiseInPlace.
+kernels.  An expansion trained on some input channels only (SparseUpdate's
+merge of its flash weight and a RAM slice) is fused too: the kernel reads
+the merge and updates the slice.  It applies when the projection's weight is
+whole and a plane fits ``max_plane_bytes``.  Run it after ReorderUpdates and
+before DepthwiseInPlace.
 
 Before::
 
@@ -110,9 +112,10 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         readers_of_m = {c.op: c for c in by_input.get(m.var, [])}
         b, p, u = (readers_of_m.get(op) for op in ("bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"))
         _, _, h, w = shape_of(d.var)
-        if (b is None or not _is_plain_1x1_input_grad(p) or h * w * 4 > max_plane or readers.get(m.var) != 2 + (u is not None)):
+        if (b is None or not _is_1x1_input_grad(p, merged_ok=True) or h * w * 4 > max_plane
+                or readers.get(m.var) != 2 + (u is not None)):
             continue
-        if u is not None and not (trained_expansion and _trained_expansion(u, p, readers)):
+        if (u is not None or len(p.args) == 4) and not (u is not None and trained_expansion and _trained_expansion(u, p, readers)):
             continue
         front = _projection_front(d, producer, by_input, readers)
         if d.attrs["stride"] == 1 and front is None:
@@ -121,9 +124,11 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
     return groups
 
 
-def _is_plain_1x1_input_grad(call) -> bool:
-    """A groups-1 1x1 stride-1 conv's input gradient on a whole weight (not SparseUpdate's merge of two)."""
-    return (call is not None and call.op == "conv2d_input_grad" and call.attrs["groups"] == 1 and len(call.args) == 3
+def _is_1x1_input_grad(call, merged_ok: bool = False) -> bool:
+    """A groups-1 1x1 stride-1 conv's input gradient on a whole weight or, with ``merged_ok``, on SparseUpdate's
+    merge of a frozen weight and a trained slice of its input channels (arguments ``g, frozen, trained, scale``)."""
+    return (call is not None and call.op == "conv2d_input_grad" and call.attrs["groups"] == 1
+            and (len(call.args) == 3 or (merged_ok and len(call.args) == 4))
             and shape_of(call.args[1])[2:] == (1, 1) and call.attrs["stride"] == 1)
 
 
@@ -136,17 +141,18 @@ def _projection_front(d, producer, by_input, readers):
         return None
     p2 = producer.get(md.args[0])
     bds = [c for c in by_input.get(md.var, []) if c.op == "bias_grad"]
-    if not _is_plain_1x1_input_grad(p2) or readers.get(p2.var) != 1 or len(bds) != 1:
+    if not _is_1x1_input_grad(p2) or readers.get(p2.var) != 1 or len(bds) != 1:
         return None
     return p2, md, bds[0]
 
 
 def _trained_expansion(u, p, readers) -> bool:
-    """Whether ``u`` updates the whole expansion weight that ``p`` reads, from its whole input, and nothing else reads
-    that weight in the step (its readers are then the forward conv, ``p`` and ``u``)."""
+    """Whether ``u`` updates the expansion weight that ``p`` reads (the whole weight, or the trained slice of a merged
+    one), from the input channels it trains, and nothing else reads that weight in the step (its readers are then
+    the forward conv, ``p`` and ``u``)."""
     weight, x = u.args[0], u.args[1]
-    return (weight.same_as(p.args[1]) and not u.attrs["depthwise"] and u.attrs["kernel"] == 1 and u.attrs["stride"] == 1
-            and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 3)
+    return (weight.same_as(p.args[2] if len(p.args) == 4 else p.args[1]) and not u.attrs["depthwise"] and u.attrs["kernel"] == 1
+            and u.attrs["stride"] == 1 and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 3)
 
 
 def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
@@ -163,8 +169,9 @@ def _kernel(front, d, p, u, max_plane: int) -> tvm.tirx.PrimFunc:
     in_channels = shape_of(p.var)[1]
     x_zero = None if u is None else u.attrs["x_zero"]
     projection = None if front is None else shape_of(front[0].args[0])[1]
+    merged = tuple(int(c) for c in p.attrs["merged_channels"]) if len(p.args) == 4 else None
     prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
-                                    planes_per_tile(channels, h * w * 4, max_plane), projection)
+                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged)
     node = "+".join(c.node for c in ((front[0], d, p) if front else (d, p)))
     if u is None:
         return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
@@ -202,8 +209,11 @@ class FuseDepthwiseBackward(PlanePass):
             g = [d.args[0]] if front is None else [front[0].args[0], front[0].args[1], front[0].args[2], front[1].args[1], front[2].args[1]]
             if u is None:
                 args, outs = [*g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
-            else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr): the weight first, updated in place
-                args, outs = [u.args[0], *g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[2], u.args[1], u.args[3], u.args[4]], [p, b, u]
+            else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr[, frozen]): the weight (or trained slice) first,
+                # updated in place; a merged expansion's frozen weight last
+                args = [u.args[0], *g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[-1], u.args[1], u.args[3], u.args[4],
+                        *([p.args[1]] if len(p.args) == 4 else [])]
+                outs = [p, b, u]
             outs += [front[2]] if front else []
             fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [c.var.ty for c in outs]))
             for k, c in enumerate(outs):

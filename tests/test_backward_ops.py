@@ -403,14 +403,16 @@ def test_merge_channels(o, c, axis, seed):
 
 
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
-                        (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4)]), st.integers(0, 2**31), st.booleans(),
-       st.sampled_from([None, 3, 8]))
-@settings(max_examples=32, deadline=None)
-def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained, projection):
+                        (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4), (8, 5, 8, 8, 3, 1, 2)]),
+       st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]))
+@settings(max_examples=40, deadline=None)
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection):
     """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
     1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
-    each row after its old value was read; ``projection``: starting from the output gradient of a 1x1 projection of
-    that many channels (its input gradient -> the depthwise clamp's mask -> the depthwise bias gradient first)."""
+    each row after its old value was read; ``merged``: trained on some input channels only (SparseUpdate's merge of a
+    frozen weight and a trained slice, the slice updated); ``projection``: starting from the output gradient of a 1x1
+    projection of that many channels (its input gradient -> the depthwise clamp's mask -> the depthwise bias gradient
+    first)."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride, tile = shape
@@ -423,6 +425,12 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained, 
     b_scale = rng.uniform(1, 100, c).astype(np.float32)
     x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
     x_zero, w_scale, lr = int(rng.integers(-128, 128)), rng.uniform(1, 1e3, c).astype(np.float32), np.array([0.01], np.float32)
+    trained, merged, w_eff, x_train, frozen = expansion != "frozen", None, w_pw, x, []
+    if expansion == "merged":  # w_pw is then the trained slice of the channels in ``merged``
+        merged = tuple(int(v) for v in sorted(rng.choice(cin, size=max(1, cin // 2), replace=False)))
+        frozen = [rng.integers(-128, 128, (c, cin, 1, 1)).astype(np.int8)]
+        w_pw = rng.integers(-128, 128, (c, len(merged), 1, 1)).astype(np.int8)
+        w_eff, x_train = ref.merge_channels(frozen[0], w_pw, 1, merged), x[:, list(merged)]
     if projection is None:
         g = rng.normal(size=(1, c, ho, wo)).astype(np.float32)
         front = [g]
@@ -434,21 +442,22 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, trained, 
         b_scale_dw = rng.uniform(1, 100, c).astype(np.float32)
         front = [g_out, w_proj, s_proj, mask_dw, b_scale_dw]
         g = ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, ho, wo), 1, 1), mask_dw)
-    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection)
+    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged)
     fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
     g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
     g_b_dw = [tvm.runtime.empty([c], "float32")] if projection else []
     if trained:
-        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr)], g_x, g_b, w_new, *g_b_dw)
+        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, s_pw, x_train, w_scale, lr, *frozen)], g_x, g_b, w_new,
+           *g_b_dw)
     else:
         fn(*[tvm.runtime.tensor(a) for a in (*front, w_dw, s_dw, mask, b_scale, w_pw, s_pw)], g_x, g_b, *g_b_dw)
     if projection:
         np.testing.assert_array_equal(g_b_dw[0].numpy(), ref.bias_grad(g, b_scale_dw))
     masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
     np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
-    np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_pw, s_pw, (1, cin, h, w), 1, 1))
+    np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_eff, s_pw, (1, cin, h, w), 1, 1))
     if trained:
-        want = ref.sgd_update_int8(w_pw, ref.conv2d_weight_grad(x, masked, x_zero, 1, 1, w_scale), lr)
+        want = ref.sgd_update_int8(w_pw, ref.conv2d_weight_grad(x_train, masked, x_zero, 1, 1, w_scale), lr)
         np.testing.assert_array_equal(w_new.numpy(), want)
         assert (want != w_pw).any()  # the steps are large enough to move weights
 

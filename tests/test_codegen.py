@@ -187,13 +187,17 @@ def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path
     assert_matches_trainer(case, build(case, "gcc", HOST_FLAGS, "harness"))
 
 
-@pytest.mark.parametrize("scheme, op", [("bias-only:13", "depthwise_block_backward"), ("last-k:6", "depthwise_block_backward_sgd")])
+@pytest.mark.parametrize("scheme, op", [("bias-only:13", "depthwise_block_backward"), ("last-k:6", "depthwise_block_backward_sgd"),
+                                        ("default-sparse-c", "depthwise_block_backward_sgd")])
 def test_default_model_fused_depthwise_backward_in_c(tmp_path, scheme, op):
-    """The default model runs the TIR-written depthwise block backward (last-k:6: with its expansion's weight update
-    in place, a default option) and every in-place kernel; the optimized C equals the reference trainer over two steps."""
+    """The default model runs the TIR-written depthwise block backward (bias-only:13: from the projections' output
+    gradients; last-k:6: with its expansion's weight update in place, a default option; default-sparse-c: on a merged
+    expansion's trained slice) and every in-place kernel; the optimized C equals the reference trainer over two steps."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
+    if scheme.startswith("default-sparse"):
+        scheme = str(Path(__file__).resolve().parents[1] / "scripts" / "schemes" / f"{scheme}.json")
     trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05)
     optimized = build_training_module(model, scheme, num_classes=5, kernels="optimized")
     meta = generate(optimized, tmp_path / "gen", lr=0.05)

@@ -66,7 +66,7 @@ def _unflatten(flat, shape) -> tuple:
     return (flat, *reversed(idx))
 
 
-def _static_index(i, values, first: int = 0):
+def static_index(i, values, first: int = 0):
     """``values[i - first]`` for a compile-time tuple of ints and ``first <= i < first + len(values)``.
 
     Runs that are arithmetic progressions (including constant runs) become affine expressions; the rest is
@@ -78,7 +78,7 @@ def _static_index(i, values, first: int = 0):
     if all(b - a == step for a, b in zip(values, values[1:])):
         return values[0] + (i - first) * step
     mid = len(values) // 2
-    return tirx.if_then_else(i < first + mid, _static_index(i, values[:mid], first), _static_index(i, values[mid:], first + mid))
+    return tirx.if_then_else(i < first + mid, static_index(i, values[:mid], first), static_index(i, values[mid:], first + mid))
 
 
 # ---------------------------------------------------------------- masks of the clamp
@@ -187,7 +187,7 @@ def _weight_grad_sum(x_sel: te.Tensor, g_acc: te.Tensor, x_zero: int, stride: in
     rw = te.reduce_axis((0, wo), "rw")
 
     def body(row, col, kh, kw):
-        g_ch, x_ch = (row, col) if depthwise_channels is None else (_static_index(row, depthwise_channels), row)
+        g_ch, x_ch = (row, col) if depthwise_channels is None else (static_index(row, depthwise_channels), row)
         ih, iw = rh * stride + kh - pad, rw * stride + kw - pad
         inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < wd)
         xv = (x_sel[rn, x_ch, ih, iw].astype("int32") - x_zero).astype(F32)
@@ -250,7 +250,7 @@ def sgd_update_int8(w: te.Tensor, grad: te.Tensor, lr: te.Tensor, channel_axis: 
         position[ch] = j
 
     def body(*idx):
-        j = _static_index(idx[channel_axis], position)
+        j = static_index(idx[channel_axis], position)
         g_idx = (*idx[:channel_axis], j, *idx[channel_axis + 1:])
         return tirx.if_then_else(j >= 0, int8_step(w[idx], lr, grad[g_idx]), w[idx])  # lazy: grad[-1] is never read
 
@@ -280,7 +280,7 @@ def add_f32(a: te.Tensor, b: te.Tensor) -> te.Tensor:
 def gather_channels(x: te.Tensor, channels: tuple[int, ...]) -> te.Tensor:
     """``x[:, channels]``: the only part of a sparse-updated conv's input the weight gradient needs."""
     shape = (x.shape[0], len(channels), *x.shape[2:])
-    return te.compute(shape, lambda b, j, *rest: x[(b, _static_index(j, channels), *rest)], name="x_sel")
+    return te.compute(shape, lambda b, j, *rest: x[(b, static_index(j, channels), *rest)], name="x_sel")
 
 
 def merge_channels(frozen: te.Tensor, trained: te.Tensor, channel_axis: int, channels: tuple[int, ...]) -> te.Tensor:
@@ -295,7 +295,7 @@ def merge_channels(frozen: te.Tensor, trained: te.Tensor, channel_axis: int, cha
     position = [-1] * int(frozen.shape[channel_axis])
     for j, ch in enumerate(channels):
         position[ch] = j
-    table = te.compute((len(position),), lambda c: _static_index(c, position), name=MERGE_POSITION)
+    table = te.compute((len(position),), lambda c: static_index(c, position), name=MERGE_POSITION)
 
     def body(*idx):
         j = table[idx[channel_axis]]
