@@ -35,6 +35,10 @@ IN_PLACE_FIELDS = {"depthwise_block_backward_sgd": (2, 0)}
 # the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
 # pixel's column first (PointwiseInPlace).
 OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place", "pointwise_in_place")
+# Overwriting kernels whose smaller output may also end where the operand ends: a 1x1 conv writes output (c, p) only
+# after staging pixel p's column, and wherever the output starts inside the operand (a whole number of channel rows
+# in), (c, p) lands on pixel p of some operand row.
+TAIL_OVERWRITING_OPS = ("pointwise_in_place",)
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
 
@@ -68,10 +72,17 @@ class Buffer:
     alias: int | None = None  # index of the buffer whose storage this one reuses (it then takes no space of its own)
     streamed: bool = False  # the image, read in rows by its only reader: not in the arena
     overwrites: int | None = None  # a larger operand dying at this buffer's kernel, whose offset this one should take
+    tail_ok: bool = False  # ... or whose last bytes it may take instead (TAIL_OVERWRITING_OPS)
+
+    def in_place_offsets(self, buffers: list[Buffer]) -> tuple[int, ...]:
+        """Where this output lies over the operand it overwrites: at the operand's start, or flush with its end."""
+        target = buffers[self.overwrites]
+        return (target.offset, *([target.offset + target.size - self.size] if self.tail_ok else []))
 
     def in_place(self, buffers: list[Buffer]) -> bool:
         """Placed over the operand it overwrites: the two then share bytes at their kernel only, as it allows."""
-        return self.overwrites is not None and self.offset is not None and self.offset == buffers[self.overwrites].offset
+        return (self.overwrites is not None and self.offset is not None and buffers[self.overwrites].offset is not None
+                and self.offset in self.in_place_offsets(buffers))
 
     def overlaps_in_time(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -112,7 +123,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 frozen += type_bytes(p.ty)
 
     ops, nodes, reads = [], [], []
-    overwriting: list[tuple[int, list[int], int]] = []  # (binding, operand buffers, output buffer)
+    overwriting: list[tuple[int, list[int], int, str]] = []  # (binding, operand buffers, output buffer, op)
 
     def use(expr, i, acc: set[int]):
         if isinstance(expr, relax.Var):
@@ -146,7 +157,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                     buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
                 if call.op in OVERWRITING_OPS:
-                    overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0]))
+                    overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0], call.op))
                 prim = mod[call.gvar]
                 if call.op == "conv2d_requant_rows":  # the band kernel's input window and output row, in the arena
                     prim = row_kernel(prim)
@@ -178,11 +189,11 @@ def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
     """Let each such output reuse an operand that dies at its kernel.
 
     An output as large as the operand shares its storage (an alias: the storage's lifetime grows to cover it).  A
-    smaller one only asks for the operand's offset (``overwrites``), so the operand's tail is free once the kernel is
-    done: sharing the whole storage would keep it alive as long as the output, e.g. a block's projection output
+    smaller one only asks for a place over the operand (``overwrites``: its start, or flush with its end where the
+    kernel allows, ``tail_ok``), so the rest of the operand is free once the kernel is done: sharing the whole storage would keep it alive as long as the output, e.g. a block's projection output
     saved for the backward would hold the six times larger expanded tensor's bytes.
     """
-    for i, operands, out in overwriting:
+    for i, operands, out, op in overwriting:
         for b in operands:
             if buffers[b].end == i and buffers[b].size >= buffers[out].size and buffers[b].kind == buffers[out].kind:
                 storage = buffers[b].alias if buffers[b].alias is not None else b
@@ -191,6 +202,7 @@ def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
                     buffers[storage].end = max(buffers[storage].end, buffers[out].end)
                 elif buffers[storage].end == i:  # no alias of the operand outlives the kernel
                     buffers[out].overwrites = storage
+                    buffers[out].tail_ok = op in TAIL_OVERWRITING_OPS
                 break
 
 

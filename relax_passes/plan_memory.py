@@ -67,8 +67,9 @@ class MemoryPlan:
 
 
 def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
-    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime, or the offset of the
-    operand it overwrites (placed just before it) when that is free but for the operand; aliases share their storage's."""
+    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime, or a place over the
+    operand it overwrites (placed just before it: its start or, where the kernel allows, flush with its end) when
+    that is free but for the operand; aliases share their storage's."""
 
     def align(v):
         return (v + alignment - 1) // alignment * alignment
@@ -83,9 +84,10 @@ def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
     for b in sorted(storage_buffers(buffers), key=order):
         alive = [p for p in placed if p.overlaps_in_time(b)]
         target = buffers[b.overwrites] if b.overwrites is not None else None
-        if target is not None and target.offset is not None and not any(
-                p is not target and p.offset < target.offset + b.size and target.offset < p.offset + p.size for p in alive):
-            b.offset = target.offset  # in place over the dying operand: nothing else is there
+        spots = b.in_place_offsets(buffers) if target is not None and target.offset is not None else ()
+        free = [o for o in spots if not any(p is not target and p.offset < o + b.size and o < p.offset + p.size for p in alive)]
+        if free:
+            b.offset = free[0]  # in place over the dying operand: nothing else is there
         else:
             b.offset = 0
             for lo, hi in sorted((p.offset, p.offset + p.size) for p in alive):
@@ -115,7 +117,7 @@ def validate_plan(buffers: list[Buffer]) -> None:
 
 
 def _meet_in_place(a: Buffer, b: Buffer, buffers: list[Buffer]) -> bool:
-    """Whether one overwrites the other in place: same offset, alive together only at its kernel."""
+    """Whether one overwrites the other in place: at a place its kernel allows, alive together only at its kernel."""
     for out, operand in ((a, b), (b, a)):
         if out.in_place(buffers) and buffers[out.overwrites] is operand and operand.end == out.start:
             return True
