@@ -71,7 +71,7 @@ class Buffer:
     offset: int | None = None
     alias: int | None = None  # index of the buffer whose storage this one reuses (it then takes no space of its own)
     streamed: bool = False  # the image, read in rows by its only reader: not in the arena
-    overwrites: int | None = None  # a larger operand dying at this buffer's kernel, whose offset this one should take
+    overwrites: int | None = None  # a larger operand dying at this buffer's kernel, over which this one should lie
     tail_ok: bool = False  # ... or whose last bytes it may take instead (TAIL_OVERWRITING_OPS)
 
     def in_place_offsets(self, buffers: list[Buffer]) -> tuple[int, ...]:
