@@ -28,10 +28,11 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     The masked planes are built ``tile`` channels at a time (``tile`` divides ``channels``; 1 is the plainest
     form, plane by plane).  Each element of ``g_x`` then takes the tile's terms in one register pass, and each
     expansion input pixel converted for a weight gradient serves the whole tile, instead of one pass over
-    ``g_x`` in memory per plane; two input channels are taken together, so each plane value loaded serves both.  A plane element sums only the taps of its stride parity, with the channel's
-    real weights computed once, and reads the output gradient from a copy inside a zero border instead of
-    testing each tap's bounds.  The terms skipped or read from the border are ``+-0.0``, which change no sum
-    that starts at ``+0.0``: the sums are those of the separate kernels.
+    ``g_x`` in memory per plane; two input channels are taken together, so each plane value loaded serves
+    both.  A plane element sums only the taps of its stride parity, with the channel's real weights computed
+    once, and reads the output gradient from a copy inside a zero border instead of testing each tap's bounds.
+    The terms skipped or read from the border are ``+-0.0``, which change no sum that starts at ``+0.0``: the
+    sums are those of the separate kernels.
 
     With ``trained_x_zero`` (the zero point of the expansion's input) the expansion's weight is trained too:
     ``(w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr) -> (g_x, g_b, w_new)`` also applies its SGD step
