@@ -190,8 +190,9 @@ def _alias_overwriting_outputs(buffers: list[Buffer], overwriting) -> None:
 
     An output as large as the operand shares its storage (an alias: the storage's lifetime grows to cover it).  A
     smaller one only asks for a place over the operand (``overwrites``: its start, or flush with its end where the
-    kernel allows, ``tail_ok``), so the rest of the operand is free once the kernel is done: sharing the whole storage would keep it alive as long as the output, e.g. a block's projection output
-    saved for the backward would hold the six times larger expanded tensor's bytes.
+    kernel allows, ``tail_ok``), so the rest of the operand is free once the kernel is done: sharing the whole
+    storage would keep it alive as long as the output, e.g. a block's projection output saved for the backward
+    would hold the six times larger expanded tensor's bytes.
     """
     for i, operands, out, op in overwriting:
         for b in operands:

@@ -115,7 +115,9 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         if (b is None or not _is_1x1_input_grad(p, merged_ok=True) or h * w * 4 > max_plane
                 or readers.get(m.var) != 2 + (u is not None)):
             continue
-        if (u is not None or len(p.args) == 4) and not (u is not None and trained_expansion and _trained_expansion(u, p, readers)):
+        if u is None and len(p.args) == 4:
+            continue  # a merged expansion whose slice update is not next to it
+        if u is not None and not (trained_expansion and _trained_expansion(u, p, readers)):
             continue
         front = _projection_front(d, producer, by_input, readers)
         if d.attrs["stride"] == 1 and front is None:
@@ -206,7 +208,7 @@ class FuseDepthwiseBackward(PlanePass):
             gv = bb.add_func(_kernel(front, d, p, u, max_plane), OP if u is None else TRAINED_OP)
             # The projection's front replaces the depthwise output gradient by (g_out, w_proj, s_proj, mask_dw,
             # b_scale_dw) and adds the depthwise bias gradient as the last output.
-            g = [d.args[0]] if front is None else [front[0].args[0], front[0].args[1], front[0].args[2], front[1].args[1], front[2].args[1]]
+            g = [d.args[0]] if front is None else [*front[0].args, front[1].args[1], front[2].args[1]]
             if u is None:
                 args, outs = [*g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
             else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr[, frozen]): the weight (or trained slice) first,
