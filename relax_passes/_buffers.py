@@ -7,10 +7,12 @@ var-to-var bindings alias a buffer.  SGD updates write in place into their
 parameter, so they allocate nothing.  A kernel of :data:`OVERWRITING_OPS`
 whose operand dies at that kernel writes over the operand: its output
 buffer is an ``alias`` of the operand's storage.  The image, label and learning rate are
-arena buffers, except an image that only ``conv2d_requant_rows`` reads (StreamInputRows): it is
-``streamed``, read a window of rows at a time into that kernel's ``.window`` buffer, and takes no
-arena space.  Trainable parameters live in RAM outside the arena; frozen
-parameters and constants live in flash.
+arena buffers, except an image that only a streamed layer reads (StreamInputRows): it is
+``streamed``, read a window of rows at a time into that layer's ``.window`` buffer, and takes no
+arena space.  So are the outputs of the streamed layers but the last of each pipeline: each has a
+``.ring`` of rows instead (``_row_pipeline.py``); a pipeline's rings, windows and band buffer are alive
+from its first binding to its last, where the C step function runs it.  Trainable parameters live in
+RAM outside the arena; frozen parameters and constants live in flash.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tvm import relax, s_tir, tirx
 from tvm_tinytrain.model import DTYPE_BYTES
 
 from ._ir import decode
+from ._row_pipeline import ROW_OPS, row_pipelines
 from .stream_input_rows import row_kernel
 
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
@@ -122,6 +125,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
             else:
                 frozen += type_bytes(p.ty)
 
+    stages = {s.binding: (pipe, s) for pipe in row_pipelines(mod, func) for s in pipe.stages}
     ops, nodes, reads = [], [], []
     overwriting: list[tuple[int, list[int], int, str]] = []  # (binding, operand buffers, output buffer, op)
 
@@ -154,19 +158,22 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                         continue
                     idx.append(len(buffers))
                     name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
-                    buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k)))
+                    streamed = i in stages and stages[i][1] is not stages[i][0].stages[-1]
+                    buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k), streamed=streamed))
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
                 if call.op in OVERWRITING_OPS:
                     overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0], call.op))
                 prim = mod[call.gvar]
-                if call.op == "conv2d_requant_rows":  # the band kernel's input window and output row, in the arena
+                first = last = i
+                if i in stages:  # a streamed layer: its rows' buffers, alive while its pipeline runs
+                    pipe, stage = stages[i]
+                    first, last = pipe.first, pipe.last
                     prim = row_kernel(prim)
-                    for part, buf in (("window", prim.params[0]), ("band", prim.params[-1])):
-                        buffers.append(Buffer(f"{var.name}.{part}", int(np.prod([int(d) for d in buf.shape])) * DTYPE_BYTES[str(buf.dtype)],
-                                              i, i, "workspace"))
+                    for part, size in pipe.buffers(stage):
+                        buffers.append(Buffer(f"{var.name}.{part}", size, first, last, "workspace"))
                 ws = _workspace_bytes(prim)
                 if ws:
-                    buffers.append(Buffer(f"{var.name}.workspace", ws, i, i, "workspace"))
+                    buffers.append(Buffer(f"{var.name}.workspace", ws, first, last, "workspace"))
         elif isinstance(value, relax.TupleGetItem):  # an alias of one field: the reader is its consumer
             r = root.get(value.tuple_value)
             root[var] = r[value.index] if isinstance(r, tuple) else r
@@ -180,7 +187,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
     use(func.body.body, len(bindings), set())
     if num_input and buffers[0].end < len(bindings):
         readers = [i for i, r in enumerate(reads) if 0 in r]
-        buffers[0].streamed = bool(readers) and all(ops[i] == "conv2d_requant_rows" for i in readers)
+        buffers[0].streamed = bool(readers) and all(ops[i] in ROW_OPS for i in readers)
     _alias_overwriting_outputs(buffers, overwriting)
     return StepBuffers(buffers, trainable, frozen, bindings, ops, nodes, reads)
 

@@ -27,6 +27,7 @@ DEFAULTS = {
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
     "fuse_trained_expansion": True,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
+    "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
 }
 

@@ -1,7 +1,8 @@
 """Host trainer: the int8 training step compiled by TVM (llvm) and driven from Python.
 
 It runs the same pipeline the device build uses: model -> Relax -> AppendLoss
--> QuantizedGradient -> SparseUpdate -> ReorderUpdates -> the fusions -> StreamInputRows -> PlanMemory, then
+-> QuantizedGradient -> SparseUpdate -> ReorderUpdates -> FuseConvRequant -> StreamInputRows -> the other fusions
+-> PlanMemory, then
 compiles ``train_step`` and ``infer`` and keeps the parameters between steps
 (the VM returns updated parameters; on the device they are updated in place).
 """
@@ -53,8 +54,8 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         seq = tvm.transform.Sequential([
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
-            FuseConvRequant(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
-            PointwiseInPlace(), StreamInputRows(), PlanMemory(),
+            FuseConvRequant(), StreamInputRows(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
+            PointwiseInPlace(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)

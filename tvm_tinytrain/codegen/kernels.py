@@ -217,9 +217,9 @@ def _check_externs(declarations: dict[str, str], definitions: dict[str, str]) ->
 
 
 def c_kernel(prim_func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The PrimFunc the C calls for a kernel: a ``conv2d_requant_rows``'s band kernel (the step function streams its
-    image, see step.py), else the kernel itself."""
-    if str(prim_func.attrs.get("tinytrain.op", "")) == "conv2d_requant_rows":
+    """The PrimFunc the C calls for a kernel: a streamed layer's band kernel (the step function runs it row by row,
+    see step.py), else the kernel itself."""
+    if ROW_KERNEL in prim_func.attrs:
         return row_kernel(prim_func).with_attrs({k: v for k, v in prim_func.attrs.items() if k != ROW_KERNEL})
     return prim_func
 

@@ -34,8 +34,8 @@ from tvm import relax
 from relax_passes import memory_plan
 from relax_passes._buffers import IN_PLACE_FIELDS, IN_PLACE_OPS, type_bytes
 from relax_passes._ir import decode
+from relax_passes._row_pipeline import IMAGE, RowPipeline, row_pipelines
 from relax_passes.plan_memory import plan
-from relax_passes.stream_input_rows import window_shape
 from tvm_tinytrain.errors import TinyTrainError
 
 from .kernels import C_TYPES, Kernel, KernelLibrary, c_float, emit
@@ -169,30 +169,67 @@ def _kernel_call(kernel: Kernel, locs: list, index: int, func: str, var, op_id: 
     what = f"{func} binding {index} ({var.name} = {kernel.op} of {kernel.node or '?'}, {kernel.symbol})"
     if len(locs) != len(kernel.dtypes):
         raise TinyTrainError(f"codegen: {what}: {len(locs)} buffers for a kernel with {len(kernel.dtypes)} parameters")
-    args = ",\n      ".join(pointer(loc, dt, f"{what} argument {k}") for k, (loc, dt) in enumerate(zip(locs, kernel.dtypes)))
-    return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  TT_PROFILED({op_id}, {kernel.symbol}({args}));"
+    return _render_call(kernel, [pointer(loc, dt, f"{what} argument {k}") for k, (loc, dt) in enumerate(zip(locs, kernel.dtypes))],
+                        index, var, op_id)
 
 
-def _streamed_conv(call, kernel: Kernel, args: list, buffers: PlannedBuffers, index: int, func: str, op_id: int) -> tuple[Arena, str]:
-    """A ``conv2d_requant_rows`` on the streamed image: its output and the C loop over its output rows."""
-    what = f"{func} binding {index} ({call.var.name} = {call.op} of {call.node})"
-    if not isinstance(args[0], Streamed):
-        raise TinyTrainError(f"codegen: {what}: its image is in the arena (another kernel reads it), but its C kernel reads a window of rows")
-    _, c_out, h_out, w_out = (int(d) for d in call.var.ty.shape)
-    shape = window_shape(call)
-    out = buffers.take(call.var.name, call.var.ty)
-    window = buffers.take_bytes(f"{call.var.name}.window", "int8", int(np.prod(shape)))
-    band = buffers.take_bytes(f"{call.var.name}.band", "int8", c_out * w_out)
-    buffers.skip_workspace(call.var.name)
-    band_call = _kernel_call(kernel, [window, *args[1:], band], index, func, call.var, op_id).replace("\n", "\n  ")
-    first_row = f"tt_y * {call.attrs['stride']} - {(shape[2] - 1) // 2}"
-    text = (f"  /* {index}: the image streamed in windows of {shape[2]} rows, one output row of {call.var.name} at a time */\n"
-            f"  for (int32_t tt_y = 0; tt_y < {h_out}; tt_y++) {{\n"
-            f"    if (tinytrain_read_window(read, ctx, {pointer(window, 'int8', what)}, {first_row}, {shape[2]}, {call.attrs['x_zero']}) != 0) {{\n"
-            f"      return 2;\n    }}\n"
-            f"  {band_call}\n"
-            f"    tinytrain_store_row({pointer(out, 'int8', what)}, {pointer(band, 'int8', what)}, tt_y, {c_out}, {h_out}, {w_out});\n  }}")
-    return out, text
+def _render_call(kernel: Kernel, args: list[str], index: int, var, op_id: int) -> str:
+    joined = ",\n      ".join(args)
+    return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  TT_PROFILED({op_id}, {kernel.symbol}({joined}));"
+
+
+def _arena_at(loc: Arena, row_offset: str) -> str:
+    return f"(int8_t *)(tinytrain_arena + {loc.offset} + {row_offset})"
+
+
+def _pipeline(pipe: RowPipeline, rows: dict[int, dict], kernels: dict[int, Kernel], op_ids: dict[str, int], func: str) -> str:
+    """The C loop of a pipeline of streamed layers (``relax_passes/_row_pipeline.py``): each time, the last layer
+    that can make its next row makes it, reading the image, its input's ring slot or a window gathered from the
+    ring, and writing its row into its ring slot (the last layer: into its output)."""
+    n, last = len(pipe.stages), pipe.stages[-1]
+    window = rows[0].get("window")
+    lines = [f"  /* bindings {pipe.first}..{pipe.last}: {n} layer(s) streamed row by row, "
+             f"{pipe.stages[0].call.node} .. {last.call.node} -> {last.call.var.name} */",
+             "  {", f"    int32_t tt_made[{n}] = {{0}};", f"    while (tt_made[{n - 1}] < {last.shape[1]}) {{"]
+    blocks = []
+    for j, stage in enumerate(pipe.stages):
+        loc, kernel = rows[j], kernels[j]
+        what = f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
+        body, tensors = [], []
+        for inp, arg in zip(stage.inputs, stage.call.args):
+            first = f"tt_row * {inp.stride} - {inp.pad}"
+            if inp.source == IMAGE:
+                body.append(f"if (tinytrain_read_window(read, ctx, {pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero}) != 0) {{\n"
+                            f"  return 2;\n}}")
+                tensors.append(pointer(window, "int8", what))
+                continue
+            src = pipe.stages[inp.source]
+            ring = rows[inp.source]["ring"]
+            c_in, h_in, w_in = src.shape
+            if inp.rows == 1:
+                tensors.append(_arena_at(ring, f"(size_t)(({first}) % {src.ring_rows}) * {src.row_bytes}"))
+                continue
+            body.append(f"tinytrain_ring_window({pointer(ring, 'int8', what)}, {src.ring_rows}, {c_in}, {h_in}, {w_in}, "
+                        f"{pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero});")
+            tensors.append(pointer(window, "int8", what))
+        out = pointer(loc["band"], "int8", what) if stage is last else \
+            _arena_at(loc["ring"], f"(size_t)(tt_row % {stage.ring_rows}) * {stage.row_bytes}")
+        if len(kernel.dtypes) != len(stage.call.args) + 1:
+            raise TinyTrainError(f"codegen: {what}: {len(stage.call.args) + 1} buffers for a kernel with {len(kernel.dtypes)} parameters")
+        params = [pointer(a, dt, f"{what} argument {k}") for k, (a, dt) in enumerate(zip(loc["args"], kernel.dtypes)) if k >= len(stage.inputs)]
+        body.append(_render_call(kernel, [*tensors, *params, out], stage.binding, stage.call.var, op_ids[kernel.op]).strip())
+        if stage is last:
+            c, h, w = stage.shape
+            body.append(f"tinytrain_store_row({pointer(loc['out'], 'int8', what)}, {pointer(loc['band'], 'int8', what)}, tt_row, {c}, {h}, {w});")
+        ready = [f"tt_made[{j}] < {pipe.total_rows(j)}"]
+        ready += [f"TT_MIN({pipe.stages[inp.source].shape[1]}, tt_made[{j}] * {inp.stride} - {inp.pad} + {inp.rows}) <= tt_made[{inp.source}]"
+                  for inp in stage.inputs if inp.source != IMAGE]
+        blocks.append([f"      if ({' && '.join(ready)}) {{", f"        int32_t tt_row = tt_made[{j}]++;",
+                       *["        " + line for text in body for line in text.split("\n")], "        continue;", "      }"])
+    for block in reversed(blocks):
+        lines += block
+    lines += ["      break;  /* never: PlanMemory replayed this schedule to the end */", "    }", "  }"]
+    return "\n".join(lines)
 
 
 def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage: Storage, lib: KernelLibrary) -> Lowered:
@@ -208,6 +245,9 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
     params = set(func.params[num_input:])
     calls, updated = [], set()  # parameters already updated in place: their Relax Var (the old value) is gone
     op_ids = {op: k for k, op in enumerate(profile_ops(lib))}
+    stages = {s.binding: (pipe, j) for pipe in row_pipelines(mod, func) for j, s in enumerate(pipe.stages)}
+    rows: dict[int, dict[int, dict]] = {}  # pipeline -> stage -> its buffers' locations
+    row_kernels: dict[int, dict[int, Kernel]] = {}
 
     def locate(expr, what):
         if isinstance(expr, tvm.ir.Constant):
@@ -225,12 +265,19 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
             what = f"binding {i} ({var.name} = {call.op} of {call.node})"
             args = [locate(a, what) for a in call.args]
             kernel = lib.kernels[call.gvar.name_hint]
-            if call.op == "conv2d_requant_rows":
-                where[var], text = _streamed_conv(call, kernel, args, buffers, i, func_name, op_ids[kernel.op])
-                calls.append(text)
+            if i in stages:
+                pipe, j = stages[i]
+                loc = rows.setdefault(id(pipe), {})[j] = {"args": args}
+                where[var] = loc["out"] = buffers.take(var.name, var.ty)
+                for part, size in pipe.buffers(pipe.stages[j]):
+                    loc[part] = buffers.take_bytes(f"{var.name}.{part}", "int8", size)
+                buffers.skip_workspace(var.name)
+                row_kernels.setdefault(id(pipe), {})[j] = kernel
+                if i == pipe.last:
+                    calls.append(_pipeline(pipe, rows[id(pipe)], row_kernels[id(pipe)], op_ids, func_name))
                 continue
             if any(isinstance(a, Streamed) for a in args):
-                raise TinyTrainError(f"codegen: {func_name}: {what} reads the streamed image, which only its first conv may read")
+                raise TinyTrainError(f"codegen: {func_name}: {what} reads a streamed tensor, which only streamed layers may read")
             def in_place(arg: int):
                 target = args[arg]
                 if not (isinstance(target, Symbol) and not target.const):
@@ -494,10 +541,29 @@ int tinytrain_infer(const int8_t *input, float *logits) {{
 
 def _store_row() -> str:
     return """
-/* Output row y of a streamed conv, computed as band[channel][width], into its place in out[channel][height][width]. */
+#define TT_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* Output row y of a streamed layer, computed as band[channel][width], into its place in out[channel][height][width]. */
 static void tinytrain_store_row(int8_t *out, const int8_t *band, int32_t y, int32_t channels, int32_t height, int32_t width) {
   for (int32_t c = 0; c < channels; c++) {
     memcpy(out + ((size_t)c * height + y) * width, band + (size_t)c * width, width);
+  }
+}
+
+/* Rows first_row .. first_row + rows - 1 of a streamed tensor (row r in ring slot r % slots, a slot being
+ * [channels][width]) into window[channel][rows][width]; rows outside the tensor hold the reader's zero point. */
+static inline void tinytrain_ring_window(const int8_t *ring, int32_t slots, int32_t channels, int32_t height, int32_t width,
+                                         int8_t *window, int32_t first_row, int32_t rows, int8_t zero) {
+  for (int32_t r = 0; r < rows; r++) {
+    int32_t row = first_row + r;
+    for (int32_t c = 0; c < channels; c++) {
+      int8_t *dst = window + ((size_t)c * rows + r) * width;
+      if (row < 0 || row >= height) {
+        memset(dst, zero, width);
+      } else {
+        memcpy(dst, ring + ((size_t)(row % slots) * channels + c) * width, width);
+      }
+    }
   }
 }
 """
