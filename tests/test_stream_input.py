@@ -1,4 +1,4 @@
-"""StreamInputRows: the band kernel against numpy, the rewrite and the plan without the image.
+"""StreamInputRows: the band kernel against numpy, the rewrite, the row schedule and the plan without the image.
 
 The whole-step equality of the generated C (which streams the image, through a row reader on odd steps and a
 reader that fails) with the Python trainer is in test_codegen.py; the board runs are in test_device.py.
@@ -9,15 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import make_random_model
+from conftest import make_random_model, paper_model_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
 from relax_passes import StreamInputRows, memory_plan, pass_config
+from relax_passes._fusion import reemit
 from relax_passes._ir import decode
+from relax_passes._row_pipeline import IMAGE, ROW_OPS, row_pipelines
 from relax_passes.fuse_conv_requant import conv_requant_func
-from relax_passes.stream_input_rows import row_kernel
+from relax_passes.stream_input_rows import row_kernel, rows_kernel
+from tvm_tinytrain.errors import TinyTrainError
+from tvm_tinytrain.importers import load_model
 from tvm_tinytrain.ops import dsp, reference
 from tvm_tinytrain.ops.constants import Requant
 from tvm_tinytrain.ops.schedule import kernel_variant
@@ -74,7 +78,8 @@ def _first_call(mod, name):
 @pytest.mark.parametrize("kernels", ["reference", "optimized"])
 def test_first_conv_streams_and_leaves_the_arena(kernels):
     model = make_random_model(3, size=32)
-    mod = build_training_module(model, "last-k:3", kernels=kernels)
+    with pass_config(stream_layers=False):
+        mod = build_training_module(model, "last-k:3", kernels=kernels)
     with pass_config(stream_input=False):
         whole = build_training_module(model, "last-k:3", kernels=kernels)
     for name in ("train_step", "infer"):
@@ -109,3 +114,90 @@ def test_stream_input_rows_is_a_composable_pass():
     assert isinstance(StreamInputRows(), tvm.transform.Pass)
     again = tvm.transform.Sequential([StreamInputRows()])(mod)  # nothing left to rewrite: the same functions
     tvm.ir.assert_structural_equal(again["train_step"], mod["train_step"])
+
+
+def _ops(mod, name):
+    return [decode(mod, b) for b in mod[name].body.blocks[0].bindings]
+
+
+@pytest.mark.parametrize("scheme", ["last-k:1", "bias-only:1", "last-k:2"])
+def test_frozen_layers_stream_and_their_outputs_leave_the_arena(scheme):
+    """The frozen layers after the first conv run row by row: only the pipeline's last output is in the arena."""
+    model = make_random_model(3, size=32)
+    mod = build_training_module(model, scheme)
+    with pass_config(stream_layers=False):
+        first_only = build_training_module(model, scheme)
+    (pipe,) = row_pipelines(mod, mod["train_step"])
+    assert len(pipe.stages) > 1 and pipe.stages[0].inputs[0].source == IMAGE
+    calls = _ops(mod, "train_step")
+    streamed = {s.call.var.name for s in pipe.stages[:-1]}
+    buffers = {}
+    for b in memory_plan(mod).buffers:  # names repeat later in the step
+        buffers.setdefault(b["name"], b)
+    for name in streamed:
+        assert buffers[name]["streamed"] and buffers[name]["offset"] is None
+        assert buffers[f"{name}.ring"]["size"] > 0
+    # The backward reads nothing the pipeline keeps inside; the layer after it is not streamed.
+    inside = {s.call.var for s in pipe.stages[:-1]}
+    assert not any(v in inside for c in calls[pipe.last + 1:] if c is not None for v in c.args)
+    assert calls[pipe.last + 1] is None or calls[pipe.last + 1].op not in ROW_OPS
+    assert memory_plan(mod).arena_bytes < memory_plan(first_only).arena_bytes
+
+
+def _replay(pipe):
+    """An independent replay of the schedule with each ring's slots holding row numbers: every row a stage reads
+    must be in its slot when read, and every stage makes its rows in order, each once."""
+    slots = [[None] * s.ring_rows for s in pipe.stages]
+    made = [0] * len(pipe.stages)
+    for j, after in pipe.schedule():
+        row = made[j]
+        assert after[j] == row + 1
+        for inp in pipe.stages[j].inputs:
+            if inp.source == IMAGE:
+                continue
+            src = pipe.stages[inp.source]
+            for r in range(inp.first_row(row), inp.first_row(row) + inp.rows):
+                if 0 <= r < src.shape[1]:
+                    assert slots[inp.source][r % src.ring_rows] == r, (pipe.stages[j].call.node, row, r)
+        if j < len(pipe.stages) - 1:
+            slots[j][row % pipe.stages[j].ring_rows] = row
+        made[j] += 1
+    assert made[-1] == pipe.stages[-1].shape[1]
+
+
+@pytest.mark.parametrize("size", [16, 32, 40])
+def test_ring_rows_hold_every_row_read(size):
+    mod = build_training_module(make_random_model(5, size=size), "bias-only:1")
+    for name in ("train_step", "infer"):
+        for pipe in row_pipelines(mod, mod[name]):
+            _replay(pipe)
+
+
+def test_paper_model_pipelines_replay():
+    """MCUNet's pipeline (strides 2, kernels 3-7, residual adds) in infer, which streams the longest chain."""
+    mod = build_training_module(load_model(paper_model_path("mcunet-5fps")), "paper-99kb")
+    pipes = row_pipelines(mod, mod["infer"])
+    assert pipes and len(pipes[0].stages) > 5
+    for pipe in pipes:
+        _replay(pipe)
+        assert all(0 < s.ring_rows <= 2 * max(i.rows for c, i in pipe.consumers[j]) + 1
+                   for j, s in enumerate(pipe.stages[:-1]))
+
+
+def test_a_streamed_layer_on_an_unstreamed_tensor_is_an_error_naming_it():
+    model = make_random_model(3, size=32)
+    with pass_config(stream_input=False):
+        mod = build_training_module(model, "last-k:1")
+    second = next(c for c in _ops(mod, "train_step") if c is not None and c.op == "add_int8")
+    prim, op = rows_kernel(mod, second)
+
+    def emit(bb, binding):
+        if not binding.var.same_as(second.var):
+            return False
+        gv = bb.add_func(prim, op)
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(relax.call_tir(gv, binding.value.args[1], binding.var.ty))))
+        return True
+
+    broken = reemit(mod, "train_step", emit)
+    with pytest.raises(TinyTrainError, match=rf"binding 3 \({second.var.name} = add_int8_rows of {second.node}\) reads"):
+        row_pipelines(broken, broken["train_step"])

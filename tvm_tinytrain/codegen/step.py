@@ -11,9 +11,11 @@ same time, so they share the arena, sized for the larger plan.
 
 The image comes from a row reader (``tinytrain_train_step_rows``; the
 pointer forms read an image in memory through one).  Where StreamInputRows
-streamed it, the first conv runs one output row at a time: the reader fills
-its window of rows, the band kernel computes the row, and the row is stored in
-the conv's output; otherwise the reader fills the arena's image buffer.
+streamed it, the streamed layers run one output row at a time (a loop per
+pipeline, ``relax_passes/_row_pipeline.py``): the reader fills the first
+layer's window, each band kernel computes a row into its ring slot, and the
+last layer's rows are stored in its output; otherwise the reader fills the
+arena's image buffer.
 
 Trainable parameters (``tinytrain.updated_params``) are RAM arrays filled from
 ``static const`` initial values by ``tinytrain_init``; every other parameter and
