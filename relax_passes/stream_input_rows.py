@@ -138,18 +138,21 @@ def _layers_after(calls: list, readers) -> int:
     def size(v) -> int:
         return int(np.prod(shape_of(v)))
 
-    most = 0
+    most, fused = 0, set()
     for k, call in enumerate(calls):
         after = calls[k + 1] if k + 1 < len(calls) else None
+        if call.var in fused:
+            continue
         if call.op == "add_int8":
             most = max(most, size(call.args[0]) + size(call.args[1]))
         elif call.attrs["groups"] > 1:
             most = max(most, size(call.args[0]), size(call.var))
-        elif not (after is not None and after.op == "conv2d_requant" and after.attrs["groups"] > 1
-                  and after.args[0].same_as(call.var) and len(readers.get(call.var, ())) == 1):
-            most = max(most, size(call.args[0]) + size(call.var))
-        else:  # the expansion, fused: its input and the depthwise conv's output
+        elif (after is not None and after.op == "conv2d_requant" and after.attrs["groups"] > 1
+              and after.args[0].same_as(call.var) and len(readers.get(call.var, ())) == 1):
             most = max(most, size(call.args[0]) + size(after.var))
+            fused.add(after.var)
+        else:
+            most = max(most, size(call.args[0]) + size(call.var))
     return most
 
 
