@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te
 
-from tvm_tinytrain.ops import te_backward, te_kernels, tir_conv_gemm
+from tvm_tinytrain.ops import te_backward, te_kernels, tir_conv_gemm, tir_depthwise
 from tvm_tinytrain.ops.schedule import compact_schedule, current_variant
 from tvm_tinytrain.relax_build import kernel_attrs
 
@@ -65,15 +65,19 @@ def conv_requant_func(attrs: dict, arg_types: list[tuple[tuple[int, ...], str]],
     """The ``conv2d_requant`` PrimFunc of a conv with the (merged) conv and requantize ``attrs``, on arguments of
     ``arg_types`` = (shape, dtype) of ``(x, w[, trained slice], bias, mult, shift)``; ``pad_h`` as in
     :func:`te_kernels.conv2d_acc`.  In the optimized variant a conv that :func:`tir_conv_gemm.fits` is the DSP GEMM
-    kernel."""
+    kernel, and a depthwise band kernel (``pad_h=0``) the TIR plane kernel of :mod:`tir_depthwise`."""
     a = attrs
     (n, ic, h, w), (oc, _, k, _) = arg_types[0][0], arg_types[1][0]
     merged = len(arg_types) == 6
     pad = (k - 1) // 2
     wo = (w + 2 * pad - k) // a["stride"] + 1
-    if current_variant() == "optimized" and a["groups"] == 1 and tir_conv_gemm.fits(ic, oc, n, wo, k, merged=merged):
+    optimized = current_variant() == "optimized"
+    if optimized and a["groups"] == 1 and tir_conv_gemm.fits(ic, oc, n, wo, k, merged=merged):
         return tir_conv_gemm.conv_requant(ic, oc, h, w, k, a["stride"], a["x_zero"], a["y_zero"], a["qmin"], a["qmax"], wide_shift(shift),
                                           tuple(a.get("merged_channels", ())), pad_h)
+    if optimized and a["groups"] > 1 and pad_h == 0 and not merged and n == 1:
+        quant = {key: a[key] for key in ("x_zero", "y_zero", "qmin", "qmax")}
+        return tir_depthwise.depthwise_conv_requant(ic, h, w, k, a["stride"], quant, wide_shift(shift), pad_h=0)
     args = [te.placeholder(s, d, f"arg{i}") for i, (s, d) in enumerate(arg_types)]
     n_acc = len(args) - 3  # (x, weight[, trained slice]) then (bias, multiplier, shift)
     acc = conv_accumulator(a, args[:n_acc], pad_h=pad_h)

@@ -61,25 +61,27 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
     return conv_channel
 
 
-def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, conv: dict, wide_shift: bool):
-    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a depthwise conv (padding ``(k-1)//2``) then requantize;
+def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, conv: dict, wide_shift: bool, pad_h: int | None = None):
+    """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a depthwise conv (padding ``(k-1)//2``, rows ``pad_h`` when
+    given: 0 for StreamInputRows' band kernel, whose window of ``k`` rows gives one output row) then requantize;
     ``conv`` holds its ``x_zero``, ``y_zero``, ``qmin``, ``qmax``.  The output may share the input's storage."""
     pad = (k - 1) // 2
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    pad_h = pad if pad_h is None else pad_h
+    ho, wo = (h + 2 * pad_h - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     conv_channel = plane_conv(k, stride, ho, wo, conv, wide_shift)
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((1, channels, h, w), "int8"), wt: T.Buffer((channels, 1, k, k), "int8"), bias: T.Buffer((channels,), "int32"),
                mult: T.Buffer((channels,), "int32"), shift: T.Buffer((channels,), "int32"), y: T.Buffer((1, channels, ho, wo), "int8")):
-        plane = T.alloc_buffer((h + 2 * pad, w + 2 * pad), "int8", scope="global")
+        plane = T.alloc_buffer((h + 2 * pad_h, w + 2 * pad), "int8", scope="global")
         start = T.alloc_buffer((1,), "int32", scope="global")
         params = T.alloc_buffer((3,), "int32", scope="global")
         acc = T.alloc_buffer((4,), "int32", scope="global")
-        for i, j in T.grid(h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
+        for i, j in T.grid(h + 2 * pad_h, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[i, j] = T.int8(conv["x_zero"])
         for c in range(channels):
             for i, j in T.grid(h, w):
-                plane[i + pad, j + pad] = x[0, c, i, j]
+                plane[i + pad_h, j + pad] = x[0, c, i, j]
             conv_channel(plane, wt, bias, mult, shift, c, start, params, acc, y)
 
     return kernel
