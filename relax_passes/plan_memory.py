@@ -3,7 +3,7 @@
 Every buffer of ``train_step`` (see ``_buffers.py``: kernel outputs, masks,
 gradients, kernel workspaces, the image unless StreamInputRows streams it) gets
 a fixed offset in one arena.
-Offsets come from a greedy best-fit over lifetimes (largest buffers first);
+Offsets come from a greedy best-fit over lifetimes (in a few orders, the tightest kept);
 an element-wise gradient kernel whose operand dies there writes in place
 (the output aliases the operand's storage, see ``_buffers.py``).
 :func:`validate_plan` then checks that no two buffers alive at the same time
@@ -66,11 +66,27 @@ class MemoryPlan:
         }
 
 
-def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
-    """Greedy best-fit by size: each buffer takes the lowest aligned gap free for its lifetime, or a place over the
-    operand it overwrites (placed just before it: its start or, where the kernel allows, flush with its end) when
-    that is free but for the operand; aliases share their storage's."""
+# Orders in which assign_offsets places buffers (by the buffer an overwriting chain starts from): greedy placement has
+# no best order, and which packs tightest depends on the step, so each is tried and the smallest arena kept.
+PLACEMENT_ORDERS = {
+    "largest first": lambda b: (-b.size, b.start),
+    "earliest first": lambda b: (b.start, -b.size),
+    "longest-lived first": lambda b: (b.start - b.end, -b.size),
+    "largest area first": lambda b: (-b.size * (b.end - b.start + 1), b.start),
+}
 
+
+def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
+    """Greedy best-fit in each of :data:`PLACEMENT_ORDERS`, keeping the smallest arena: each buffer takes the lowest
+    aligned gap free for its lifetime, or a place over the operand it overwrites (placed just before it: its start
+    or, where the kernel allows, flush with its end) when that is free but for the operand; aliases share their
+    storage's."""
+    sizes = {name: _place(buffers, alignment, key) for name, key in PLACEMENT_ORDERS.items()}
+    best = min(sizes, key=sizes.get)
+    return _place(buffers, alignment, PLACEMENT_ORDERS[best])
+
+
+def _place(buffers: list[Buffer], alignment: int, primary) -> int:
     def align(v):
         return (v + alignment - 1) // alignment * alignment
 
@@ -78,8 +94,10 @@ def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
         depth = 0
         while b.overwrites is not None:
             b, depth = buffers[b.overwrites], depth + 1
-        return -b.size, b.start, b.name, depth
+        return *primary(b), b.name, depth
 
+    for b in buffers:
+        b.offset = None
     placed: list[Buffer] = []
     for b in sorted(storage_buffers(buffers), key=order):
         alive = [p for p in placed if p.overlaps_in_time(b)]
