@@ -41,6 +41,17 @@ def test_memory_with_the_trained_expansion_fused(capsys):
     assert json.loads(run_cli(capsys, *args)[1]) == fused
 
 
+def test_memory_with_the_frozen_layers_streamed(capsys):
+    """The pass option stream_layers (on by default) runs the default model's frozen first blocks row by row in
+    bias-only:4, whose peak without it (--no-stream-layers) is block 1's expansion + depthwise conv, whole."""
+    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
+    args = ("memory", model, "--scheme", "bias-only:4", "--num-classes", 5, "--json")
+    streamed = json.loads(run_cli(capsys, *args)[1])
+    plain = json.loads(run_cli(capsys, *args, "--no-stream-layers")[1])
+    assert plain["peak_op"]["op"] == "expand_depthwise" and streamed["peak_sram_bytes"] < plain["peak_sram_bytes"]
+    assert json.loads(run_cli(capsys, *args)[1]) == streamed
+
+
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 24)

@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-fuse-trained-expansion", dest="fuse_trained_expansion", action="store_false",
                             help="pass option: keep a trained expansion's weight update out of its depthwise backward "
                                  "(a little faster, more SRAM)")
+            sp.add_argument("--no-stream-layers", dest="stream_layers", action="store_false",
+                            help="pass option: stream the first conv alone, not the frozen layers after it (more SRAM)")
         if with_scheme:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
@@ -374,7 +376,8 @@ def main(argv=None) -> int:
     from relax_passes import pass_config
 
     try:
-        with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True)):
+        with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True),
+                         stream_layers=getattr(args, "stream_layers", True)):
             return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)
