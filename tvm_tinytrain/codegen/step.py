@@ -184,21 +184,21 @@ def _arena_at(loc: Arena, row_offset: str) -> str:
     return f"(int8_t *)(tinytrain_arena + {loc.offset} + {row_offset})"
 
 
-def _pipeline(pipe: RowPipeline, rows: dict[int, dict], kernels: dict[int, Kernel], op_ids: dict[str, int], func: str) -> str:
+def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kernel], op_ids: dict[str, int], func: str) -> str:
     """The C loop of a pipeline of streamed layers (``relax_passes/_row_pipeline.py``): each time, the last layer
     that can make its next row makes it, reading the image, its input's ring slot or a window gathered from the
     ring, and writing its row into its ring slot (the last layer: into its output)."""
     n, last = len(pipe.stages), pipe.stages[-1]
-    window = rows[0].get("window")
+    window = locs[0].get("window")
     lines = [f"  /* bindings {pipe.first}..{pipe.last}: {n} layer(s) streamed row by row, "
              f"{pipe.stages[0].call.node} .. {last.call.node} -> {last.call.var.name} */",
              "  {", f"    int32_t tt_made[{n}] = {{0}};", f"    while (tt_made[{n - 1}] < {last.shape[1]}) {{"]
     blocks = []
     for j, stage in enumerate(pipe.stages):
-        loc, kernel = rows[j], kernels[j]
+        loc, kernel = locs[j], kernels[j]
         what = f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
         body, tensors = [], []
-        for inp, arg in zip(stage.inputs, stage.call.args):
+        for inp in stage.inputs:
             first = f"tt_row * {inp.stride} - {inp.pad}"
             if inp.source == IMAGE:
                 body.append(f"if (tinytrain_read_window(read, ctx, {pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero}) != 0) {{\n"
@@ -206,7 +206,7 @@ def _pipeline(pipe: RowPipeline, rows: dict[int, dict], kernels: dict[int, Kerne
                 tensors.append(pointer(window, "int8", what))
                 continue
             src = pipe.stages[inp.source]
-            ring = rows[inp.source]["ring"]
+            ring = locs[inp.source]["ring"]
             c_in, h_in, w_in = src.shape
             if inp.rows == 1:
                 tensors.append(_arena_at(ring, f"(size_t)(({first}) % {src.ring_rows}) * {src.row_bytes}"))
@@ -230,7 +230,7 @@ def _pipeline(pipe: RowPipeline, rows: dict[int, dict], kernels: dict[int, Kerne
                        *["        " + line for text in body for line in text.split("\n")], "        continue;", "      }"])
     for block in reversed(blocks):
         lines += block
-    lines += ["      break;  /* never: PlanMemory replayed this schedule to the end */", "    }", "  }"]
+    lines += ["      break;  /* never: row_pipelines replayed this schedule to the end */", "    }", "  }"]
     return "\n".join(lines)
 
 
@@ -248,7 +248,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
     calls, updated = [], set()  # parameters already updated in place: their Relax Var (the old value) is gone
     op_ids = {op: k for k, op in enumerate(profile_ops(lib))}
     stages = {s.binding: (pipe, j) for pipe in row_pipelines(mod, func) for j, s in enumerate(pipe.stages)}
-    rows: dict[int, dict[int, dict]] = {}  # pipeline -> stage -> its buffers' locations
+    row_locs: dict[int, dict[int, dict]] = {}  # pipeline -> stage -> its buffers' locations
     row_kernels: dict[int, dict[int, Kernel]] = {}
 
     def locate(expr, what):
@@ -269,14 +269,14 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
             kernel = lib.kernels[call.gvar.name_hint]
             if i in stages:
                 pipe, j = stages[i]
-                loc = rows.setdefault(id(pipe), {})[j] = {"args": args}
+                loc = row_locs.setdefault(id(pipe), {})[j] = {"args": args}
                 where[var] = loc["out"] = buffers.take(var.name, var.ty)
                 for part, size in pipe.buffers(pipe.stages[j]):
                     loc[part] = buffers.take_bytes(f"{var.name}.{part}", "int8", size)
                 buffers.skip_workspace(var.name)
                 row_kernels.setdefault(id(pipe), {})[j] = kernel
                 if i == pipe.last:
-                    calls.append(_pipeline(pipe, rows[id(pipe)], row_kernels[id(pipe)], op_ids, func_name))
+                    calls.append(_pipeline(pipe, row_locs[id(pipe)], row_kernels[id(pipe)], op_ids, func_name))
                 continue
             if any(isinstance(a, Streamed) for a in args):
                 raise TinyTrainError(f"codegen: {func_name}: {what} reads a streamed tensor, which only streamed layers may read")
