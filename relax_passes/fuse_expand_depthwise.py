@@ -68,7 +68,8 @@ def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     if tiled:
         finish_tile(sch, blocks[2])
         sch.compute_at(acc1, sch.get_loops(rq1)[-2])  # expansion accumulators: one plane row
-        if tile_reduction(sch, acc1):
+        # Tiled along that row only: a row width no tile divides would make tile_reduction pick an axis outside it.
+        if w % 2 == 0 and tile_reduction(sch, acc1):
             finish_tile(sch, blocks[0])
     else:
         sch.compute_at(acc1, sch.get_loops(rq1)[-1])  # expansion accumulator: a scalar per plane pixel

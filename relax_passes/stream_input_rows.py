@@ -14,9 +14,11 @@ Each is the same PrimFunc, so the Relax VM computes the same bits, carrying in
 ``tinytrain.row_kernel`` its *band kernel*: the same layer on one window of
 rows (``(1, C, k, W)``, the rows past the edges holding the input zero point)
 giving one output row ``(1, Co, 1, Wo)``.  The chain stops before the first
-layer that is not such a conv or add, and is cut back to the longest prefix
-whose outputs, but the last, only the chain reads: a layer the backward
-reads (masks, saved activations) ends it.
+layer that is not such a conv or add, and ends where only its last output is
+read after it (a layer whose output the backward reads, for a mask or a saved
+activation, ends it): at the shortest such cut with the least peak of the
+chain's own buffers and of the layers after it, run whole, for the rings of
+the wide expanded layers cost more than the later layers' small tensors.
 
 The planner (``_buffers.py``, ``_row_pipeline.py``) then leaves the image and
 the intermediate outputs out of the arena and gives each layer a ring of the

@@ -18,6 +18,7 @@ from test_training import partial_scheme
 from tvm import te
 
 from relax_passes import memory_plan
+from relax_passes._row_pipeline import row_pipelines
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.codegen import generate, kernels
 from tvm_tinytrain.errors import TinyTrainError
@@ -154,6 +155,30 @@ def test_float_constants_are_printed_exactly(case):
     """TVM prints floats with 7 digits: the int32 SGD clamp 2147483520.0f would come out as 2.147484e+09f == 2**31."""
     text = (case.out / "tinytrain_kernels.c").read_text()
     assert "2.14748352e+09f" in text and "2.147484e+09f" not in text
+
+
+@pytest.mark.parametrize("size, kernels", [(40, "reference"), (34, "optimized")])
+def test_streamed_layers_match_trainer(tmp_path, size, kernels):
+    """The streamed layers' C loop (the 16x16 cases above stream the first conv alone: longer chains cost more
+    there), also at a size whose rows do not divide evenly (34 -> 17 -> 9): rings, zero-point rows past the edges,
+    the residual add and the 5x5 depthwise window give the trainer's bits, under ASan, in train_step and in infer
+    (through the logits)."""
+    model = make_random_model(4, size=size)
+    trainer = Int8Trainer(model, "bias-only:1", num_classes=CLASSES, lr=LR, kernels=kernels)
+    meta = generate(trainer.mod, tmp_path / "gen", lr=LR)
+    (train_pipe,) = row_pipelines(trainer.mod, trainer.mod["train_step"])
+    (infer_pipe,) = row_pipelines(trainer.mod, trainer.mod["infer"])
+    assert len(train_pipe.stages) >= 5 and len(infer_pipe.stages) >= len(train_pipe.stages)
+    rng = np.random.default_rng(5)
+    images = rng.integers(-128, 128, (2, 3, size, size)).astype(np.int8)
+    labels = rng.integers(0, CLASSES, 2).astype(np.int32)
+    losses, params = [], []
+    for image, label in zip(images, labels):
+        losses.append(trainer.step(image, int(label)))
+        params.append({n: trainer.params[n].copy() for n in trainer.updated})
+    logits = np.stack([trainer.predict(image) for image in images])
+    case = Case(tmp_path / "gen", meta, trainer, images, labels, losses, params, logits, None)
+    assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))
 
 
 def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():

@@ -61,7 +61,7 @@ def test_train_step_matches_numpy_reference_bit_for_bit(model, tmp_path, spec, q
     ups = layer_updates(parse_scheme(spec, model), model)
     rng = np.random.default_rng(7)
     for step in range(2):  # the second step starts from the first one's weights
-        x = rng.integers(-128, 128, (1, 3, 16, 16)).astype(np.int8)
+        x = rng.integers(-128, 128, (1, *model.input_info.shape)).astype(np.int8)
         label = int(rng.integers(0, 4))
         current = trainer.weights()
         loss = trainer.step(x, label)
@@ -76,6 +76,12 @@ def test_train_step_matches_numpy_reference_bit_for_bit(model, tmp_path, spec, q
     assert len(changed) >= len(trainer.updated) - 1, "a step that moves almost nothing cannot show bit-exactness"
     frozen = set(init) - set(trainer.updated)
     assert all(np.array_equal(trainer.params[n], init[n]) for n in frozen)
+
+
+def test_odd_sized_optimized_step_matches_numpy_reference(tmp_path):
+    """11-wide rows, which no register tile divides: the optimized expansion + depthwise kernel tiles only along
+    its plane row, so there it does not tile (it used to fail to schedule)."""
+    test_train_step_matches_numpy_reference_bit_for_bit(make_random_model(4, size=22), tmp_path, "bias-only:2", True, 0.5, "optimized")
 
 
 def _with_weights(model, params):
