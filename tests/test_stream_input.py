@@ -181,7 +181,7 @@ def test_ring_rows_hold_every_row_read(size):
 
 
 def test_paper_model_pipelines_replay():
-    """MCUNet's pipeline (strides 2, kernels 3-7, residual adds) in infer, which streams the longest chain."""
+    """MCUNet's pipeline in infer (strides 2, 3x3 kernels, a residual add)."""
     mod = build_training_module(load_model(paper_model_path("mcunet-5fps")), "paper-99kb")
     pipes = row_pipelines(mod, mod["infer"])
     assert pipes and len(pipes[0].stages) > 5
