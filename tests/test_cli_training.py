@@ -29,27 +29,29 @@ def test_memory_json_and_plot(capsys, tiny_pkl, tmp_path):
     assert json.loads(out)["peak_sram_bytes"] >= r["peak_sram_bytes"]
 
 
+def _memory_with_and_without(capsys, scheme: str, flag: str) -> tuple[dict, dict]:
+    """``tinytrain memory`` of the default model with the pass options' defaults and with ``flag``; the flag must not
+    leak into a later command."""
+    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
+    args = ("memory", model, "--scheme", scheme, "--num-classes", 5, "--json")
+    default = json.loads(run_cli(capsys, *args)[1])
+    flagged = json.loads(run_cli(capsys, *args, flag)[1])
+    assert json.loads(run_cli(capsys, *args)[1]) == default
+    return default, flagged
+
+
 def test_memory_with_the_trained_expansion_fused(capsys):
     """The pass option fuse_trained_expansion (on by default) lowers the default model's last-k:6 step, whose peak
-    without it (--no-fuse-trained-expansion) is the depthwise input gradient in front of block 4's trained expansion;
-    the option does not leak into later commands."""
-    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
-    args = ("memory", model, "--scheme", "last-k:6", "--num-classes", 5, "--json")
-    fused = json.loads(run_cli(capsys, *args)[1])
-    plain = json.loads(run_cli(capsys, *args, "--no-fuse-trained-expansion")[1])
+    without it (--no-fuse-trained-expansion) is the depthwise input gradient in front of block 4's trained expansion."""
+    fused, plain = _memory_with_and_without(capsys, "last-k:6", "--no-fuse-trained-expansion")
     assert plain["peak_op"]["node"] == "block4.dw" and fused["peak_sram_bytes"] < plain["peak_sram_bytes"]
-    assert json.loads(run_cli(capsys, *args)[1]) == fused
 
 
 def test_memory_with_the_frozen_layers_streamed(capsys):
     """The pass option stream_layers (on by default) runs the default model's frozen first blocks row by row in
     bias-only:4, whose peak without it (--no-stream-layers) is block 1's expansion + depthwise conv, whole."""
-    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
-    args = ("memory", model, "--scheme", "bias-only:4", "--num-classes", 5, "--json")
-    streamed = json.loads(run_cli(capsys, *args)[1])
-    plain = json.loads(run_cli(capsys, *args, "--no-stream-layers")[1])
+    streamed, plain = _memory_with_and_without(capsys, "bias-only:4", "--no-stream-layers")
     assert plain["peak_op"]["op"] == "expand_depthwise" and streamed["peak_sram_bytes"] < plain["peak_sram_bytes"]
-    assert json.loads(run_cli(capsys, *args)[1]) == streamed
 
 
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
