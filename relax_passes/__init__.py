@@ -6,8 +6,8 @@ why not ``PassContext(config=...)``)::
 
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
-        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseExpandDepthwise(), FuseWeightUpdate(),
-        FuseDepthwiseBackward(), DepthwiseInPlace(), PointwiseInPlace(), PlanMemory(),
+        SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(),
+        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """

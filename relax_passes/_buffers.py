@@ -33,7 +33,7 @@ SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
 # Multi-output kernels with one output written over an argument (a trainable parameter): op -> (field, argument).
-IN_PLACE_FIELDS = {"depthwise_block_backward_sgd": (2, 0)}
+IN_PLACE_FIELDS = {"depthwise_block_backward_sgd": (0, 0)}
 # Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
 # the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
 # pixel's column first (PointwiseInPlace).
@@ -42,7 +42,7 @@ OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "d
 # after staging pixel p's column, and wherever the output starts inside the operand (a whole number of channel rows
 # in), (c, p) lands on pixel p of some operand row.
 TAIL_OVERWRITING_OPS = ("pointwise_in_place",)
-PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad")
+PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad", "projection_bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
 
 
@@ -50,13 +50,15 @@ def type_bytes(ty) -> int:
     return int(np.prod([int(d) for d in ty.shape])) * DTYPE_BYTES[str(ty.dtype)]
 
 
-def _field_kind(op: str, index: int) -> str:
+def _field_kind(op: str, index: int, ty) -> str:
     if op == "clamp_mask":
         return "mask"
     if op == "softmax_cross_entropy":
         return "activation" if index == 0 else "gradient"
-    if op in ("linear_float_grads", "depthwise_block_backward", "depthwise_block_backward_sgd"):
+    if op == "linear_float_grads":
         return "gradient" if index == 0 else "weight_gradient"
+    if op in ("depthwise_block_backward", "depthwise_block_backward_sgd"):  # an input gradient (4-D), or bias gradients
+        return "gradient" if len(ty.shape) == 4 else "weight_gradient"
     if op in PARAM_GRAD_OPS:
         return "weight_gradient"
     if op in GRAD_OPS:
@@ -159,7 +161,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                     idx.append(len(buffers))
                     name = var.name if len(tys) == 1 else f"{var.name}[{k}]"
                     streamed = i in stages and stages[i][1] is not stages[i][0].stages[-1]
-                    buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k), streamed=streamed))
+                    buffers.append(Buffer(name, type_bytes(ty), i, i, _field_kind(call.op, k, ty), streamed=streamed))
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
                 if call.op in OVERWRITING_OPS:
                     overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0], call.op))

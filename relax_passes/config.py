@@ -25,7 +25,9 @@ DEFAULTS = {
     "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
     "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
+    "placement_search": 2000,  # PlanMemory: most swaps of the local search over placement orders (0: greedy orders only)
     "fuse_trained_expansion": True,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory)
+    "recompute_masks": True,  # FuseDepthwiseBackward: ... and its block's clamp masks recomputed, not stored (less memory)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)

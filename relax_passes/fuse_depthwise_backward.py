@@ -33,8 +33,27 @@ DepthwiseInPlace already writes it over that operand, with faster (tiled)
 kernels.  An expansion trained on some input channels only (SparseUpdate's
 merge of its flash weight and a RAM slice) is fused too: the kernel reads
 the merge and updates the slice.  It applies when the projection's weight is
-whole and a plane fits ``max_plane_bytes``.  Run it after ReorderUpdates and
-before DepthwiseInPlace.
+whole and a plane fits ``max_plane_bytes``.  In the block where the backward
+stops, nothing reads the expansion's input gradient, and the kernel is the same
+without it (no ``g_x``; ``w_pw`` and ``s_pw`` only where the weight is trained,
+``w_pw`` then; e.g. Proxyless ``paper-148kb``'s blocks[5], whose 64 KB
+float32 tensors of the expanded width were that step's peak).  Where the backward stops even earlier,
+at the bias of the depthwise conv, the projection's front alone becomes a
+``projection_bias_grad`` kernel, one plane at a time (MCUNet ``paper-148kb``'s
+blocks[6], whose 48 KB projection input gradient was that step's peak).  Run it
+after ReorderUpdates and before DepthwiseInPlace.
+
+A block whose whole expansion is trained keeps its input ``x`` for the weight
+gradient anyway, and the two clamp masks are functions of ``x`` and of weights
+and biases that the step updates only after this kernel.  With the option
+``recompute_masks`` (on by default) the kernel takes the two convs' biases and
+requantization instead of the masks and recomputes each channel's masks from
+``x`` (the forward's integer sums, so the same bits): the masks, one bit per
+expanded element kept from the forward to the backward (e.g. 20 KB at the
+peak of MCUNet's ``paper-148kb``), are no longer stored, for one more
+expansion and depthwise conv of the block in the backward.  Their
+``clamp_mask`` kernels go, and the forward's expansion is then read by its
+depthwise conv alone, which FuseExpandDepthwise (run after this pass) fuses.
 
 Before::
 
@@ -55,10 +74,14 @@ After::
 With the expansion's weight update ``w_new = R.call_tir(cls.conv2d_weight_grad_sgd, (w_pw, x, g_m, w_scale, lr), ...)``::
 
     fused = R.call_tir(cls.depthwise_block_backward_sgd, (w_pw, g_acc, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr),
-                       [R.Tensor((1, 16, 16, 16), "float32"), R.Tensor((96,), "float32"), R.Tensor((96, 16, 1, 1), "int8")])
-    g_x = fused[0]
-    g_b = fused[1]
-    w_new = fused[2]
+                       [R.Tensor((96, 16, 1, 1), "int8"), R.Tensor((1, 16, 16, 16), "float32"), R.Tensor((96,), "float32")])
+    w_new = fused[0]
+    g_x = fused[1]
+    g_b = fused[2]
+
+With the projection's front (below) and ``recompute_masks``, ``mask`` and ``mask_dw`` give way to the forward's
+``(b1, m1, s1, b2, m2, s2)``, the bias, multiplier and shift of ``y1 = conv2d_requant(x, w_pw, b1, m1, s1)`` and of the
+depthwise conv ``conv2d_requant(y1, w_dw, b2, m2, s2)``, after ``lr``.
 
 With the projection's front, ``g_acc`` above being
 ``R.call_tir(cls.apply_mask, (R.call_tir(cls.conv2d_input_grad, (g_out, w_proj, s_proj), ...), mask_dw), ...)``
@@ -78,22 +101,24 @@ import tvm
 from tvm import relax
 
 from tvm_tinytrain.ops.schedule import current_variant
-from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
+from tvm_tinytrain.ops.tir_backward import depthwise_block_backward, projection_bias_grad
 from tvm_tinytrain.relax_build import kernel_attrs
 
-from ._fusion import PlanePass, reader_counts, reemit
+from ._fusion import PlanePass, conv_quant, reader_counts, reemit, wide_shift
 from ._ir import decode, shape_of
 from .config import option
 
 OP = "depthwise_block_backward"
 TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
+FRONT_OP = "projection_bias_grad"  # the projection's front alone, where the backward stops at the bias behind it
 MAX_TILE = 8  # planes at a time: their 8 weight-gradient accumulators and 8 real weights fit the FPU's 32 registers
 
 
-def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
+def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_masks: bool) -> dict:
     """var of the first replaced binding -> (the projection's front (its input gradient, the depthwise clamp's mask,
     the depthwise bias gradient) or None, depthwise call, mask call, bias-gradient call, expansion input-gradient
-    call, the expansion's fused weight update or None)."""
+    call or None where the backward stops, the expansion's fused weight update or None, the forward's (expansion,
+    depthwise conv) whose masks the kernel recomputes or None)."""
     by_input: dict = {}
     for c in calls:
         if c is not None and c.args:
@@ -112,18 +137,52 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool) -> dict:
         readers_of_m = {c.op: c for c in by_input.get(m.var, [])}
         b, p, u = (readers_of_m.get(op) for op in ("bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"))
         _, _, h, w = shape_of(d.var)
-        if (b is None or not _is_1x1_input_grad(p, merged_ok=True) or h * w * 4 > max_plane
-                or readers.get(m.var) != 2 + (u is not None)):
+        if (b is None or (p is not None and not _is_1x1_input_grad(p, merged_ok=True)) or h * w * 4 > max_plane
+                or readers.get(m.var) != 1 + (p is not None) + (u is not None)):
             continue
-        if u is None and len(p.args) == 4:
+        if u is None and p is not None and len(p.args) == 4:
             continue  # a merged expansion whose slice update is not next to it
         if u is not None and not (trained_expansion and _trained_expansion(u, p, readers)):
             continue
         front = _projection_front(d, producer, by_input, readers)
         if d.attrs["stride"] == 1 and front is None:
             continue  # DepthwiseInPlace writes a stride-1 input gradient over its operand, with faster kernels
-        groups[(front[0] if front else d).var] = (front, d, m, b, p, u)
+        forward = _forward_convs(front, d, m, u, producer, readers) if recompute_masks else None
+        groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward)
     return groups
+
+
+def _forward_convs(front, d, m, u, producer, readers):
+    """(expansion, depthwise conv) of the forward whose clamp masks only this group reads, when the kernel can
+    recompute them: the projection's front is fused and the expansion is trained whole (the forward reads the weight
+    ``u`` updates, not a merge), on the input ``x`` it reads (``u.args[1]``).  Else None."""
+    if front is None or u is None:
+        return None
+    convs = []
+    for mask, reads, weight in ((m.args[1], u.args[1], u.args[0]), (front[1].args[1], None, d.args[1])):
+        clamp = producer.get(mask)
+        conv = producer.get(clamp.args[0]) if clamp is not None and clamp.op == "clamp_mask" else None
+        if (conv is None or conv.op != "conv2d_requant" or len(conv.args) != 5 or readers.get(mask) != 1
+                or (clamp.attrs["qmin"], clamp.attrs["qmax"]) != (conv.attrs["qmin"], conv.attrs["qmax"])
+                or not conv.args[1].same_as(weight) or not conv.args[0].same_as(reads if reads is not None else convs[0].var)):
+            return None
+        convs.append(conv)
+    expand, depthwise = convs
+    return (expand, depthwise) if depthwise.attrs["stride"] == d.attrs["stride"] else None
+
+
+def _fronts_alone(calls, readers, max_plane: int) -> dict:
+    """bias-gradient var -> (projection input gradient, clamp mask, bias gradient) where the backward stops at the
+    bias of the conv the projection reads: only the mask reads the input gradient, only the bias gradient the mask."""
+    producer = {c.var: c for c in calls if c is not None}
+    fronts = {}
+    for bds in calls:
+        md = producer.get(bds.args[0]) if bds is not None and bds.op == "bias_grad" else None
+        p2 = producer.get(md.args[0]) if md is not None and md.op == "apply_mask" else None
+        if (p2 is not None and _is_1x1_input_grad(p2) and readers.get(p2.var) == 1 and readers.get(md.var) == 1
+                and shape_of(p2.var)[2] * shape_of(p2.var)[3] * 4 <= max_plane):
+            fronts[bds.var] = (p2, md, bds)
+    return fronts
 
 
 def _is_1x1_input_grad(call, merged_ok: bool = False) -> bool:
@@ -150,11 +209,12 @@ def _projection_front(d, producer, by_input, readers):
 
 def _trained_expansion(u, p, readers) -> bool:
     """Whether ``u`` updates the expansion weight that ``p`` reads (the whole weight, or the trained slice of a merged
-    one), from the input channels it trains, and nothing else reads that weight in the step (its readers are then
-    the forward conv, ``p`` and ``u``)."""
+    one; where the backward stops, no ``p``), from the input channels it trains, and nothing else reads that weight
+    in the step (its readers are then the forward conv, ``p`` and ``u``)."""
     weight, x = u.args[0], u.args[1]
-    return (weight.same_as(p.args[2] if len(p.args) == 4 else p.args[1]) and not u.attrs["depthwise"] and u.attrs["kernel"] == 1
-            and u.attrs["stride"] == 1 and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 3)
+    read_by_p = p is None or weight.same_as(p.args[2] if len(p.args) == 4 else p.args[1])
+    return (read_by_p and not u.attrs["depthwise"] and u.attrs["kernel"] == 1 and u.attrs["stride"] == 1
+            and shape_of(x)[1] == shape_of(weight)[1] and readers.get(weight) == 2 + (p is not None))
 
 
 def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
@@ -165,16 +225,18 @@ def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
     return max(t for t in range(1, MAX_TILE + 1) if channels % t == 0 and t * plane_bytes <= max(max_plane, plane_bytes))
 
 
-def _kernel(front, d, p, u, max_plane: int) -> tvm.tirx.PrimFunc:
+def _kernel(front, d, b, p, u, forward, max_plane: int) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
-    in_channels = shape_of(p.var)[1]
+    # Where the backward stops there is no input gradient: the kernel sees a trained slice as the whole weight.
+    in_channels = shape_of(p.var)[1] if p is not None else shape_of(u.args[0])[1] if u is not None else 1
     x_zero = None if u is None else u.attrs["x_zero"]
     projection = None if front is None else shape_of(front[0].args[0])[1]
-    merged = tuple(int(c) for c in p.attrs["merged_channels"]) if len(p.args) == 4 else None
+    merged = tuple(int(c) for c in p.attrs["merged_channels"]) if p is not None and len(p.args) == 4 else None
+    recompute = None if forward is None else (*(conv_quant(c) for c in forward), *(wide_shift(c.args[4]) for c in forward))
     prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
-                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged)
-    node = "+".join(c.node for c in ((front[0], d, p) if front else (d, p)))
+                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged, recompute, p is not None)
+    node = "+".join(c.node for c in (*(front[:1] if front else ()), d, p if p is not None else b))
     if u is None:
         return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
     return prim.with_attrs(kernel_attrs(TRAINED_OP, node, stride=d.attrs["stride"], param=u.attrs["param"]))
@@ -186,37 +248,54 @@ class FuseDepthwiseBackward(PlanePass):
     ``trained_expansion`` (option ``fuse_trained_expansion``) a trained expansion's weight update, and, where the
     depthwise weight is frozen, the projection's input gradient in front (see the module doc)."""
 
-    def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None):
+    def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None,
+                 recompute_masks: bool | None = None):
         super().__init__(max_plane_bytes)
         self.trained_expansion = trained_expansion
+        self.recompute_masks = recompute_masks
 
     def _rewrite(self, mod, name: str, max_plane: int) -> tvm.IRModule:
         func = mod[name]
         bindings = list(func.body.blocks[0].bindings)
         calls = [decode(mod, b) for b in bindings]
-        groups = _groups(calls, reader_counts(func), max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)))
-        if not groups:
+        readers = reader_counts(func)
+        groups = _groups(calls, readers, max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)),
+                         bool(option("recompute_masks", self.recompute_masks)))
+        fronts = _fronts_alone(calls, readers, max_plane)
+        if not groups and not fronts:
             return mod
-        replaced = {c.var for front, *rest in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
+        replaced = {c.var for front, *rest, _ in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
+        replaced |= {c.var for front in fronts.values() for c in front[:2]}
 
         def emit(bb, binding) -> bool:
+            if binding.var in fronts:
+                p2, md, bds = fronts[binding.var]
+                _, channels, h, w = shape_of(p2.var)
+                prim = projection_bias_grad(channels, shape_of(p2.args[0])[1], h, w).with_attrs(kernel_attrs(FRONT_OP, p2.node))
+                gv = bb.add_func(prim, FRONT_OP)
+                call = relax.call_tir(gv, relax.Tuple([*p2.args, md.args[1], bds.args[1]]), bds.var.ty)
+                bb.emit_normalized(relax.VarBinding(bds.var, bb.normalize(call)))
+                return True
             if binding.var in replaced:
                 return True  # now bound by the fused kernel
             if binding.var not in groups:
                 return False
-            front, d, m, b, p, u = groups[binding.var]
-            gv = bb.add_func(_kernel(front, d, p, u, max_plane), OP if u is None else TRAINED_OP)
+            front, d, m, b, p, u, forward = groups[binding.var]
+            gv = bb.add_func(_kernel(front, d, b, p, u, forward, max_plane), OP if u is None else TRAINED_OP)
             # The projection's front replaces the depthwise output gradient by (g_out, w_proj, s_proj, mask_dw,
             # b_scale_dw) and adds the depthwise bias gradient as the last output.
             g = [d.args[0]] if front is None else [*front[0].args, front[1].args[1], front[2].args[1]]
+            # Where the backward stops (no p) the expansion's weight and scale serve no input gradient.
             if u is None:
-                args, outs = [*g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[1], p.args[2]], [p, b]
+                args = [*g, d.args[1], d.args[2], m.args[1], b.args[1], *(p.args[1:3] if p is not None else [])]
             else:  # (w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr[, frozen]): the weight (or trained slice) first,
                 # updated in place; a merged expansion's frozen weight last
-                args = [u.args[0], *g, d.args[1], d.args[2], m.args[1], b.args[1], p.args[-1], u.args[1], u.args[3], u.args[4],
-                        *([p.args[1]] if len(p.args) == 4 else [])]
-                outs = [p, b, u]
-            outs += [front[2]] if front else []
+                args = [u.args[0], *g, d.args[1], d.args[2], m.args[1], b.args[1], *([p.args[-1]] if p is not None else []), u.args[1],
+                        u.args[3], u.args[4], *([p.args[1]] if p is not None and len(p.args) == 4 else [])]
+                if forward is not None:  # the masks give way to the forward convs' bias, multiplier and shift
+                    masks = (m.args[1], front[1].args[1])
+                    args = [a for a in args if not any(a.same_as(k) for k in masks)] + [a for c in forward for a in c.args[2:]]
+            outs = [c for c in (u, p, b, front[2] if front else None) if c is not None]  # the updated weight first
             fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [c.var.ty for c in outs]))
             for k, c in enumerate(outs):
                 bb.emit_normalized(relax.VarBinding(c.var, relax.TupleGetItem(fused, k)))

@@ -6,8 +6,10 @@ whole: this pass fuses ``conv2d_requant`` (1x1, groups 1) with the depthwise
 ``conv2d_requant`` that is its only reader into one PrimFunc whose schedule
 computes one expanded channel plane inside the depthwise conv's channel loop
 (PAPER.md section 5).  The plane (H*W bytes) is the kernel's only workspace.
-A block the gradient crosses is left alone: its expanded tensor has other
-readers (masks, saved activations), which the fusion would have to recompute.
+A block the gradient crosses is left alone when its expanded tensor has other
+readers (masks, saved activations); run after FuseDepthwiseBackward, whose
+kernel may recompute a block's masks, and so leave the depthwise conv the
+only reader.
 
 Before::
 

@@ -3,7 +3,8 @@
 Every buffer of ``train_step`` (see ``_buffers.py``: kernel outputs, masks,
 gradients, kernel workspaces, the image unless StreamInputRows streams it) gets
 a fixed offset in one arena.
-Offsets come from a greedy best-fit over lifetimes (in a few orders, the tightest kept);
+Offsets come from a greedy first-fit over lifetimes, in a few orders and then in
+orders a local search finds (the tightest kept, see :func:`assign_offsets`);
 an element-wise gradient kernel whose operand dies there writes in place
 (the output aliases the operand's storage, see ``_buffers.py``).
 :func:`validate_plan` then checks that no two buffers alive at the same time
@@ -25,6 +26,7 @@ After: the same function, with ``R.func_attr({"tinytrain.memory_plan": "{\\"aren
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -76,30 +78,68 @@ PLACEMENT_ORDERS = {
 }
 
 
-def assign_offsets(buffers: list[Buffer], alignment: int) -> int:
-    """Greedy best-fit in each of :data:`PLACEMENT_ORDERS`, keeping the smallest arena: each buffer takes the lowest
-    aligned gap free for its lifetime, or a place over the operand it overwrites (placed just before it: its start
-    or, where the kernel allows, flush with its end) when that is free but for the operand; aliases share their
-    storage's."""
+def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0) -> int:
+    """Greedy first-fit in each of :data:`PLACEMENT_ORDERS`: each buffer takes the lowest aligned gap free for its
+    lifetime, or a place over the operand it overwrites (placed just before it: its start or, where the kernel
+    allows, flush with its end) when that is free but for the operand; aliases share their storage's.
+
+    Then up to ``search_steps`` swaps of two buffers in the best order, each kept when the arena does not grow and
+    no fewer outputs lie over their operands (a seeded, so reproducible, local search).  It stops at
+    :func:`live_floor`, which no placement beats, or after :data:`SEARCH_PATIENCE` swaps without a gain.  Returns
+    the smallest arena found, with the buffers placed for it."""
     sizes = {name: _place(buffers, alignment, key) for name, key in PLACEMENT_ORDERS.items()}
-    best = min(sizes, key=sizes.get)
-    return _place(buffers, alignment, PLACEMENT_ORDERS[best])
+    first = min(sizes, key=sizes.get)
+    roots = _sequence(buffers, PLACEMENT_ORDERS[first])
+    rank = {b.name: i for i, b in enumerate(roots)}
+    def score(order) -> tuple[int, int]:
+        return _place(buffers, alignment, order), -sum(b.in_place(buffers) for b in buffers)
+
+    best, rng, since = score(lambda x: (rank[x.name],)), random.Random(0), 0
+    floor = (live_floor(buffers) + alignment - 1) // alignment * alignment
+    for _ in range(search_steps if len(roots) > 1 else 0):
+        if best[0] <= floor or since >= SEARCH_PATIENCE:
+            break
+        a, b = rng.sample(roots, 2)
+        trial = {**rank, a.name: rank[b.name], b.name: rank[a.name]}
+        result = score(lambda x: (trial[x.name],))
+        since = 0 if result[0] < best[0] else since + 1
+        if result <= best:  # sideways moves too: they let the search cross plateaus
+            best, rank = result, trial
+    return _place(buffers, alignment, lambda x: (rank[x.name],))
 
 
-def _place(buffers: list[Buffer], alignment: int, primary) -> int:
-    def align(v):
-        return (v + alignment - 1) // alignment * alignment
+def live_floor(buffers: list[Buffer]) -> int:
+    """The most bytes alive at once, each output that may overwrite its operand counted as if it did (from after
+    its kernel): no placement's arena is smaller."""
+    live: dict[int, int] = {}
+    for b in storage_buffers(buffers):
+        for t in range(b.start + (b.overwrites is not None), b.end + 1):
+            live[t] = live.get(t, 0) + b.size
+    return max(live.values(), default=0)
 
+
+SEARCH_PATIENCE = 600  # swaps without a smaller arena before the local search gives up
+
+
+def _sequence(buffers: list[Buffer], primary) -> list[Buffer]:
+    """The storage buffers in the order :func:`_place` places them, by ``primary``."""
     def order(b: Buffer):  # a buffer that overwrites another comes right after it, before anything can take its place
         depth = 0
         while b.overwrites is not None:
             b, depth = buffers[b.overwrites], depth + 1
         return *primary(b), b.name, depth
 
+    return sorted(storage_buffers(buffers), key=order)
+
+
+def _place(buffers: list[Buffer], alignment: int, primary) -> int:
+    def align(v):
+        return (v + alignment - 1) // alignment * alignment
+
     for b in buffers:
         b.offset = None
     placed: list[Buffer] = []
-    for b in sorted(storage_buffers(buffers), key=order):
+    for b in _sequence(buffers, primary):
         alive = [p for p in placed if p.overlaps_in_time(b)]
         target = buffers[b.overwrites] if b.overwrites is not None else None
         spots = b.in_place_offsets(buffers) if target is not None and target.offset is not None else ()
@@ -142,10 +182,10 @@ def _meet_in_place(a: Buffer, b: Buffer, buffers: list[Buffer]) -> bool:
     return False
 
 
-def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16) -> MemoryPlan:
+def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16, search_steps: int = 0) -> MemoryPlan:
     func = get_function(mod, func_name, "PlanMemory")
     sb = analyze(mod, func)
-    arena = assign_offsets(sb.buffers, alignment)
+    arena = assign_offsets(sb.buffers, alignment, search_steps)
     validate_plan(sb.buffers)
     timeline = live_bytes_timeline(sb)
     totals = [sum(t.values()) for t in timeline]
@@ -167,11 +207,13 @@ def memory_plan(mod: tvm.IRModule, func_name: str = "train_step") -> MemoryPlan:
 class PlanMemory:
     """Attach a validated static arena plan to ``train_step``."""
 
-    def __init__(self, func_name: str = "train_step", alignment: int | None = None):
+    def __init__(self, func_name: str = "train_step", alignment: int | None = None, placement_search: int | None = None):
         self.func_name = func_name
         self.alignment = alignment
+        self.placement_search = placement_search
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        result = plan(mod, self.func_name, int(option("alignment", self.alignment)))
+        result = plan(mod, self.func_name, int(option("alignment", self.alignment)),
+                      int(option("placement_search", self.placement_search)))
         func = mod[self.func_name].with_attr("tinytrain.memory_plan", json.dumps(asdict(result)))
         return with_function(mod, self.func_name, func)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_ops import add_cases, requant_cases
 from tvm import te
@@ -404,15 +404,16 @@ def test_merge_channels(o, c, axis, seed):
 
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
                         (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4), (8, 5, 8, 8, 3, 1, 2)]),
-       st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]))
+       st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]), st.booleans())
 @settings(max_examples=40, deadline=None)
-def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection):
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad):
     """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
     1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
     each row after its old value was read; ``merged``: trained on some input channels only (SparseUpdate's merge of a
     frozen weight and a trained slice, the slice updated); ``projection``: starting from the output gradient of a 1x1
     projection of that many channels (its input gradient -> the depthwise clamp's mask -> the depthwise bias gradient
-    first)."""
+    first); without ``input_grad`` (where the backward stops) the same minus the expansion's input gradient (a merged
+    slice is then the whole weight the kernel sees)."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride, tile = shape
@@ -426,7 +427,7 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
     x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
     x_zero, w_scale, lr = int(rng.integers(-128, 128)), rng.uniform(1, 1e3, c).astype(np.float32), np.array([0.01], np.float32)
     trained, merged, w_eff, x_train, frozen = expansion != "frozen", None, w_pw, x, []
-    if expansion == "merged":  # w_pw is then the trained slice of the channels in ``merged``
+    if expansion == "merged" and input_grad:  # w_pw is then the trained slice of the channels in ``merged``
         merged = tuple(int(v) for v in sorted(rng.choice(cin, size=max(1, cin // 2), replace=False)))
         frozen = [rng.integers(-128, 128, (c, cin, 1, 1)).astype(np.int8)]
         w_pw = rng.integers(-128, 128, (c, len(merged), 1, 1)).astype(np.int8)
@@ -442,24 +443,106 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         b_scale_dw = rng.uniform(1, 100, c).astype(np.float32)
         front = [g_out, w_proj, s_proj, mask_dw, b_scale_dw]
         g = ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, ho, wo), 1, 1), mask_dw)
-    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged)
+    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged,
+                                      input_grad=input_grad)
     fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
     g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
-    g_b_dw = [tvm.runtime.empty([c], "float32")] if projection else []
+    outs = [*([w_new] if trained else []), *([g_x] if input_grad else []), g_b, *([tvm.runtime.empty([c], "float32")] if projection else [])]
+    pw = [s_pw] if input_grad else []  # the expansion's scale (and an untrained weight) only serve the input gradient
     if trained:
-        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, s_pw, x_train, w_scale, lr, *frozen)], g_x, g_b, w_new,
-           *g_b_dw)
+        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, *pw, x_train, w_scale, lr, *frozen)], *outs)
     else:
-        fn(*[tvm.runtime.tensor(a) for a in (*front, w_dw, s_dw, mask, b_scale, w_pw, s_pw)], g_x, g_b, *g_b_dw)
+        fn(*[tvm.runtime.tensor(a) for a in (*front, w_dw, s_dw, mask, b_scale, *([w_pw] if input_grad else []), *pw)], *outs)
     if projection:
-        np.testing.assert_array_equal(g_b_dw[0].numpy(), ref.bias_grad(g, b_scale_dw))
+        np.testing.assert_array_equal(outs[-1].numpy(), ref.bias_grad(g, b_scale_dw))
     masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
     np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
-    np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_eff, s_pw, (1, cin, h, w), 1, 1))
+    if input_grad:
+        np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_eff, s_pw, (1, cin, h, w), 1, 1))
     if trained:
         want = ref.sgd_update_int8(w_pw, ref.conv2d_weight_grad(x_train, masked, x_zero, 1, 1, w_scale), lr)
         np.testing.assert_array_equal(w_new.numpy(), want)
         assert (want != w_pw).any()  # the steps are large enough to move weights
+
+
+@given(st.sampled_from([(8, 4, 8, 8, 3, 2, 4), (6, 4, 7, 8, 5, 1, 3), (8, 8, 4, 4, 3, 1, 8), (4, 3, 6, 6, 3, 2, 1), (4, 4, 5, 4, 7, 2, 2)]),
+       st.integers(0, 2**31), st.sampled_from(VARIANTS), st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, variant, wide):
+    """With ``recompute`` the kernel takes the biases and requantization of the expansion and the depthwise conv
+    instead of their clamp masks, and rebuilds each channel's masks from its input ``x``: the same bits as the
+    mask-taking kernel given the masks of the numpy forward (in the optimized variant, through the DSP expansion
+    where the shape fits; with the wide-shift requantization when ``wide``)."""
+    from tvm_tinytrain.ops import dsp
+    from tvm_tinytrain.ops.constants import Requant
+    from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
+    from tvm_tinytrain.quant import quantize_multipliers
+
+    c, cin, h, w, k, stride, tile = shape
+    pad, projection = (k - 1) // 2, 5
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
+    # Rescales below 1/4 take the wide-shift steps (shifts >= 33); above, small weights keep outputs in range.
+    w_max = 128 if wide else 3
+    w_pw, w_dw = (rng.integers(-w_max, w_max, s).astype(np.int8) for s in ((c, cin, 1, 1), (c, 1, k, k)))
+    x_zero = int(rng.integers(-20, 20))
+    convs, rqs = [], []
+    for zero, taps in ((x_zero, cin), (None, k * k)):
+        scale = rng.uniform(0.5, 2.0, c) * 150 / (np.sqrt(taps) * 128 * 74) if wide else rng.uniform(0.3, 1.0, c)
+        mult, shift = quantize_multipliers(scale)
+        rq = Requant(mult, shift, int(rng.integers(-30, 30)), int(rng.integers(-128, -60)), int(rng.integers(60, 128)))
+        rqs.append((rng.integers(-3000, 3000, c).astype(np.int32) if wide else rng.integers(-50, 50, c).astype(np.int32), rq))
+        convs.append({"x_zero": rqs[0][1].y_zero if zero is None else zero, "y_zero": rq.y_zero, "qmin": rq.qmin, "qmax": rq.qmax})
+    (b1, rq1), (b2, rq2) = rqs
+    expanded = reference.requantize(reference.conv2d_acc(x, w_pw, x_zero, 1, 1), b1, rq1)
+    y_dw = reference.requantize(reference.conv2d_acc(expanded, w_dw, rq1.y_zero, stride, c), b2, rq2)
+    masks = [ref.clamp_mask(expanded, rq1.qmin, rq1.qmax), ref.clamp_mask(y_dw, rq2.qmin, rq2.qmax)]
+    for y, rq in ((expanded, rq1), (y_dw, rq2)):  # both kinds of bits (almost always), or the test could not tell
+        assume(((y > rq.qmin) & (y < rq.qmax)).any() and ((y <= rq.qmin) | (y >= rq.qmax)).any())
+    g_out = rng.normal(size=(1, projection, ho, wo)).astype(np.float32)
+    w_proj = rng.integers(-128, 128, (projection, c, 1, 1)).astype(np.int8)
+    s_proj, s_dw, s_pw = (rng.uniform(1e-3, 1e-2, n).astype(np.float32) for n in (projection, c, c))
+    b_scale_dw, b_scale, w_scale = (rng.uniform(1, 100, c).astype(np.float32) for _ in range(3))
+    lr = np.array([1.0], np.float32)  # steps large enough to move the small weights
+    wide_flags = tuple(wide and int(rq.shift.min()) >= 33 for _, rq in rqs)
+    assert wide_flags == (wide, wide)
+    with kernel_variant(variant):
+        kernels = [depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero, tile, projection, None, recompute)
+                   for recompute in (None, (*convs, *wide_flags))]
+    inputs = [[w_pw, g_out, w_proj, s_proj, masks[1], b_scale_dw, w_dw, s_dw, masks[0], b_scale, s_pw, x, w_scale, lr],
+              [w_pw, g_out, w_proj, s_proj, b_scale_dw, w_dw, s_dw, b_scale, s_pw, x, w_scale, lr, b1, rq1.mult, rq1.shift, b2,
+               rq2.mult, rq2.shift]]
+    results = []
+    for kernel, args in zip(kernels, inputs):
+        fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})), target="llvm")
+        outs = [tvm.runtime.empty(s, d) for s, d in ((w_pw.shape, "int8"), ([1, cin, h, w], "float32"), ([c], "float32"), ([c], "float32"))]
+        fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], *outs)
+        results.append([o.numpy() for o in outs])
+    for want, got in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    assert (results[0][0] != w_pw).any()
+
+
+@given(st.sampled_from([(6, 5, 4, 4), (8, 3, 3, 5), (1, 1, 1, 1), (12, 8, 2, 8)]), st.integers(0, 2**31))
+@SETTINGS
+def test_projection_bias_grad_is_the_separate_kernels(shape, seed):
+    """A 1x1 projection's input gradient -> the clamp mask of the conv it reads -> that conv's bias gradient, one plane
+    at a time: the numpy reference's three kernels, bit for bit."""
+    from tvm_tinytrain.ops.tir_backward import projection_bias_grad
+
+    c, projection, h, w = shape
+    rng = np.random.default_rng(seed)
+    g_out = rng.normal(size=(1, projection, h, w)).astype(np.float32)
+    w_proj = rng.integers(-128, 128, (projection, c, 1, 1)).astype(np.int8)
+    s_proj = rng.uniform(1e-3, 1e-2, projection).astype(np.float32)
+    mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
+    b_scale = rng.uniform(1, 100, c).astype(np.float32)
+    fn = tvm.compile(tvm.IRModule({"main": projection_bias_grad(c, projection, h, w).with_attr("global_symbol", "main")}), target="llvm")
+    got = tvm.runtime.empty([c], "float32")
+    fn(*[tvm.runtime.tensor(a) for a in (g_out, w_proj, s_proj, mask, b_scale)], got)
+    want = ref.bias_grad(ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, h, w), 1, 1), mask), b_scale)
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 @pytest.mark.parametrize("out_channels, fits", [(8, True), (300, False)])

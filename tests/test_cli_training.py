@@ -47,6 +47,16 @@ def test_memory_with_the_trained_expansion_fused(capsys):
     assert plain["peak_op"]["node"] == "block4.dw" and fused["peak_sram_bytes"] < plain["peak_sram_bytes"]
 
 
+def test_memory_with_the_masks_recomputed(capsys, tmp_path):
+    """The pass option recompute_masks (on by default) drops the clamp masks of block 4, whose expansion is trained
+    whole; --no-recompute-masks keeps them, for more memory at the peak."""
+    scheme = tmp_path / "expansion.json"
+    scheme.write_text(json.dumps({"n_bias_update": 6, "weight_idx": [10], "weight_ratio": [1.0]}))
+    recomputed, stored = _memory_with_and_without(capsys, str(scheme), "--no-recompute-masks")
+    assert recomputed["peak_sram_bytes"] < stored["peak_sram_bytes"]
+    assert recomputed["peak_op"]["mask"] < stored["peak_op"]["mask"]
+
+
 def test_memory_with_the_frozen_layers_streamed(capsys):
     """The pass option stream_layers (on by default) runs the default model's frozen first blocks row by row in
     bias-only:4, whose peak without it (--no-stream-layers) is block 1's expansion + depthwise conv, whole."""

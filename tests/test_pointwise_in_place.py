@@ -17,7 +17,7 @@ from tvm import relax
 from relax_passes import memory_plan
 from relax_passes._buffers import Buffer
 from relax_passes._ir import KernelCall, decode
-from relax_passes.plan_memory import PLACEMENT_ORDERS, _place, assign_offsets, validate_plan
+from relax_passes.plan_memory import PLACEMENT_ORDERS, _place, assign_offsets, live_floor, validate_plan
 from relax_passes.pointwise_in_place import pointwise_in_place
 from tvm_tinytrain.ops import dsp, reference
 from tvm_tinytrain.ops.constants import Requant
@@ -75,6 +75,20 @@ def test_plan_puts_an_output_flush_with_its_operands_end_when_its_start_is_taken
     assert arena == 64 and buffers[2].offset == buffers[1].offset + 16 and buffers[2].in_place(buffers)
     assert plan(False, largest_first)[0] == 80
     assert plan(False, assign_offsets)[0] == plan(True, assign_offsets)[0] == 64
+
+
+def test_placement_search_reaches_the_bytes_alive_at_once_where_the_greedy_orders_do_not():
+    """Six lifetimes on which every greedy order leaves a 16-byte gap (144 bytes) although 128 are alive at most:
+    the local search over orders finds a 128-byte placement, which the validator accepts, and stops there."""
+    def buffers():
+        return [Buffer(n, size, start, end, "activation") for n, size, start, end in
+                (("b0", 64, 0, 3), ("b1", 32, 4, 4), ("b2", 48, 3, 6), ("b3", 16, 5, 6), ("b4", 48, 4, 7), ("b5", 48, 0, 1))]
+
+    assert {_place(buffers(), 16, key) for key in PLACEMENT_ORDERS.values()} == {144}
+    assert assign_offsets(buffers(), 16) == 144  # no search steps: the greedy orders alone
+    searched = buffers()
+    assert live_floor(searched) == 128 and assign_offsets(searched, 16, search_steps=2000) == 128
+    validate_plan(searched)
 
 
 @pytest.mark.parametrize("scheme, kernels", [("bias-only:6", "reference"), ("bias-only:2", "optimized")])

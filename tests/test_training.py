@@ -390,16 +390,7 @@ def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
         gone = {expansion: ("apply_mask", "bias_grad", "conv2d_input_grad", "conv2d_weight_grad_sgd"),
                 dw: ("conv2d_input_grad", *(("apply_mask", "bias_grad") if front else ())), **{p: ("conv2d_input_grad",) for p in front}}
         assert not [c for c in calls if c.op in gone.get(c.node, ())]
-    ups = layer_updates(parse_scheme(scheme, model), model)
-    rng = np.random.default_rng(3)
-    for step in range(2):
-        x, label = rng.integers(-128, 128, (1, 3, 32, 32)).astype(np.int8), int(rng.integers(0, 5))
-        current = trainer.weights()
-        trainer.step(x, label)
-        ref = train_step(_with_weights(model, current), current["classifier_weight"], current["classifier_bias"], x,
-                         np.array([label], np.int32), 0.05, ups)
-        for name in ref.params:
-            np.testing.assert_array_equal(trainer.weights()[name], ref.params[name], err_msg=f"step {step}: {name}")
+    _assert_steps_match_reference(trainer, model, scheme)
     mod, _ = build_relax(model)
     with kernel_variant(kernels):  # the same kernels' workspaces on both sides
         unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate(scheme), ReorderUpdates(), FuseConvRequant(),
@@ -409,3 +400,72 @@ def test_depthwise_backward_is_fused_with_the_expansion(scheme, kernels):
     if op == "depthwise_block_backward_sgd":  # an option, on by default: without it the expansion keeps its own kernels
         with pass_config(fuse_trained_expansion=False):
             assert not [c for c in _step_calls(build_training_module(model, scheme, num_classes=5)) if c.op == op]
+
+
+def _assert_steps_match_reference(trainer, model, scheme, steps: int = 2) -> None:
+    """``steps`` training steps of ``trainer`` on random images equal the numpy reference's, weight for weight."""
+    ups = layer_updates(parse_scheme(scheme, model), model)
+    rng = np.random.default_rng(3)
+    for step in range(steps):
+        x, label = rng.integers(-128, 128, (1, 3, 32, 32)).astype(np.int8), int(rng.integers(0, 5))
+        current = trainer.weights()
+        trainer.step(x, label)
+        ref = train_step(_with_weights(model, current), current["classifier_weight"], current["classifier_bias"], x,
+                         np.array([label], np.int32), 0.05, ups)
+        for name in ref.params:
+            np.testing.assert_array_equal(trainer.weights()[name], ref.params[name], err_msg=f"step {step}: {name}")
+
+
+STOPPING_BLOCKS = {  # scheme -> (op, node, fused kernel's outputs): where the backward stops inside block 4
+    "bias-only:2": ("projection_bias_grad", "block4.project", 1),  # at the depthwise bias: the projection's front alone
+    "bias-only:3": ("depthwise_block_backward", "block4.project+block4.dw+block4.expand", 2),  # at the expansion's bias
+}
+
+
+@pytest.mark.parametrize("kernels", ["reference", "optimized"])
+@pytest.mark.parametrize("scheme", list(STOPPING_BLOCKS))
+def test_backward_stopping_in_a_block_has_no_input_gradient_tensor(scheme, kernels):
+    """Where the backward stops at a bias inside an inverted block, the fused kernels give that bias gradient (and
+    the depthwise one) without the tensors of the expanded width: no input gradient kernel is left in the step, the
+    step equals the numpy reference, and its peak is lower than with the separate kernels."""
+    from tvm_tinytrain.default_model import load_default_model
+
+    model = load_default_model()
+    op, node, outputs = STOPPING_BLOCKS[scheme]
+    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    calls = _step_calls(trainer.mod)
+    fused = [c for c in calls if c.op == op]
+    assert [c.node for c in fused] == [node]
+    assert len(fused[0].var.ty.fields if isinstance(fused[0].var.ty, tvm.relax.TupleType) else [fused[0].var.ty]) == outputs
+    assert not [c for c in calls if c.op == "conv2d_input_grad" or (c.op == "apply_mask" and c.node in ("block4.dw", "block4.expand"))]
+    _assert_steps_match_reference(trainer, model, scheme)
+    mod, _ = build_relax(model)
+    with kernel_variant(kernels):
+        unfused = tvm.transform.Sequential([AppendLoss(5), QuantizedGradient(), SparseUpdate(scheme), ReorderUpdates(), FuseConvRequant(),
+                                            DepthwiseInPlace(), PlanMemory()])(mod)
+    assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(unfused).peak_live_bytes
+
+
+@pytest.mark.parametrize("kernels", ["reference", "optimized"])
+def test_trained_expansion_recomputes_its_block_masks(kernels, tmp_path):
+    """Block 4's expansion trained whole behind a frozen depthwise conv, and the biases from block 3's expansion on: the
+    block's fused backward
+    recomputes the two clamp masks from the saved block input instead of reading them, so the forward keeps no mask of
+    block 4's expansion or depthwise conv and fuses them (FuseExpandDepthwise); the step equals the numpy reference, and
+    needs less memory than with ``recompute_masks=False``, which keeps the masks."""
+    from tvm_tinytrain.default_model import load_default_model
+
+    model = load_default_model()
+    scheme = tmp_path / "expansion.json"
+    scheme.write_text(json.dumps({"n_bias_update": 6, "weight_idx": [10], "weight_ratio": [1.0]}))
+    scheme = str(scheme)
+    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    calls = _step_calls(trainer.mod)
+    assert [c.node for c in calls if c.op == "depthwise_block_backward_sgd"] == ["block4.project+block4.dw+block4.expand"]
+    assert not [c for c in calls if c.op == "clamp_mask" and c.node in ("block4.expand", "block4.dw")]
+    assert "block4.expand+block4.dw" in [c.node for c in calls if c.op == "expand_depthwise"]
+    _assert_steps_match_reference(trainer, model, scheme)
+    with pass_config(recompute_masks=False):
+        kept = build_training_module(model, scheme, num_classes=5, kernels=kernels)
+    assert [c.node for c in _step_calls(kept) if c.op == "clamp_mask" and c.node.startswith("block4.")][:2] == ["block4.expand", "block4.dw"]
+    assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(kept).peak_live_bytes

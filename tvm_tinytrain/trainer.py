@@ -54,7 +54,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         seq = tvm.transform.Sequential([
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
-            FuseConvRequant(), StreamInputRows(), FuseExpandDepthwise(), FuseWeightUpdate(), FuseDepthwiseBackward(), DepthwiseInPlace(),
+            FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(), FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(),
             PointwiseInPlace(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])

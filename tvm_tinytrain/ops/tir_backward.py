@@ -13,13 +13,83 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from tvm import tirx
+
 from ..errors import TinyTrainError
+from . import tir_depthwise, tir_expand_depthwise
+from .schedule import current_variant
 from .te_backward import int8_step, static_index
+from .te_kernels import requantize_value
+
+
+def _bit(mask, index):
+    """Bit ``index`` of a packed clamp mask (LSB first), as a condition."""
+    return T.bitwise_and(T.shift_right(mask[index // 8], T.Cast("uint8", index % 8)), T.uint8(1)) != T.uint8(0)
+
+
+def _unsaturated(v, conv: dict):
+    """The clamp mask's condition on an int8 output ``v`` of ``conv``: strictly inside ``(qmin, qmax)``."""
+    return tirx.all(v > T.int8(conv["qmin"]), v < T.int8(conv["qmax"]))
+
+
+def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None = None):
+    """A macro ``(c, g, w_proj, s_proj, mask, b_scale, g_b, out, border, y)``: channel ``c`` of a 1x1 projection's input
+    gradient (:func:`.te_backward.conv2d_input_grad`: the sum over the ``projection`` output channels of ``g``, in
+    increasing order), masked by the clamp of the conv it reads, into ``out`` inside a border of ``border``, and that
+    conv's bias gradient ``g_b[c] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).  The mask is bit-packed
+    ``mask``, or, with ``recomputed`` (that conv's quantization), the int8 outputs ``y[0, 0]`` of channel ``c``."""
+    px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
+    recompute = recomputed is not None
+
+    @T.macro
+    def front(c, g, w_proj, s_proj, mask, b_scale, g_b, out, border, y):
+        proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
+        proj_acc = T.alloc_buffer((px,), "float32", scope="global")
+        for o in range(projection):
+            proj_real[o] = T.Cast("float32", w_proj[o, c, 0, 0]) * s_proj[o]
+        for i, jq in T.grid(ho, wo // px):
+            for u in T.unroll(px):
+                proj_acc[u] = T.float32(0.0)
+            for o in range(projection):
+                for u in T.unroll(px):
+                    proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
+            for u in T.unroll(px):
+                if recompute:
+                    out[i + border, jq * px + u + border] = T.Select(_unsaturated(y[0, 0, i, jq * px + u], recomputed), proj_acc[u],
+                                                                     T.float32(0.0))
+                else:
+                    out[i + border, jq * px + u + border] = T.Select(_bit(mask, (c * ho + i) * wo + jq * px + u), proj_acc[u],
+                                                                     T.float32(0.0))
+        g_b[c] = T.float32(0.0)
+        for i, j in T.grid(ho, wo):
+            g_b[c] = g_b[c] + out[i + border, j + border]
+        g_b[c] = b_scale[c] * g_b[c]
+
+    return front
+
+
+def projection_bias_grad(channels: int, projection: int, h: int, w: int):
+    """PrimFunc ``(g_out, w_proj, s_proj, mask, b_scale) -> g_b``: the bias gradient of a conv of ``channels`` outputs
+    ``h x w`` read by a 1x1 projection of ``projection`` outputs, through the conv's clamp ``mask``, from the
+    projection's output gradient: input gradient -> mask -> bias gradient, one channel plane at a time, where the
+    backward stops after that bias (the plane of the projection's input gradient is the only workspace)."""
+    front = projection_front(projection, h, w)
+
+    @T.prim_func(private=True)
+    def kernel(g_out: T.Buffer((1, projection, h, w), "float32"), w_proj: T.Buffer((projection, channels, 1, 1), "int8"),
+               s_proj: T.Buffer((projection,), "float32"), mask: T.Buffer(((channels * h * w + 7) // 8,), "uint8"),
+               b_scale: T.Buffer((channels,), "float32"), g_b: T.Buffer((channels,), "float32")):
+        plane = T.alloc_buffer((h, w), "float32", scope="global")
+        for c in range(channels):
+            front(c, g_out, w_proj, s_proj, mask, b_scale, g_b, plane, 0, None)
+
+    return kernel
 
 
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
                              trained_x_zero: int | None = None, tile: int = 1, projection: int | None = None,
-                             merged: tuple[int, ...] | None = None):
+                             merged: tuple[int, ...] | None = None, recompute: tuple[dict, dict, bool, bool] | None = None,
+                             input_grad: bool = True):
     """PrimFunc ``(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_x, g_b)`` for one depthwise conv of
     ``channels`` planes ``h x w -> ho x wo`` (kernel ``k``, ``stride``, padding ``(k-1)//2``) whose input is a 1x1 conv
     of ``in_channels``.  ``mask`` is the expansion's packed clamp mask; ``g_b = b_scale * sum(masked gradient)``
@@ -35,7 +105,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     sums are those of the separate kernels.
 
     With ``trained_x_zero`` (the zero point of the expansion's input) the expansion's weight is trained too:
-    ``(w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr) -> (g_x, g_b, w_new)`` also applies its SGD step
+    ``(w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr) -> (w_new, g_x, g_b)`` also applies its SGD step
     (:func:`.te_backward.conv2d_weight_grad_sgd` over input ``x``).  Its gradient row ``c`` needs masked plane ``c``
     only, so the tile's rows are updated as soon as its planes have added into ``g_x`` with the old rows: ``w_new``
     may be ``w_pw`` itself (in place, as the C step runs it).
@@ -52,9 +122,25 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     merge, :func:`.te_backward.merge_channels`): ``w_pw`` is then the trained slice ``(channels, len(merged))``,
     updated in place from ``x`` holding those input channels, and the frozen whole weight comes as one more input
     after ``lr``; the input gradient reads the merge of the two.
+
+    With ``recompute = (expand, depthwise, wide_expand, wide_depthwise)`` (and ``trained_x_zero``, ``projection``, no
+    ``merged``) the two clamp masks are not inputs: the kernel recomputes them from ``x``, the whole expansion input
+    it has for the weight gradient anyway.  Channel ``c``'s expanded plane and depthwise output are the forward's
+    (the same integer sums and requantization, ``expand`` and ``depthwise`` holding each conv's ``x_zero``,
+    ``y_zero``, ``qmin``, ``qmax``, and the wide flags their :func:`.te_kernels.scale_shift` modes), from the old
+    weight row ``c`` and the biases, which the step updates only after this kernel; ``mask`` and ``mask_dw`` give way
+    to ``(b1, m1, s1, b2, m2, s2)`` after ``lr``, the bias, multiplier and shift of the expansion and the depthwise
+    conv.
+
+    Without ``input_grad`` (the block where the backward stops) there is no ``g_x``, nor the expansion's ``s_pw``,
+    and an untrained expansion's ``w_pw``; a trained slice is then just the weight (give no ``merged``).
     """
-    if merged is not None and trained_x_zero is None:
-        raise TinyTrainError("depthwise_block_backward: a merged expansion weight is a trained one (give trained_x_zero)")
+    if merged is not None and (trained_x_zero is None or not input_grad):
+        raise TinyTrainError("depthwise_block_backward: a merged expansion weight is a trained one read by the input "
+                             "gradient (give trained_x_zero and input_grad)")
+    if recompute is not None and (trained_x_zero is None or projection is None or merged is not None):
+        raise TinyTrainError("depthwise_block_backward: recomputing the masks needs a wholly trained expansion and the "
+                             "projection's front (trained_x_zero, projection, no merged)")
     if tile < 1 or channels % tile:
         raise TinyTrainError(f"depthwise_block_backward: tile {tile} does not divide {channels} channels")
     pad = (k - 1) // 2
@@ -62,7 +148,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     rows, cols = (h - 1 + pad) // stride + taps, (w - 1 + pad) // stride + taps
     mask_bytes = (channels * h * w + 7) // 8
     mask_dw_bytes = (channels * ho * wo + 7) // 8
-    px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
+    proj = projection or 1
     pair = 2 if in_channels % 2 == 0 else 1  # expansion input channels taken together: each plane load serves both
     n_w = in_channels if merged is None else len(merged)  # input channels of the trained weight, and of x
     pair_w = 2 if n_w % 2 == 0 else 1
@@ -70,47 +156,69 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     for j, ch in enumerate(merged or range(in_channels)):
         slot[ch] = j
     tap_loop = T.unroll if stride == 1 else T.serial  # stride 1: k taps a row, a constant
+    expand_q, dw_q, wide_expand, wide_dw = recompute or ({}, {}, False, False)
+    # The optimized variant recomputes the expanded plane on the DSP instructions where their shape allows.
+    dsp_expand = recompute is not None and current_variant() == "optimized" and tir_expand_depthwise.fits(in_channels, 1, w)
+    expand_channel = tir_expand_depthwise.expansion_plane(in_channels, h, w, pad, expand_q, wide_expand) if dsp_expand else None
+    dw_channel = tir_depthwise.plane_conv(k, stride, ho, wo, dw_q, wide_dw) if recompute else None
+    recompute_masks = recompute is not None
+    plane_shape, dw_y_shape = ((h + 2 * pad, w + 2 * pad), (1, 1, ho, wo)) if recompute_masks else ((1, 1), (1, 1, 1, 1))
+
+    front = projection_front(projection or 1, ho, wo, dw_q if recompute_masks else None)
+
+    @T.macro
+    def recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
+        """Channel ``c``'s expanded plane (inside the depthwise zero border) and depthwise output, as the forward."""
+        if dsp_expand:
+            pixels = T.decl_buffer((in_channels * h * w,), "int8", data=x.data)
+            weight_rows = T.decl_buffer((channels * in_channels,), "int8", data=w_pw.data)
+            expand_channel(pixels, weight_rows, b1, m1, s1, c, r_start, r_pairs, r_lanes, r_params, r_acc, plane)
+        else:
+            for y, xx in T.grid(h, w):
+                r_acc[0] = 0
+                for i in range(in_channels):
+                    r_acc[0] = r_acc[0] + (T.Cast("int32", x[0, i, y, xx]) - trained_x_zero) * T.Cast("int32", w_pw[c, i, 0, 0])
+                plane[y + pad, xx + pad] = requantize_value(r_acc[0], b1[c], m1[c], s1[c], expand_q["y_zero"], expand_q["qmin"],
+                                                            expand_q["qmax"], wide_expand)
+        dw_channel(plane, w_dw, b2, m2, s2, c, r_start, r_params, r_acc, dw_y, 0)
 
     @T.macro
     def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
-                       b_scale_dw, g_b_dw, frozen):
+                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2):
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
         pw_real = T.alloc_buffer((pair, tile), "float32", scope="global")  # the pair's real expansion weights in the tile
         acc = T.alloc_buffer((pair_w, tile), "float32", scope="global")
         two = T.alloc_buffer((max(pair, pair_w),), "float32", scope="global")  # elements of g_x, or input values
-        for ci, y, xx in T.grid(in_channels, h, w):
-            g_x[0, ci, y, xx] = T.float32(0.0)
+        # Recomputed masks: channel c's expanded plane in the depthwise zero border, and its depthwise output.
+        plane = T.alloc_buffer(plane_shape, "int8", scope="global")
+        dw_y = T.alloc_buffer(dw_y_shape, "int8", scope="global")
+        r_acc = T.alloc_buffer((4,), "int32", scope="global")
+        r_start = T.alloc_buffer((1,), "int32", scope="global")
+        r_params = T.alloc_buffer((3,), "int32", scope="global")
+        r_pairs = T.alloc_buffer((2,), "int32", scope="global")
+        r_lanes = T.alloc_buffer((4,), "int32", scope="global")
+        if input_grad:
+            for ci, y, xx in T.grid(in_channels, h, w):
+                g_x[0, ci, y, xx] = T.float32(0.0)
         for i, j in T.grid(rows, cols):  # the border; each channel overwrites the inside
             g_pad[i, j] = T.float32(0.0)
+        if recompute_masks:
+            for i, j in T.grid(h + 2 * pad, w + 2 * pad):
+                plane[i, j] = T.int8(dw_q["x_zero"])
         for c0 in range(channels // tile):
             for t in range(tile):  # the depthwise input gradient of channel c, masked by the expansion's clamp
+                if recompute_masks:
+                    recompute_channel(c0 * tile + t, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params,
+                                      r_pairs, r_lanes)
                 for rh, rw in T.grid(k, k):
                     dw_real[rh, rw] = T.Cast("float32", w_dw[c0 * tile + t, 0, rh, rw]) * s_dw[c0 * tile + t]
                 if projection is None:
                     for i, j in T.grid(ho, wo):
                         g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
                 else:  # g is the projection's output gradient: channel c's input gradient, masked by the depthwise clamp
-                    proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
-                    proj_acc = T.alloc_buffer((px,), "float32", scope="global")
-                    for o in range(projection):
-                        proj_real[o] = T.Cast("float32", w_proj[o, c0 * tile + t, 0, 0]) * s_proj[o]
-                    for i, jq in T.grid(ho, wo // px):
-                        for u in T.unroll(px):
-                            proj_acc[u] = T.float32(0.0)
-                        for o in range(projection):
-                            for u in T.unroll(px):
-                                proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
-                        for u in T.unroll(px):
-                            g_pad[i + taps - 1, jq * px + u + taps - 1] = T.Select(
-                                T.bitwise_and(T.shift_right(mask_dw[(((c0 * tile + t) * ho + i) * wo + jq * px + u) // 8],
-                                                            T.Cast("uint8", (((c0 * tile + t) * ho + i) * wo + jq * px + u) % 8)), T.uint8(1))
-                                != T.uint8(0), proj_acc[u], T.float32(0.0))
-                    g_b_dw[c0 * tile + t] = T.float32(0.0)
-                    for i, j in T.grid(ho, wo):
-                        g_b_dw[c0 * tile + t] = g_b_dw[c0 * tile + t] + g_pad[i + taps - 1, j + taps - 1]
-                    g_b_dw[c0 * tile + t] = b_scale_dw[c0 * tile + t] * g_b_dw[c0 * tile + t]
+                    front(c0 * tile + t, g, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, g_pad, taps - 1, dw_y)
                 for y, xx in T.grid(h, w):
                     planes[t, y, xx] = T.float32(0.0)
                     # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
@@ -120,30 +228,31 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                             planes[t, y, xx] = planes[t, y, xx] + (
                                 g_pad[(y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
                                 * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
-                    planes[t, y, xx] = T.Select(
-                        T.bitwise_and(T.shift_right(mask[(((c0 * tile + t) * h + y) * w + xx) // 8],
-                                                    T.Cast("uint8", (((c0 * tile + t) * h + y) * w + xx) % 8)), T.uint8(1))
-                        != T.uint8(0), planes[t, y, xx], T.float32(0.0))
+                    if recompute_masks:
+                        planes[t, y, xx] = T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), planes[t, y, xx], T.float32(0.0))
+                    else:
+                        planes[t, y, xx] = T.Select(_bit(mask, ((c0 * tile + t) * h + y) * w + xx), planes[t, y, xx], T.float32(0.0))
                 g_b[c0 * tile + t] = T.float32(0.0)
                 for y, xx in T.grid(h, w):
                     g_b[c0 * tile + t] = g_b[c0 * tile + t] + planes[t, y, xx]
                 g_b[c0 * tile + t] = b_scale[c0 * tile + t] * g_b[c0 * tile + t]
-            for ci2 in range(in_channels // pair):
-                for s, t in T.grid(pair, tile):
-                    if merged is None:
-                        pw_real[s, t] = T.Cast("float32", w_pw[c0 * tile + t, ci2 * pair + s, 0, 0]) * s_pw[c0 * tile + t]
-                    else:  # the merge: the trained slice's column where the channel has one, else the frozen weight (lazy)
-                        pw_real[s, t] = T.Cast("float32", T.if_then_else(
-                            static_index(ci2 * pair + s, slot) >= 0, w_pw[c0 * tile + t, static_index(ci2 * pair + s, slot), 0, 0],
-                            frozen[c0 * tile + t, ci2 * pair + s, 0, 0])) * s_pw[c0 * tile + t]
-                for y, xx in T.grid(h, w):
-                    for s in T.unroll(pair):
-                        two[s] = g_x[0, ci2 * pair + s, y, xx]
-                    for t in T.unroll(tile):
+            if input_grad:
+                for ci2 in range(in_channels // pair):
+                    for s, t in T.grid(pair, tile):
+                        if merged is None:
+                            pw_real[s, t] = T.Cast("float32", w_pw[c0 * tile + t, ci2 * pair + s, 0, 0]) * s_pw[c0 * tile + t]
+                        else:  # the merge: the trained slice's column where the channel has one, else the frozen weight (lazy)
+                            pw_real[s, t] = T.Cast("float32", T.if_then_else(
+                                static_index(ci2 * pair + s, slot) >= 0, w_pw[c0 * tile + t, static_index(ci2 * pair + s, slot), 0, 0],
+                                frozen[c0 * tile + t, ci2 * pair + s, 0, 0])) * s_pw[c0 * tile + t]
+                    for y, xx in T.grid(h, w):
                         for s in T.unroll(pair):
-                            two[s] = two[s] + planes[t, y, xx] * pw_real[s, t]
-                    for s in T.unroll(pair):
-                        g_x[0, ci2 * pair + s, y, xx] = two[s]
+                            two[s] = g_x[0, ci2 * pair + s, y, xx]
+                        for t in T.unroll(tile):
+                            for s in T.unroll(pair):
+                                two[s] = two[s] + planes[t, y, xx] * pw_real[s, t]
+                        for s in T.unroll(pair):
+                            g_x[0, ci2 * pair + s, y, xx] = two[s]
             if trained_x_zero is not None:  # the tile's weight rows, after g_x has read their old values
                 for j2 in range(n_w // pair_w):
                     for s in T.unroll(pair_w):
@@ -160,88 +269,39 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                             w_new[c0 * tile + t, j2 * pair_w + s, 0, 0] = int8_step(w_pw[c0 * tile + t, j2 * pair_w + s, 0, 0], lr,
                                                                                    w_scale[c0 * tile + t] * acc[s, t])
 
-    # One PrimFunc per signature: the buffers of the projection's front replace ``g`` and add ``g_b_dw``; a merged
-    # expansion adds its frozen weight.
-    if trained_x_zero is not None and projection is not None and merged is not None:
-        @T.prim_func(private=True)
-        def merged_from_projection(
-                w_pw: T.Buffer((channels, n_w, 1, 1), "int8"), g_out: T.Buffer((1, projection, ho, wo), "float32"),
-                w_proj: T.Buffer((projection, channels, 1, 1), "int8"), s_proj: T.Buffer((projection,), "float32"),
-                mask_dw: T.Buffer((mask_dw_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
-                w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"),
-                b_scale: T.Buffer((channels,), "float32"), s_pw: T.Buffer((channels,), "float32"),
-                x: T.Buffer((1, n_w, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
-                frozen: T.Buffer((channels, in_channels, 1, 1), "int8"),
-                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-                w_new: T.Buffer((channels, n_w, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
-            block_backward(g_out, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
-                           b_scale_dw, g_b_dw, frozen)
-
-        return merged_from_projection
-
-    if trained_x_zero is not None and merged is not None:
-        @T.prim_func(private=True)
-        def trained_merged(w_pw: T.Buffer((channels, n_w, 1, 1), "int8"), g: T.Buffer((1, channels, ho, wo), "float32"),
-                           w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"),
-                           mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
-                           s_pw: T.Buffer((channels,), "float32"), x: T.Buffer((1, n_w, h, w), "int8"),
-                           w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
-                           frozen: T.Buffer((channels, in_channels, 1, 1), "int8"),
-                           g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-                           w_new: T.Buffer((channels, n_w, 1, 1), "int8")):
-            block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, None, None, None, None, None,
-                           frozen)
-
-        return trained_merged
-
-    if trained_x_zero is not None and projection is not None:
-        @T.prim_func(private=True)
-        def trained_from_projection(
-                w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), g_out: T.Buffer((1, projection, ho, wo), "float32"),
-                w_proj: T.Buffer((projection, channels, 1, 1), "int8"), s_proj: T.Buffer((projection,), "float32"),
-                mask_dw: T.Buffer((mask_dw_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
-                w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"),
-                b_scale: T.Buffer((channels,), "float32"), s_pw: T.Buffer((channels,), "float32"),
-                x: T.Buffer((1, in_channels, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
-                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-                w_new: T.Buffer((channels, in_channels, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
-            block_backward(g_out, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
-                           b_scale_dw, g_b_dw, None)
-
-        return trained_from_projection
-
-    if projection is not None:
-        @T.prim_func(private=True)
-        def from_projection(
-                g_out: T.Buffer((1, projection, ho, wo), "float32"), w_proj: T.Buffer((projection, channels, 1, 1), "int8"),
-                s_proj: T.Buffer((projection,), "float32"), mask_dw: T.Buffer((mask_dw_bytes,), "uint8"),
-                b_scale_dw: T.Buffer((channels,), "float32"), w_dw: T.Buffer((channels, 1, k, k), "int8"),
-                s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
-                w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
-                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-                g_b_dw: T.Buffer((channels,), "float32")):
-            block_backward(g_out, w_dw, s_dw, mask, b_scale, w_pw, s_pw, None, None, None, g_x, g_b, None, w_proj, s_proj, mask_dw,
-                           b_scale_dw, g_b_dw, None)
-
-        return from_projection
-
-    if trained_x_zero is not None:
-        @T.prim_func(private=True)
-        def trained(w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), g: T.Buffer((1, channels, ho, wo), "float32"),
-                    w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"),
-                    b_scale: T.Buffer((channels,), "float32"), s_pw: T.Buffer((channels,), "float32"),
-                    x: T.Buffer((1, in_channels, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
-                    g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-                    w_new: T.Buffer((channels, in_channels, 1, 1), "int8")):
-            block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, None, None, None, None, None, None)
-
-        return trained
-
+    # Every buffer any form reads or writes; each form keeps its own in its own order (``_signature``).
     @T.prim_func(private=True)
-    def kernel(g: T.Buffer((1, channels, ho, wo), "float32"), w_dw: T.Buffer((channels, 1, k, k), "int8"),
-               s_dw: T.Buffer((channels,), "float32"), mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
-               w_pw: T.Buffer((channels, in_channels, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
-               g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32")):
-        block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, None, None, None, g_x, g_b, None, None, None, None, None, None, None)
+    def kernel(g: T.Buffer((1, channels if projection is None else projection, ho, wo), "float32"),
+               w_proj: T.Buffer((proj, channels, 1, 1), "int8"), s_proj: T.Buffer((proj,), "float32"),
+               mask_dw: T.Buffer((mask_dw_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
+               w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"),
+               mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
+               w_pw: T.Buffer((channels, n_w, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
+               x: T.Buffer((1, n_w, h, w), "int8"), w_scale: T.Buffer((channels,), "float32"), lr: T.Buffer((1,), "float32"),
+               frozen: T.Buffer((channels, in_channels, 1, 1), "int8"),
+               b1: T.Buffer((channels,), "int32"), m1: T.Buffer((channels,), "int32"), s1: T.Buffer((channels,), "int32"),
+               b2: T.Buffer((channels,), "int32"), m2: T.Buffer((channels,), "int32"), s2: T.Buffer((channels,), "int32"),
+               g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
+               w_new: T.Buffer((channels, n_w, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
+        block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
+                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2)
 
-    return kernel
+    front = ["g", "w_proj", "s_proj", "mask_dw", "b_scale_dw"] if projection is not None else ["g"]
+    if trained_x_zero is None:
+        inputs = [*front, "w_dw", "s_dw", "mask", "b_scale", "w_pw", "s_pw"]
+    else:  # the weight first, updated in place (the first output too); a merged expansion's frozen weight after lr
+        inputs = ["w_pw", *front, "w_dw", "s_dw", "mask", "b_scale", "s_pw", "x", "w_scale", "lr",
+                  *(["frozen"] if merged is not None else [])]
+    if recompute:
+        inputs = [n for n in inputs if n not in ("mask", "mask_dw")] + ["b1", "m1", "s1", "b2", "m2", "s2"]
+    if not input_grad:
+        inputs = [n for n in inputs if n not in ("s_pw", *(["w_pw"] if trained_x_zero is None else []))]
+    outputs = [*(["w_new"] if trained_x_zero is not None else []), *(["g_x"] if input_grad else []), "g_b",
+               *(["g_b_dw"] if projection is not None else [])]
+    return _signature(kernel, inputs + outputs)
+
+
+def _signature(func: tirx.PrimFunc, names: list[str]) -> tirx.PrimFunc:
+    """``func`` with only the buffer parameters ``names``, in that order (the body must not touch the others)."""
+    by_name = {p.name: p for p in func.params}
+    return tirx.PrimFunc([by_name[n] for n in names], func.body, func.ret_type, func.attrs)

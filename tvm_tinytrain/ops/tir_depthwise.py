@@ -38,12 +38,13 @@ def copy_channel_params(params, b, m, s, c):
 
 
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
-    """A macro ``(plane, w, b, m, s, c, start, params, acc, y)``: output channel ``c`` of the conv over ``plane``
-    (padded; ``start``, ``params``, ``acc``: the caller's local scratch arrays of 1, 3 and 4 int32)."""
+    """A macro ``(plane, w, b, m, s, c, start, params, acc, y, yc)``: output channel ``c`` of the conv over ``plane``
+    (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch arrays of 1,
+    3 and 4 int32)."""
     tile = tile_width(wo)
 
     @T.macro
-    def conv_channel(plane, w, b, m, s, c, start, params, acc, y):
+    def conv_channel(plane, w, b, m, s, c, start, params, acc, y, yc):
         copy_channel_params(params, b, m, s, c)
         start[0] = 0
         for kh, kw in T.grid(k, k):
@@ -56,7 +57,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
                     for t in T.unroll(tile):
                         acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w[c, 0, kh, kw])
             for t in T.unroll(tile):
-                y[0, c, oh, q * tile + t] = requantized(acc[t], params, conv, wide_shift)
+                y[0, yc, oh, q * tile + t] = requantized(acc[t], params, conv, wide_shift)
 
     return conv_channel
 
@@ -82,6 +83,6 @@ def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, c
         for c in range(channels):
             for i, j in T.grid(h, w):
                 plane[i + pad_h, j + pad] = x[0, c, i, j]
-            conv_channel(plane, wt, bias, mult, shift, c, start, params, acc, y)
+            conv_channel(plane, wt, bias, mult, shift, c, start, params, acc, y, c)
 
     return kernel
