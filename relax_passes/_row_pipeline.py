@@ -8,7 +8,12 @@ whole, the others never exist whole).  Each intermediate output lives in a
 all channels of one row (``[channels][width]``, the layout of a band kernel's
 ``(1, C, 1, W)`` output, so a stage writes its row straight into its slot and
 a 1-row window is a slot).  A k-row window is gathered into the pipeline's
-``window`` buffer, one for all stages since one stage runs at a time.
+``window`` buffer, one for all stages since one stage runs at a time; a
+depthwise conv's, whose output channels each read one input channel, a few
+channels at a time (:func:`channel_group`, option ``row_window_bytes``), its
+band kernel called once per group: the window of a wide expanded layer
+(e.g. 9 KB for 48 channels x 3 rows x 64 in MbV2's block 1) is then no larger
+than the first conv's.
 
 The schedule makes one row at a time, always of the last stage that can make
 its next row (its inputs' rows are there) and still has rows to make: a row is
@@ -25,6 +30,8 @@ from dataclasses import dataclass, field
 from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
+
+from .config import option
 
 from ._ir import KernelCall, decode, shape_of
 
@@ -56,6 +63,7 @@ class RowStage:
     call: KernelCall
     inputs: list[RowInput]  # the call's first len(inputs) arguments
     shape: tuple[int, int, int]  # (channels, height, width) of its output
+    group: int  # channels its band kernel takes at a time (a depthwise conv's window is gathered group by group)
     ring_rows: int = 0  # 0: the last stage, whose output is written whole
 
     @property
@@ -68,7 +76,22 @@ class RowStage:
         if inp.source != IMAGE and inp.rows == 1:
             return 0
         _, c, _, w = shape_of(self.call.args[0])
-        return c * inp.rows * w
+        return min(c, self.group) * inp.rows * w
+
+
+def channel_group(call, window_bytes: int) -> int:
+    """Channels a streamed layer's band kernel takes at a time: for a depthwise conv on a window of more than one row,
+    the most that divide its channels and whose window fits ``window_bytes`` (at least one), as each output channel
+    reads its own input channel only; every channel for the other layers.  Recorded as the streamed call's attribute
+    ``channel_group``."""
+    if "channel_group" in call.attrs:
+        return int(call.attrs["channel_group"])
+    c = shape_of(call.var)[1]
+    if not call.op.startswith("conv2d_requant") or call.attrs["groups"] <= 1:
+        return c
+    _, _, k, _ = shape_of(call.args[1])
+    row = k * shape_of(call.args[0])[3]
+    return max((g for g in range(1, c + 1) if c % g == 0 and g * row <= window_bytes), default=1) if k > 1 else c
 
 
 @dataclass
@@ -143,7 +166,7 @@ def _stage(call, index: int, position: dict[relax.Var, int], image) -> RowStage:
             raise TinyTrainError(f"{what} reads {arg.name}, which is neither the image (for the first layer) nor an earlier streamed layer's output")
         inputs.append(RowInput(source, rows, stride, pad, zero))
     _, c, h, w = shape_of(call.var)
-    return RowStage(index, call, inputs, (c, h, w))
+    return RowStage(index, call, inputs, (c, h, w), channel_group(call, int(option("row_window_bytes"))))
 
 
 def pipeline(calls: list[tuple[int, KernelCall]], image, escaping=frozenset()) -> RowPipeline:

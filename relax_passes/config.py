@@ -30,6 +30,7 @@ DEFAULTS = {
     "recompute_masks": True,  # FuseDepthwiseBackward: ... and its block's clamp masks recomputed, not stored (less memory)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
+    "row_window_bytes": 1024,  # StreamInputRows: a streamed depthwise conv gathers its window of rows in channel groups this small
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
 }
 

@@ -13,7 +13,9 @@ output only the chain reads as ``conv2d_requant_rows`` / ``add_int8_rows``.
 Each is the same PrimFunc, so the Relax VM computes the same bits, carrying in
 ``tinytrain.row_kernel`` its *band kernel*: the same layer on one window of
 rows (``(1, C, k, W)``, the rows past the edges holding the input zero point)
-giving one output row ``(1, Co, 1, Wo)``.  The chain stops before the first
+giving one output row ``(1, Co, 1, Wo)``; a depthwise conv's band kernel takes
+a group of its channels (``channel_group`` in the call's attributes, option
+``row_window_bytes``), run once per group.  The chain stops before the first
 layer that is not such a conv or add, and ends where only its last output is
 read after it (a layer whose output the backward reads, for a mask or a saved
 activation, ends it): at the shortest such cut with the least peak of the
@@ -62,7 +64,7 @@ from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import reader_positions, reemit, relax_function_names
 from ._ir import decode, shape_of
-from ._row_pipeline import pipeline
+from ._row_pipeline import channel_group, pipeline
 from .config import option
 from .fuse_conv_requant import conv_requant_func
 
@@ -158,11 +160,17 @@ def _layers_after(calls: list, readers) -> int:
     return most
 
 
-def band_kernel(call) -> tvm.tirx.PrimFunc:
-    """``call`` on one window of rows, giving one output row."""
+def band_kernel(call, group: int) -> tvm.tirx.PrimFunc:
+    """``call`` on one window of rows, giving one output row; a depthwise conv on ``group`` of its channels (the C step
+    calls it once per group, with the group's weights and output)."""
     if call.op == "conv2d_requant":
-        types = [(window_shape(call), "int8"), *[(shape_of(a), str(a.ty.dtype)) for a in call.args[1:]]]
-        return conv_requant_func(call.attrs, types, call.args[-1], pad_h=0)
+        n, c, k, w = window_shape(call)
+        if call.attrs["groups"] > 1 and group < c:  # weights, bias, multiplier and shift of one group
+            attrs, c = {**call.attrs, "groups": group}, group
+            params = [((group, *shape_of(a)[1:]), str(a.ty.dtype)) for a in call.args[1:]]
+        else:
+            attrs, params = call.attrs, [(shape_of(a), str(a.ty.dtype)) for a in call.args[1:]]
+        return conv_requant_func(attrs, [((n, c, k, w), "int8"), *params], call.args[-1], pad_h=0)
     n, c, _, w = shape_of(call.var)
     a, b = (te.placeholder((n, c, 1, w), "int8", f"arg{i}") for i in range(2))
     y = te_kernels.add(a, b, *(call.attrs[k] for k in _ADD_ATTRS))
@@ -172,8 +180,9 @@ def band_kernel(call) -> tvm.tirx.PrimFunc:
 def rows_kernel(mod: tvm.IRModule, call) -> tuple[tvm.tirx.PrimFunc, str]:
     """``call``'s PrimFunc as its streamed op, carrying its band kernel."""
     op = f"{call.op}_rows"
-    attrs = {k: v for k, v in call.attrs.items() if k != "node"}
-    return mod[call.gvar].with_attrs(kernel_attrs(op, call.node, **attrs)).with_attr(ROW_KERNEL, band_kernel(call)), op
+    group = channel_group(call, int(option("row_window_bytes")))
+    attrs = {**{k: v for k, v in call.attrs.items() if k != "node"}, "channel_group": group}
+    return mod[call.gvar].with_attrs(kernel_attrs(op, call.node, **attrs)).with_attr(ROW_KERNEL, band_kernel(call, group)), op
 
 
 @tvm.transform.module_pass(opt_level=0, name="StreamInputRows")

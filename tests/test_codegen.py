@@ -17,7 +17,7 @@ from conftest import make_random_model, paper_model_path
 from test_training import partial_scheme
 from tvm import te
 
-from relax_passes import memory_plan
+from relax_passes import memory_plan, pass_config
 from relax_passes._row_pipeline import row_pipelines
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.codegen import generate, kernels
@@ -157,18 +157,23 @@ def test_float_constants_are_printed_exactly(case):
     assert "2.14748352e+09f" in text and "2.147484e+09f" not in text
 
 
-@pytest.mark.parametrize("size, kernels", [(40, "reference"), (34, "optimized")])
-def test_streamed_layers_match_trainer(tmp_path, size, kernels):
+@pytest.mark.parametrize("size, kernels, window", [(40, "reference", 1 << 20), (34, "optimized", 1 << 20), (40, "optimized", 100),
+                                                   (34, "reference", 100)])
+def test_streamed_layers_match_trainer(tmp_path, size, kernels, window):
     """The streamed layers' C loop (the 16x16 cases above stream the first conv alone: longer chains cost more
     there), also at a size whose rows do not divide evenly (34 -> 17 -> 9): rings, zero-point rows past the edges,
     the residual add and the 5x5 depthwise window give the trainer's bits, under ASan, in train_step and in infer
-    (through the logits)."""
+    (through the logits); with a ``window`` of that many bytes (option ``row_window_bytes``), the depthwise convs'
+    windows are gathered and their kernels called a few channels at a time."""
     model = make_random_model(4, size=size)
-    trainer = Int8Trainer(model, "bias-only:1", num_classes=CLASSES, lr=LR, kernels=kernels)
+    with pass_config(row_window_bytes=window):
+        trainer = Int8Trainer(model, "bias-only:1", num_classes=CLASSES, lr=LR, kernels=kernels)
     meta = generate(trainer.mod, tmp_path / "gen", lr=LR)
     (train_pipe,) = row_pipelines(trainer.mod, trainer.mod["train_step"])
     (infer_pipe,) = row_pipelines(trainer.mod, trainer.mod["infer"])
     assert len(train_pipe.stages) >= 5 and len(infer_pipe.stages) >= len(train_pipe.stages)
+    grouped = [s for s in train_pipe.stages if s.group < s.shape[0]]
+    assert bool(grouped) == (window < 1 << 20) and all(s.group == 1 or s.window_bytes() <= window for s in grouped)
     rng = np.random.default_rng(5)
     images = rng.integers(-128, 128, (2, 3, size, size)).astype(np.int8)
     labels = rng.integers(0, CLASSES, 2).astype(np.int32)

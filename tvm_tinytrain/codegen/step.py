@@ -35,7 +35,7 @@ from tvm import relax
 
 from relax_passes import memory_plan
 from relax_passes._buffers import IN_PLACE_FIELDS, IN_PLACE_OPS, type_bytes
-from relax_passes._ir import decode
+from relax_passes._ir import decode, shape_of
 from relax_passes._row_pipeline import IMAGE, RowPipeline, row_pipelines
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.errors import TinyTrainError
@@ -198,6 +198,10 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
         loc, kernel = locs[j], kernels[j]
         what = f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
         body, tensors = [], []
+        # A depthwise conv whose window is gathered channel group by group: its kernel runs once per group, on that
+        # group's window, weights, bias, multiplier, shift and output channels.
+        grouped = stage.group < stage.shape[0]
+        c0 = "tt_c" if grouped else "0"
         for inp in stage.inputs:
             first = f"tt_row * {inp.stride} - {inp.pad}"
             if inp.source == IMAGE:
@@ -212,14 +216,22 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
                 tensors.append(_arena_at(ring, f"(size_t)(({first}) % {src.ring_rows}) * {src.row_bytes}"))
                 continue
             body.append(f"tinytrain_ring_window({pointer(ring, 'int8', what)}, {src.ring_rows}, {c_in}, {h_in}, {w_in}, "
-                        f"{pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero});")
+                        f"{pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero}, {c0}, {stage.group if grouped else c_in});")
             tensors.append(pointer(window, "int8", what))
         out = pointer(loc["band"], "int8", what) if stage is last else \
             _arena_at(loc["ring"], f"(size_t)(tt_row % {stage.ring_rows}) * {stage.row_bytes}")
         if len(kernel.dtypes) != len(stage.call.args) + 1:
             raise TinyTrainError(f"codegen: {what}: {len(stage.call.args) + 1} buffers for a kernel with {len(kernel.dtypes)} parameters")
-        params = [pointer(a, dt, f"{what} argument {k}") for k, (a, dt) in enumerate(zip(loc["args"], kernel.dtypes)) if k >= len(stage.inputs)]
-        body.append(_render_call(kernel, [*tensors, *params, out], stage.binding, stage.call.var, op_ids[kernel.op]).strip())
+        params = [(pointer(a, dt, f"{what} argument {k}"), arg) for k, (a, dt, arg) in enumerate(zip(loc["args"], kernel.dtypes, stage.call.args))
+                  if k >= len(stage.inputs)]
+        if grouped:  # each parameter and the output row hold their channels' elements one channel after the other
+            params = [(f"({p} + (size_t)tt_c * {int(np.prod(shape_of(arg)[1:]))})", arg) for p, arg in params]
+            out = f"({out} + (size_t)tt_c * {stage.shape[2]})"
+        call = _render_call(kernel, [*tensors, *[p for p, _ in params], out], stage.binding, stage.call.var, op_ids[kernel.op]).strip()
+        body.append(call)
+        if grouped:
+            body = [f"for (int32_t tt_c = 0; tt_c < {stage.shape[0]}; tt_c += {stage.group}) {{",
+                    *["  " + line for text in body for line in text.split("\n")], "}"]
         if stage is last:
             c, h, w = stage.shape
             body.append(f"tinytrain_store_row({pointer(loc['out'], 'int8', what)}, {pointer(loc['band'], 'int8', what)}, tt_row, {c}, {h}, {w});")
@@ -552,18 +564,19 @@ static void tinytrain_store_row(int8_t *out, const int8_t *band, int32_t y, int3
   }
 }
 
-/* Rows first_row .. first_row + rows - 1 of a streamed tensor (row r in ring slot r % slots, a slot being
- * [channels][width]) into window[channel][rows][width]; rows outside the tensor hold the reader's zero point. */
+/* Rows first_row .. first_row + rows - 1 of channels c0 .. c0 + count - 1 of a streamed tensor (row r in ring slot
+ * r % slots, a slot being [channels][width]) into window[count][rows][width]; rows outside the tensor hold the
+ * reader's zero point. */
 static inline void tinytrain_ring_window(const int8_t *ring, int32_t slots, int32_t channels, int32_t height, int32_t width,
-                                         int8_t *window, int32_t first_row, int32_t rows, int8_t zero) {
+                                         int8_t *window, int32_t first_row, int32_t rows, int8_t zero, int32_t c0, int32_t count) {
   for (int32_t r = 0; r < rows; r++) {
     int32_t row = first_row + r;
-    for (int32_t c = 0; c < channels; c++) {
+    for (int32_t c = 0; c < count; c++) {
       int8_t *dst = window + ((size_t)c * rows + r) * width;
       if (row < 0 || row >= height) {
         memset(dst, zero, width);
       } else {
-        memcpy(dst, ring + ((size_t)(row % slots) * channels + c) * width, width);
+        memcpy(dst, ring + ((size_t)(row % slots) * channels + c0 + c) * width, width);
       }
     }
   }
