@@ -70,13 +70,18 @@ class RowStage:
     def row_bytes(self) -> int:
         return self.shape[0] * self.shape[2]
 
+    @property
+    def grouped(self) -> bool:
+        """A depthwise conv whose band kernel runs once per channel group (input channel = output channel)."""
+        return self.group < self.shape[0]
+
     def window_bytes(self) -> int:
         """Bytes of its gathered window: a stage reading the image, or a window of more than one row."""
         inp = self.inputs[0]
         if inp.source != IMAGE and inp.rows == 1:
             return 0
         _, c, _, w = shape_of(self.call.args[0])
-        return min(c, self.group) * inp.rows * w
+        return (self.group if self.grouped else c) * inp.rows * w
 
 
 def channel_group(call, window_bytes: int) -> int:

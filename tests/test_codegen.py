@@ -172,7 +172,7 @@ def test_streamed_layers_match_trainer(tmp_path, size, kernels, window):
     (train_pipe,) = row_pipelines(trainer.mod, trainer.mod["train_step"])
     (infer_pipe,) = row_pipelines(trainer.mod, trainer.mod["infer"])
     assert len(train_pipe.stages) >= 5 and len(infer_pipe.stages) >= len(train_pipe.stages)
-    grouped = [s for s in train_pipe.stages if s.group < s.shape[0]]
+    grouped = [s for s in train_pipe.stages if s.grouped]
     assert bool(grouped) == (window < 1 << 20) and all(s.group == 1 or s.window_bytes() <= window for s in grouped)
     rng = np.random.default_rng(5)
     images = rng.integers(-128, 128, (2, 3, size, size)).astype(np.int8)

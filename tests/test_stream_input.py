@@ -208,3 +208,20 @@ def test_a_streamed_layer_on_an_unstreamed_tensor_is_an_error_naming_it():
     broken = reemit(mod, "train_step", emit)
     with pytest.raises(TinyTrainError, match=rf"binding 3 \({second.var.name} = add_int8_rows of {second.node}\) reads"):
         row_pipelines(broken, broken["train_step"])
+
+
+def test_window_holds_every_input_channel_a_band_kernel_reads():
+    """A regular 3x3 conv on 32 channels making 16 gathers all 32 input channels per window; a depthwise conv's window
+    holds one channel group only (here 4 of 48)."""
+    from relax_passes._ir import KernelCall
+    from relax_passes._row_pipeline import RowInput, RowStage
+
+    def stage(c_in, c_out, groups, group):
+        x = relax.Var("x", relax.TensorType((1, c_in, 8, 16), "int8"))
+        w = relax.Var("w", relax.TensorType((c_out, c_in // groups, 3, 3), "int8"))
+        y = relax.Var("y", relax.TensorType((1, c_out, 8, 16), "int8"))
+        call = KernelCall(y, "conv2d_requant_rows", {"groups": groups}, [x, w], None)
+        return RowStage(0, call, [RowInput(0, 3, 1, 1, 0)], (c_out, 8, 16), group)
+
+    assert stage(32, 16, 1, 16).window_bytes() == 32 * 3 * 16
+    assert stage(48, 48, 48, 4).window_bytes() == 4 * 3 * 16

@@ -200,7 +200,7 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
         body, tensors = [], []
         # A depthwise conv whose window is gathered channel group by group: its kernel runs once per group, on that
         # group's window, weights, bias, multiplier, shift and output channels.
-        grouped = stage.group < stage.shape[0]
+        grouped = stage.grouped
         c0 = "tt_c" if grouped else "0"
         for inp in stage.inputs:
             first = f"tt_row * {inp.stride} - {inp.pad}"
