@@ -95,7 +95,7 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
         return _place(buffers, alignment, order), -sum(b.in_place(buffers) for b in buffers)
 
     best, rng, since = score(lambda x: (rank[x.name],)), random.Random(0), 0
-    floor = (live_floor(buffers) + alignment - 1) // alignment * alignment
+    floor = _align(live_floor(buffers), alignment)
     for _ in range(search_steps if len(roots) > 1 else 0):
         if best[0] <= floor or since >= SEARCH_PATIENCE:
             break
@@ -132,10 +132,11 @@ def _sequence(buffers: list[Buffer], primary) -> list[Buffer]:
     return sorted(storage_buffers(buffers), key=order)
 
 
-def _place(buffers: list[Buffer], alignment: int, primary) -> int:
-    def align(v):
-        return (v + alignment - 1) // alignment * alignment
+def _align(v: int, alignment: int) -> int:
+    return (v + alignment - 1) // alignment * alignment
 
+
+def _place(buffers: list[Buffer], alignment: int, primary) -> int:
     for b in buffers:
         b.offset = None
     placed: list[Buffer] = []
@@ -151,7 +152,7 @@ def _place(buffers: list[Buffer], alignment: int, primary) -> int:
             for lo, hi in sorted((p.offset, p.offset + p.size) for p in alive):
                 if b.offset + b.size <= lo:
                     break
-                b.offset = max(b.offset, align(hi))
+                b.offset = max(b.offset, _align(hi, alignment))
         placed.append(b)
     for b in buffers:
         if b.alias is not None:
