@@ -42,7 +42,7 @@ OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "d
 # after staging pixel p's column, and wherever the output starts inside the operand (a whole number of channel rows
 # in), (c, p) lands on pixel p of some operand row.
 TAIL_OVERWRITING_OPS = ("pointwise_in_place",)
-PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad", "projection_bias_grad")
+PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad", "masked_bias_grad", "projection_bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
 
 

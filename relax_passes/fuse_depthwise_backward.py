@@ -55,6 +55,14 @@ expansion and depthwise conv of the block in the backward.  Their
 ``clamp_mask`` kernels go, and the forward's expansion is then read by its
 depthwise conv alone, which FuseExpandDepthwise (run after this pass) fuses.
 
+In a residual block the projection's output gradient is the block's output gradient masked by the projection's
+clamp, and the skip path reads that output gradient unmasked, so the masked copy cannot overwrite it: at the
+block's backward three float32 tensors of the block's width are alive (the unmasked one, the copy, the expansion's
+input gradient; e.g. MbV2 ``paper-138kb``'s blocks[12]).  With the option ``masked_reads`` (on by default) the
+fused kernel reads the unmasked gradient through the mask (``g_out, g_mask`` in place of ``g_out``, the same
+select per element) and the projection's bias gradient becomes ``masked_bias_grad`` over it: the copy is never
+stored, for a mask test per multiply-add of the projection's input gradient.
+
 Before::
 
     g_dw = R.call_tir(cls.conv2d_input_grad, (g_acc, w_dw, s_dw), R.Tensor((1, 96, 16, 16), "float32"))
@@ -101,8 +109,9 @@ import tvm
 from tvm import relax
 
 from tvm_tinytrain.ops.schedule import current_variant
+from tvm_tinytrain.ops import te_backward
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward, projection_bias_grad
-from tvm_tinytrain.relax_build import kernel_attrs
+from tvm_tinytrain.relax_build import emit_kernel, kernel_attrs
 
 from ._fusion import PlanePass, conv_quant, reader_counts, reemit, wide_shift
 from ._ir import decode, shape_of
@@ -111,14 +120,16 @@ from .config import option
 OP = "depthwise_block_backward"
 TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
 FRONT_OP = "projection_bias_grad"  # the projection's front alone, where the backward stops at the bias behind it
+MASKED_BIAS_OP = "masked_bias_grad"  # a bias gradient reading a residual's gradient through its clamp mask
 MAX_TILE = 8  # planes at a time: their 8 weight-gradient accumulators and 8 real weights fit the FPU's 32 registers
 
 
-def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_masks: bool) -> dict:
+def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_masks: bool, masked_reads: bool) -> dict:
     """var of the first replaced binding -> (the projection's front (its input gradient, the depthwise clamp's mask,
     the depthwise bias gradient) or None, depthwise call, mask call, bias-gradient call, expansion input-gradient
     call or None where the backward stops, the expansion's fused weight update or None, the forward's (expansion,
-    depthwise conv) whose masks the kernel recomputes or None)."""
+    depthwise conv) whose masks the kernel recomputes or None, the front's masked source (:func:`_masked_source`)
+    or None)."""
     by_input: dict = {}
     for c in calls:
         if c is not None and c.args:
@@ -148,7 +159,8 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_m
         if d.attrs["stride"] == 1 and front is None:
             continue  # DepthwiseInPlace writes a stride-1 input gradient over its operand, with faster kernels
         forward = _forward_convs(front, d, m, u, producer, readers) if recompute_masks else None
-        groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward)
+        source = _masked_source(front[0], producer, by_input, readers) if front and masked_reads else None
+        groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward, source)
     return groups
 
 
@@ -171,18 +183,37 @@ def _forward_convs(front, d, m, u, producer, readers):
     return (expand, depthwise) if depthwise.attrs["stride"] == d.attrs["stride"] else None
 
 
-def _fronts_alone(calls, readers, max_plane: int) -> dict:
-    """bias-gradient var -> (projection input gradient, clamp mask, bias gradient) where the backward stops at the
-    bias of the conv the projection reads: only the mask reads the input gradient, only the bias gradient the mask."""
+def _fronts_alone(calls, readers, max_plane: int, masked_reads: bool) -> dict:
+    """bias-gradient var -> (projection input gradient, clamp mask, bias gradient, its masked source or None) where the
+    backward stops at the bias of the conv the projection reads: only the mask reads the input gradient, only the bias
+    gradient the mask."""
     producer = {c.var: c for c in calls if c is not None}
+    by_input: dict = {}
+    for c in calls:
+        if c is not None and c.args:
+            by_input.setdefault(c.args[0], []).append(c)
     fronts = {}
     for bds in calls:
         md = producer.get(bds.args[0]) if bds is not None and bds.op == "bias_grad" else None
         p2 = producer.get(md.args[0]) if md is not None and md.op == "apply_mask" else None
         if (p2 is not None and _is_1x1_input_grad(p2) and readers.get(p2.var) == 1 and readers.get(md.var) == 1
                 and shape_of(p2.var)[2] * shape_of(p2.var)[3] * 4 <= max_plane):
-            fronts[bds.var] = (p2, md, bds)
+            fronts[bds.var] = (p2, md, bds, _masked_source(p2, producer, by_input, readers) if masked_reads else None)
     return fronts
+
+
+def _masked_source(p2, producer, by_input, readers):
+    """(apply_mask, the projection's bias gradient or None) when the projection's output gradient ``p2.args[0]`` is a
+    masked copy whose operand other kernels read too (a residual block's output gradient, which the skip path reads,
+    so the copy cannot overwrite it), and only ``p2`` and that bias gradient read the copy: they can read the operand
+    through the mask instead, and the copy is never stored.  Else None."""
+    ma = producer.get(p2.args[0])
+    if ma is None or ma.op != "apply_mask" or readers.get(ma.args[0], 0) < 2:
+        return None
+    others = [c for c in by_input.get(ma.var, []) if c is not p2]
+    if len(others) > 1 or any(c.op != "bias_grad" for c in others) or readers.get(ma.var) != 1 + len(others):
+        return None
+    return ma, (others[0] if others else None)
 
 
 def _is_1x1_input_grad(call, merged_ok: bool = False) -> bool:
@@ -225,7 +256,13 @@ def planes_per_tile(channels: int, plane_bytes: int, max_plane: int) -> int:
     return max(t for t in range(1, MAX_TILE + 1) if channels % t == 0 and t * plane_bytes <= max(max_plane, plane_bytes))
 
 
-def _kernel(front, d, b, p, u, forward, max_plane: int) -> tvm.tirx.PrimFunc:
+def _front_input(p2, source) -> list:
+    """The projection's output gradient as the fused kernel reads it: ``[g_out]``, or from a masked source
+    ``[g, g_mask]``."""
+    return [p2.args[0]] if source is None else list(source[0].args)
+
+
+def _kernel(front, d, b, p, u, forward, source, max_plane: int) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
     # Where the backward stops there is no input gradient: the kernel sees a trained slice as the whole weight.
@@ -235,7 +272,8 @@ def _kernel(front, d, b, p, u, forward, max_plane: int) -> tvm.tirx.PrimFunc:
     merged = tuple(int(c) for c in p.attrs["merged_channels"]) if p is not None and len(p.args) == 4 else None
     recompute = None if forward is None else (*(conv_quant(c) for c in forward), *(wide_shift(c.args[4]) for c in forward))
     prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
-                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged, recompute, p is not None)
+                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged, recompute, p is not None,
+                                    source is not None)
     node = "+".join(c.node for c in (*(front[:1] if front else ()), d, p if p is not None else b))
     if u is None:
         return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
@@ -246,45 +284,58 @@ def _kernel(front, d, b, p, u, forward, max_plane: int) -> tvm.tirx.PrimFunc:
 class FuseDepthwiseBackward(PlanePass):
     """Fuse each depthwise input gradient with the expansion's mask, bias gradient, input gradient, with
     ``trained_expansion`` (option ``fuse_trained_expansion``) a trained expansion's weight update, and, where the
-    depthwise weight is frozen, the projection's input gradient in front (see the module doc)."""
+    depthwise weight is frozen, the projection's input gradient in front, reading a residual's gradient through its
+    mask with ``masked_reads`` (see the module doc)."""
 
     def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None,
-                 recompute_masks: bool | None = None):
+                 recompute_masks: bool | None = None, masked_reads: bool | None = None):
         super().__init__(max_plane_bytes)
         self.trained_expansion = trained_expansion
         self.recompute_masks = recompute_masks
+        self.masked_reads = masked_reads
 
     def _rewrite(self, mod, name: str, max_plane: int) -> tvm.IRModule:
         func = mod[name]
         bindings = list(func.body.blocks[0].bindings)
         calls = [decode(mod, b) for b in bindings]
         readers = reader_counts(func)
+        masked_reads = bool(option("masked_reads", self.masked_reads))
         groups = _groups(calls, readers, max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)),
-                         bool(option("recompute_masks", self.recompute_masks)))
-        fronts = _fronts_alone(calls, readers, max_plane)
+                         bool(option("recompute_masks", self.recompute_masks)), masked_reads)
+        fronts = _fronts_alone(calls, readers, max_plane, masked_reads)
         if not groups and not fronts:
             return mod
-        replaced = {c.var for front, *rest, _ in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
+        replaced = {c.var for front, *rest, _, _ in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
         replaced |= {c.var for front in fronts.values() for c in front[:2]}
+        # A masked source's copy goes; its bias gradient reads the source through the mask (masked_bias_grad).
+        sources = [s for *_, s in (*groups.values(), *fronts.values()) if s is not None]
+        replaced |= {ma.var for ma, _ in sources}
+        masked_bias = {pb.var: (ma, pb) for ma, pb in sources if pb is not None}
 
         def emit(bb, binding) -> bool:
+            if binding.var in masked_bias:
+                ma, pb = masked_bias[binding.var]
+                masked = emit_kernel(bb, te_backward.masked_bias_grad, (*ma.args, pb.args[1]), MASKED_BIAS_OP, pb.node, pb.attrs)
+                bb.emit_normalized(relax.VarBinding(pb.var, masked))
+                return True
             if binding.var in fronts:
-                p2, md, bds = fronts[binding.var]
+                p2, md, bds, source = fronts[binding.var]
                 _, channels, h, w = shape_of(p2.var)
-                prim = projection_bias_grad(channels, shape_of(p2.args[0])[1], h, w).with_attrs(kernel_attrs(FRONT_OP, p2.node))
-                gv = bb.add_func(prim, FRONT_OP)
-                call = relax.call_tir(gv, relax.Tuple([*p2.args, md.args[1], bds.args[1]]), bds.var.ty)
+                prim = projection_bias_grad(channels, shape_of(p2.args[0])[1], h, w, source is not None)
+                gv = bb.add_func(prim.with_attrs(kernel_attrs(FRONT_OP, p2.node)), FRONT_OP)
+                call = relax.call_tir(gv, relax.Tuple([*_front_input(p2, source), *p2.args[1:], md.args[1], bds.args[1]]), bds.var.ty)
                 bb.emit_normalized(relax.VarBinding(bds.var, bb.normalize(call)))
                 return True
             if binding.var in replaced:
                 return True  # now bound by the fused kernel
             if binding.var not in groups:
                 return False
-            front, d, m, b, p, u, forward = groups[binding.var]
-            gv = bb.add_func(_kernel(front, d, b, p, u, forward, max_plane), OP if u is None else TRAINED_OP)
-            # The projection's front replaces the depthwise output gradient by (g_out, w_proj, s_proj, mask_dw,
-            # b_scale_dw) and adds the depthwise bias gradient as the last output.
-            g = [d.args[0]] if front is None else [*front[0].args, front[1].args[1], front[2].args[1]]
+            front, d, m, b, p, u, forward, source = groups[binding.var]
+            gv = bb.add_func(_kernel(front, d, b, p, u, forward, source, max_plane), OP if u is None else TRAINED_OP)
+            # The projection's front replaces the depthwise output gradient by (g_out[, g_mask], w_proj, s_proj,
+            # mask_dw, b_scale_dw) and adds the depthwise bias gradient as the last output.
+            g = ([d.args[0]] if front is None
+                 else [*_front_input(front[0], source), *front[0].args[1:], front[1].args[1], front[2].args[1]])
             # Where the backward stops (no p) the expansion's weight and scale serve no input gradient.
             if u is None:
                 args = [*g, d.args[1], d.args[2], m.args[1], b.args[1], *(p.args[1:3] if p is not None else [])]

@@ -126,6 +126,27 @@ def test_apply_mask(shape, seed):
     assert_same(got, np.where(bits, g, F32(0)))
 
 
+@given(st.lists(st.integers(1, 6), min_size=4, max_size=4), st.integers(0, 2**31), st.sampled_from(VARIANTS))
+@SETTINGS
+def test_masked_bias_grad_is_apply_mask_then_bias_grad(shape, seed, variant):
+    """``masked_bias_grad(g, mask, scale)`` == bias_grad(apply_mask(g, mask)) of the numpy reference, bit for bit, in
+    both schedules, with no stored masked copy (the kernel's only workspace is smaller than ``g``)."""
+    from relax_passes._buffers import _workspace_bytes
+
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=shape).astype(F32)
+    mask = rng.integers(0, 256, ((g.size + 7) // 8,)).astype(np.uint8)
+    scale = rng.uniform(1, 100, shape[1]).astype(F32)
+    phs = [te.placeholder(a.shape, str(a.dtype), f"in{i}") for i, a in enumerate((g, mask, scale))]
+    with kernel_variant(variant):
+        prim = compact_schedule(te.create_prim_func([*phs, te_backward.masked_bias_grad(*phs)]))
+    assert _workspace_bytes(prim) < g.nbytes or g.size == 1
+    fn = tvm.compile(prim, target="llvm")
+    got = tvm.runtime.empty([shape[1]], "float32")
+    fn(*[tvm.runtime.tensor(a) for a in (g, mask, scale)], got)
+    assert_same(got.numpy(), ref.bias_grad(ref.apply_mask(g, mask), scale))
+
+
 # ---------------------------------------------------------------- convolution
 @st.composite
 def conv_grad_cases(draw, max_c=5, max_hw=9, kernels=(1, 3, 5, 7)):
@@ -404,16 +425,18 @@ def test_merge_channels(o, c, axis, seed):
 
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
                         (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4), (8, 5, 8, 8, 3, 1, 2)]),
-       st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]), st.booleans())
+       st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]), st.booleans(),
+       st.booleans())
 @settings(max_examples=40, deadline=None)
-def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad):
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad, masked_front):
     """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
     1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
     each row after its old value was read; ``merged``: trained on some input channels only (SparseUpdate's merge of a
     frozen weight and a trained slice, the slice updated); ``projection``: starting from the output gradient of a 1x1
     projection of that many channels (its input gradient -> the depthwise clamp's mask -> the depthwise bias gradient
     first); without ``input_grad`` (where the backward stops) the same minus the expansion's input gradient (a merged
-    slice is then the whole weight the kernel sees)."""
+    slice is then the whole weight the kernel sees); with ``masked_front`` (and ``projection``) that output gradient is
+    read through the projection's clamp mask, == the reference's masked copy."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride, tile = shape
@@ -441,10 +464,12 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         s_proj = rng.uniform(1e-3, 1e-2, projection).astype(np.float32)
         mask_dw = rng.integers(0, 256, ((c * ho * wo + 7) // 8,)).astype(np.uint8)
         b_scale_dw = rng.uniform(1, 100, c).astype(np.float32)
-        front = [g_out, w_proj, s_proj, mask_dw, b_scale_dw]
+        g_mask = [rng.integers(0, 256, ((g_out.size + 7) // 8,)).astype(np.uint8)] if masked_front else []
+        front = [g_out, *g_mask, w_proj, s_proj, mask_dw, b_scale_dw]
+        g_out = ref.apply_mask(g_out, g_mask[0]) if masked_front else g_out
         g = ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, ho, wo), 1, 1), mask_dw)
     kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged,
-                                      input_grad=input_grad)
+                                      input_grad=input_grad, masked_front=masked_front and projection is not None)
     fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
     g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
     outs = [*([w_new] if trained else []), *([g_x] if input_grad else []), g_b, *([tvm.runtime.empty([c], "float32")] if projection else [])]
@@ -524,11 +549,12 @@ def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, vari
     assert (results[0][0] != w_pw).any()
 
 
-@given(st.sampled_from([(6, 5, 4, 4), (8, 3, 3, 5), (1, 1, 1, 1), (12, 8, 2, 8)]), st.integers(0, 2**31))
+@given(st.sampled_from([(6, 5, 4, 4), (8, 3, 3, 5), (1, 1, 1, 1), (12, 8, 2, 8)]), st.integers(0, 2**31), st.booleans())
 @SETTINGS
-def test_projection_bias_grad_is_the_separate_kernels(shape, seed):
+def test_projection_bias_grad_is_the_separate_kernels(shape, seed, masked_input):
     """A 1x1 projection's input gradient -> the clamp mask of the conv it reads -> that conv's bias gradient, one plane
-    at a time: the numpy reference's three kernels, bit for bit."""
+    at a time: the numpy reference's three kernels, bit for bit; with ``masked_input`` the projection's output gradient
+    read through its own clamp mask == the reference's masked copy."""
     from tvm_tinytrain.ops.tir_backward import projection_bias_grad
 
     c, projection, h, w = shape
@@ -538,10 +564,13 @@ def test_projection_bias_grad_is_the_separate_kernels(shape, seed):
     s_proj = rng.uniform(1e-3, 1e-2, projection).astype(np.float32)
     mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
     b_scale = rng.uniform(1, 100, c).astype(np.float32)
-    fn = tvm.compile(tvm.IRModule({"main": projection_bias_grad(c, projection, h, w).with_attr("global_symbol", "main")}), target="llvm")
+    prim = projection_bias_grad(c, projection, h, w, masked_input)
+    fn = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target="llvm")
     got = tvm.runtime.empty([c], "float32")
-    fn(*[tvm.runtime.tensor(a) for a in (g_out, w_proj, s_proj, mask, b_scale)], got)
-    want = ref.bias_grad(ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, h, w), 1, 1), mask), b_scale)
+    g_mask = [rng.integers(0, 256, ((g_out.size + 7) // 8,)).astype(np.uint8)] if masked_input else []
+    fn(*[tvm.runtime.tensor(a) for a in (g_out, *g_mask, w_proj, s_proj, mask, b_scale)], got)
+    g = ref.apply_mask(g_out, g_mask[0]) if masked_input else g_out
+    want = ref.bias_grad(ref.apply_mask(ref.conv2d_input_grad(g, w_proj, s_proj, (1, c, h, w), 1, 1), mask), b_scale)
     np.testing.assert_array_equal(got.numpy(), want)
 
 

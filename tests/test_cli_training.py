@@ -57,6 +57,14 @@ def test_memory_with_the_masks_recomputed(capsys, tmp_path):
     assert recomputed["peak_op"]["mask"] < stored["peak_op"]["mask"]
 
 
+def test_memory_with_the_residual_gradient_read_through_its_mask(capsys):
+    """The pass option masked_reads (on by default) lowers bias-only:7, whose peak with --no-masked-reads is block 3's
+    fused backward holding the masked copy of the residual gradient besides the gradient itself."""
+    masked, copied = _memory_with_and_without(capsys, "bias-only:7", "--no-masked-reads")
+    assert copied["peak_op"]["node"].startswith("block3.project") and masked["peak_sram_bytes"] < copied["peak_sram_bytes"]
+    assert masked["peak_op"]["gradient"] < copied["peak_op"]["gradient"]
+
+
 def test_memory_with_the_frozen_layers_streamed(capsys):
     """The pass option stream_layers (on by default) runs the default model's frozen first blocks row by row in
     bias-only:4, whose peak without it (--no-stream-layers) is block 1's expansion + depthwise conv, whole."""

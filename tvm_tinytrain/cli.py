@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-recompute-masks", dest="recompute_masks", action="store_false",
                             help="pass option: store the clamp masks of a block whose expansion is trained whole, instead of "
                                  "recomputing them in its backward (a little faster, more SRAM)")
+            sp.add_argument("--no-masked-reads", dest="masked_reads", action="store_false",
+                            help="pass option: store a residual block's masked projection gradient instead of reading the "
+                                 "block's output gradient through the mask (a little faster, more SRAM)")
             sp.add_argument("--no-stream-layers", dest="stream_layers", action="store_false",
                             help="pass option: stream the first conv alone, not the frozen layers after it (more SRAM)")
         if with_scheme:
@@ -380,7 +383,8 @@ def main(argv=None) -> int:
 
     try:
         with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True),
-                         recompute_masks=getattr(args, "recompute_masks", True), stream_layers=getattr(args, "stream_layers", True)):
+                         recompute_masks=getattr(args, "recompute_masks", True), masked_reads=getattr(args, "masked_reads", True),
+                         stream_layers=getattr(args, "stream_layers", True)):
             return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)

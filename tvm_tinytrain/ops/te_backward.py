@@ -224,6 +224,12 @@ def bias_grad(g_acc: te.Tensor, scale: te.Tensor) -> te.Tensor:
     return te.compute((o,), lambda oc: scale[oc] * s[oc], name="bgrad")
 
 
+def masked_bias_grad(g: te.Tensor, mask: te.Tensor, scale: te.Tensor) -> te.Tensor:
+    """:func:`bias_grad` of ``apply_mask(g, mask)`` as one kernel: the select is inlined into the sum (the same terms),
+    so the masked copy is never stored, for a ``g`` that other kernels read unmasked (a residual's gradient)."""
+    return bias_grad(apply_mask(g, mask), scale)
+
+
 # ---------------------------------------------------------------- updates
 def _sgd_step(lr: te.Tensor, g, lo: float, hi: float):
     """``floor(0.5f - lr*G)``: the round-half-up integer step ``-lr*G``, clamped in float so it always converts exactly."""

@@ -32,17 +32,20 @@ def _unsaturated(v, conv: dict):
     return tirx.all(v > T.int8(conv["qmin"]), v < T.int8(conv["qmax"]))
 
 
-def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None = None):
-    """A macro ``(c, g, w_proj, s_proj, mask, b_scale, g_b, out, border, y)``: channel ``c`` of a 1x1 projection's input
-    gradient (:func:`.te_backward.conv2d_input_grad`: the sum over the ``projection`` output channels of ``g``, in
-    increasing order), masked by the clamp of the conv it reads, into ``out`` inside a border of ``border``, and that
-    conv's bias gradient ``g_b[c] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).  The mask is bit-packed
-    ``mask``, or, with ``recomputed`` (that conv's quantization), the int8 outputs ``y[0, 0]`` of channel ``c``."""
+def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None = None, masked_input: bool = False):
+    """A macro ``(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, out, border, y)``: channel ``c`` of a 1x1
+    projection's input gradient (:func:`.te_backward.conv2d_input_grad`: the sum over the ``projection`` output channels
+    of ``g``, in increasing order), masked by the clamp of the conv it reads, into ``out`` inside a border of
+    ``border``, and that conv's bias gradient ``g_b[c] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).
+    The mask is bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), the int8 outputs ``y[0, 0]``
+    of channel ``c``.  With ``masked_input`` the output gradient is ``g`` read through the projection's own packed
+    clamp mask ``g_mask`` (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no
+    masked copy of ``g``."""
     px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
     recompute = recomputed is not None
 
     @T.macro
-    def front(c, g, w_proj, s_proj, mask, b_scale, g_b, out, border, y):
+    def front(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, out, border, y):
         proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
         proj_acc = T.alloc_buffer((px,), "float32", scope="global")
         for o in range(projection):
@@ -52,7 +55,11 @@ def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None 
                 proj_acc[u] = T.float32(0.0)
             for o in range(projection):
                 for u in T.unroll(px):
-                    proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
+                    if masked_input:
+                        proj_acc[u] = proj_acc[u] + T.Select(_bit(g_mask, (o * ho + i) * wo + jq * px + u), g[0, o, i, jq * px + u],
+                                                             T.float32(0.0)) * proj_real[o]
+                    else:
+                        proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
             for u in T.unroll(px):
                 if recompute:
                     out[i + border, jq * px + u + border] = T.Select(_unsaturated(y[0, 0, i, jq * px + u], recomputed), proj_acc[u],
@@ -68,28 +75,30 @@ def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None 
     return front
 
 
-def projection_bias_grad(channels: int, projection: int, h: int, w: int):
+def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_input: bool = False):
     """PrimFunc ``(g_out, w_proj, s_proj, mask, b_scale) -> g_b``: the bias gradient of a conv of ``channels`` outputs
     ``h x w`` read by a 1x1 projection of ``projection`` outputs, through the conv's clamp ``mask``, from the
     projection's output gradient: input gradient -> mask -> bias gradient, one channel plane at a time, where the
-    backward stops after that bias (the plane of the projection's input gradient is the only workspace)."""
-    front = projection_front(projection, h, w)
+    backward stops after that bias (the plane of the projection's input gradient is the only workspace).  With
+    ``masked_input``, ``g_out`` is read through the projection's packed clamp mask ``g_mask``, an input after it."""
+    front = projection_front(projection, h, w, masked_input=masked_input)
 
     @T.prim_func(private=True)
-    def kernel(g_out: T.Buffer((1, projection, h, w), "float32"), w_proj: T.Buffer((projection, channels, 1, 1), "int8"),
-               s_proj: T.Buffer((projection,), "float32"), mask: T.Buffer(((channels * h * w + 7) // 8,), "uint8"),
-               b_scale: T.Buffer((channels,), "float32"), g_b: T.Buffer((channels,), "float32")):
+    def kernel(g_out: T.Buffer((1, projection, h, w), "float32"), g_mask: T.Buffer(((projection * h * w + 7) // 8,), "uint8"),
+               w_proj: T.Buffer((projection, channels, 1, 1), "int8"), s_proj: T.Buffer((projection,), "float32"),
+               mask: T.Buffer(((channels * h * w + 7) // 8,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
+               g_b: T.Buffer((channels,), "float32")):
         plane = T.alloc_buffer((h, w), "float32", scope="global")
         for c in range(channels):
-            front(c, g_out, w_proj, s_proj, mask, b_scale, g_b, plane, 0, None)
+            front(c, g_out, g_mask, w_proj, s_proj, mask, b_scale, g_b, plane, 0, None)
 
-    return kernel
+    return _signature(kernel, ["g_out", *(["g_mask"] if masked_input else []), "w_proj", "s_proj", "mask", "b_scale", "g_b"])
 
 
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
                              trained_x_zero: int | None = None, tile: int = 1, projection: int | None = None,
                              merged: tuple[int, ...] | None = None, recompute: tuple[dict, dict, bool, bool] | None = None,
-                             input_grad: bool = True):
+                             input_grad: bool = True, masked_front: bool = False):
     """PrimFunc ``(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_x, g_b)`` for one depthwise conv of
     ``channels`` planes ``h x w -> ho x wo`` (kernel ``k``, ``stride``, padding ``(k-1)//2``) whose input is a 1x1 conv
     of ``in_channels``.  ``mask`` is the expansion's packed clamp mask; ``g_b = b_scale * sum(masked gradient)``
@@ -134,6 +143,10 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
 
     Without ``input_grad`` (the block where the backward stops) there is no ``g_x``, nor the expansion's ``s_pw``,
     and an untrained expansion's ``w_pw``; a trained slice is then just the weight (give no ``merged``).
+
+    With ``masked_front`` (and ``projection``) ``g_out`` is read through the projection's packed clamp mask ``g_mask``,
+    an input right after it (:func:`projection_front`): a residual block's output gradient that the skip path still
+    reads needs no masked copy.
     """
     if merged is not None and (trained_x_zero is None or not input_grad):
         raise TinyTrainError("depthwise_block_backward: a merged expansion weight is a trained one read by the input "
@@ -141,6 +154,8 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     if recompute is not None and (trained_x_zero is None or projection is None or merged is not None):
         raise TinyTrainError("depthwise_block_backward: recomputing the masks needs a wholly trained expansion and the "
                              "projection's front (trained_x_zero, projection, no merged)")
+    if masked_front and projection is None:
+        raise TinyTrainError("depthwise_block_backward: masked_front reads the projection's output gradient (give projection)")
     if tile < 1 or channels % tile:
         raise TinyTrainError(f"depthwise_block_backward: tile {tile} does not divide {channels} channels")
     pad = (k - 1) // 2
@@ -164,7 +179,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     recompute_masks = recompute is not None
     plane_shape, dw_y_shape = ((h + 2 * pad, w + 2 * pad), (1, 1, ho, wo)) if recompute_masks else ((1, 1), (1, 1, 1, 1))
 
-    front = projection_front(projection or 1, ho, wo, dw_q if recompute_masks else None)
+    front = projection_front(projection or 1, ho, wo, dw_q if recompute_masks else None, masked_front)
 
     @T.macro
     def recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
@@ -183,7 +198,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         dw_channel(plane, w_dw, b2, m2, s2, c, r_start, r_params, r_acc, dw_y, 0)
 
     @T.macro
-    def block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
+    def block_backward(g, g_mask, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
                        b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2):
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
@@ -218,7 +233,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     for i, j in T.grid(ho, wo):
                         g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
                 else:  # g is the projection's output gradient: channel c's input gradient, masked by the depthwise clamp
-                    front(c0 * tile + t, g, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, g_pad, taps - 1, dw_y)
+                    front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, g_pad, taps - 1, dw_y)
                 for y, xx in T.grid(h, w):
                     planes[t, y, xx] = T.float32(0.0)
                     # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
@@ -272,7 +287,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     # Every buffer any form reads or writes; each form keeps its own in its own order (``_signature``).
     @T.prim_func(private=True)
     def kernel(g: T.Buffer((1, channels if projection is None else projection, ho, wo), "float32"),
-               w_proj: T.Buffer((proj, channels, 1, 1), "int8"), s_proj: T.Buffer((proj,), "float32"),
+               g_mask: T.Buffer(((proj * ho * wo + 7) // 8,), "uint8"), w_proj: T.Buffer((proj, channels, 1, 1), "int8"), s_proj: T.Buffer((proj,), "float32"),
                mask_dw: T.Buffer((mask_dw_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
                w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"),
                mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
@@ -283,10 +298,10 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                b2: T.Buffer((channels,), "int32"), m2: T.Buffer((channels,), "int32"), s2: T.Buffer((channels,), "int32"),
                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
                w_new: T.Buffer((channels, n_w, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
-        block_backward(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
+        block_backward(g, g_mask, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
                        b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2)
 
-    front = ["g", "w_proj", "s_proj", "mask_dw", "b_scale_dw"] if projection is not None else ["g"]
+    front = ["g", *(["g_mask"] if masked_front else []), "w_proj", "s_proj", "mask_dw", "b_scale_dw"] if projection is not None else ["g"]
     if trained_x_zero is None:
         inputs = [*front, "w_dw", "s_dw", "mask", "b_scale", "w_pw", "s_pw"]
     else:  # the weight first, updated in place (the first output too); a merged expansion's frozen weight after lr
