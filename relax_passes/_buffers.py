@@ -32,8 +32,6 @@ from .stream_input_rows import row_kernel
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
-# Multi-output kernels with one output written over an argument (a trainable parameter): op -> (field, argument).
-IN_PLACE_FIELDS = {"depthwise_block_backward_sgd": (0, 0)}
 # Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
 # the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
 # pixel's column first (PointwiseInPlace).
@@ -44,6 +42,12 @@ OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "d
 TAIL_OVERWRITING_OPS = ("pointwise_in_place",)
 PARAM_GRAD_OPS = ("conv2d_weight_grad", "bias_grad", "masked_bias_grad", "projection_bias_grad")
 GRAD_OPS = ("apply_mask", "conv2d_input_grad", "depthwise_input_grad_in_place", "global_avg_pool_grad", "add_f32")
+
+
+def in_place_fields(call) -> dict[int, int]:
+    """Output fields of a multi-output kernel written over an argument (a trainable parameter): field -> argument,
+    from the kernel's ``tinytrain.in_place`` attribute (e.g. the fused block backward's updated weight and biases)."""
+    return {int(field): int(arg) for field, arg in call.attrs.get("in_place", ())}
 
 
 def type_bytes(ty) -> int:
@@ -154,8 +158,9 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
             else:
                 tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
                 idx = []
+                fields_in_place = in_place_fields(call)
                 for k, ty in enumerate(tys):
-                    if IN_PLACE_FIELDS.get(call.op, (None,))[0] == k:
+                    if k in fields_in_place:
                         idx.append(None)  # in place, into the parameter
                         continue
                     idx.append(len(buffers))

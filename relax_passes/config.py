@@ -28,6 +28,7 @@ DEFAULTS = {
     "placement_search": 2000,  # PlanMemory: most swaps of the local search over placement orders (0: greedy orders only)
     "fuse_trained_expansion": True,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory)
     "recompute_masks": True,  # FuseDepthwiseBackward: ... and its block's clamp masks recomputed, not stored (less memory)
+    "fuse_bias_updates": True,  # FuseDepthwiseBackward: ... and its biases' SGD steps applied in place (no bias gradients)
     "masked_reads": True,  # FuseDepthwiseBackward: a residual's projection gradient read through its clamp mask, not copied
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)

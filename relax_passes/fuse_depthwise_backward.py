@@ -63,6 +63,12 @@ fused kernel reads the unmasked gradient through the mask (``g_out, g_mask`` in 
 select per element) and the projection's bias gradient becomes ``masked_bias_grad`` over it: the copy is never
 stored, for a mask test per multiply-add of the projection's input gradient.
 
+The SGD steps of the biases whose gradients the kernel sums (the expansion's, and the depthwise conv's behind the
+front) are applied inside it with the option ``fuse_bias_updates`` (on by default), in place, each channel's as
+soon as its gradient is summed: no float32 bias gradient of the expanded width is left alive beside the kernel's
+other tensors, and the ``sgd_update_int32`` kernels go (the kernel's ``tinytrain.in_place`` attribute names the
+outputs written over their inputs).
+
 Before::
 
     g_dw = R.call_tir(cls.conv2d_input_grad, (g_acc, w_dw, s_dw), R.Tensor((1, 96, 16, 16), "float32"))
@@ -118,18 +124,20 @@ from ._ir import decode, shape_of
 from .config import option
 
 OP = "depthwise_block_backward"
-TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.IN_PLACE_FIELDS)
+TRAINED_OP = "depthwise_block_backward_sgd"  # with the expansion's weight update, in place (_buffers.in_place_fields)
 FRONT_OP = "projection_bias_grad"  # the projection's front alone, where the backward stops at the bias behind it
 MASKED_BIAS_OP = "masked_bias_grad"  # a bias gradient reading a residual's gradient through its clamp mask
 MAX_TILE = 8  # planes at a time: their 8 weight-gradient accumulators and 8 real weights fit the FPU's 32 registers
 
 
-def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_masks: bool, masked_reads: bool) -> dict:
+def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_masks: bool, masked_reads: bool,
+            bias_updates: bool) -> dict:
     """var of the first replaced binding -> (the projection's front (its input gradient, the depthwise clamp's mask,
     the depthwise bias gradient) or None, depthwise call, mask call, bias-gradient call, expansion input-gradient
     call or None where the backward stops, the expansion's fused weight update or None, the forward's (expansion,
     depthwise conv) whose masks the kernel recomputes or None, the front's masked source (:func:`_masked_source`)
-    or None)."""
+    or None, the SGD steps of the expansion's and the depthwise conv's biases that the kernel applies
+    (:func:`_bias_updates`) or None)."""
     by_input: dict = {}
     for c in calls:
         if c is not None and c.args:
@@ -137,6 +145,7 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_m
             if c.op == "conv2d_weight_grad_sgd":
                 by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
     producer = {c.var: c for c in calls if c is not None}
+    sgd_of = {c.args[1]: c for c in calls if c is not None and c.op == "sgd_update_int32"}
     groups = {}
     for d in calls:
         if d is None or d.op != "conv2d_input_grad" or d.attrs["groups"] <= 1 or len(d.args) != 3 or readers.get(d.var) != 1:
@@ -160,8 +169,20 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_m
             continue  # DepthwiseInPlace writes a stride-1 input gradient over its operand, with faster kernels
         forward = _forward_convs(front, d, m, u, producer, readers) if recompute_masks else None
         source = _masked_source(front[0], producer, by_input, readers) if front and masked_reads else None
-        groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward, source)
+        updates = _bias_updates([b, *(front[2:] if front else [])], forward, sgd_of, readers) if bias_updates else None
+        groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward, source, updates)
     return groups
+
+
+def _bias_updates(grads, forward, sgd_of, readers):
+    """The SGD steps of the bias gradients ``grads`` (the expansion's, then the depthwise conv's where the front is
+    fused) when each is the gradient's only reader, on the bias that a recomputing kernel reads too; else None."""
+    updates = [sgd_of.get(g.var) for g in grads]
+    if any(s is None or readers.get(g.var) != 1 for g, s in zip(grads, updates)):
+        return None
+    if forward is not None and not all(c.args[2].same_as(s.args[0]) for c, s in zip(forward, updates)):
+        return None
+    return updates
 
 
 def _forward_convs(front, d, m, u, producer, readers):
@@ -262,7 +283,7 @@ def _front_input(p2, source) -> list:
     return [p2.args[0]] if source is None else list(source[0].args)
 
 
-def _kernel(front, d, b, p, u, forward, source, max_plane: int) -> tvm.tirx.PrimFunc:
+def _kernel(front, d, b, p, u, forward, source, updates, max_plane: int) -> tvm.tirx.PrimFunc:
     _, channels, h, w = shape_of(d.var)
     _, _, ho, wo = shape_of(d.args[0])
     # Where the backward stops there is no input gradient: the kernel sees a trained slice as the whole weight.
@@ -273,7 +294,7 @@ def _kernel(front, d, b, p, u, forward, source, max_plane: int) -> tvm.tirx.Prim
     recompute = None if forward is None else (*(conv_quant(c) for c in forward), *(wide_shift(c.args[4]) for c in forward))
     prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
                                     planes_per_tile(channels, h * w * 4, max_plane), projection, merged, recompute, p is not None,
-                                    source is not None)
+                                    source is not None, updates is not None)
     node = "+".join(c.node for c in (*(front[:1] if front else ()), d, p if p is not None else b))
     if u is None:
         return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
@@ -285,11 +306,12 @@ class FuseDepthwiseBackward(PlanePass):
     """Fuse each depthwise input gradient with the expansion's mask, bias gradient, input gradient, with
     ``trained_expansion`` (option ``fuse_trained_expansion``) a trained expansion's weight update, and, where the
     depthwise weight is frozen, the projection's input gradient in front, reading a residual's gradient through its
-    mask with ``masked_reads`` (see the module doc)."""
+    mask with ``masked_reads``, and the biases' SGD steps with ``fuse_bias_updates`` (see the module doc)."""
 
     def __init__(self, max_plane_bytes: int | None = None, trained_expansion: bool | None = None,
-                 recompute_masks: bool | None = None, masked_reads: bool | None = None):
+                 recompute_masks: bool | None = None, masked_reads: bool | None = None, bias_updates: bool | None = None):
         super().__init__(max_plane_bytes)
+        self.bias_updates = bias_updates
         self.trained_expansion = trained_expansion
         self.recompute_masks = recompute_masks
         self.masked_reads = masked_reads
@@ -301,14 +323,16 @@ class FuseDepthwiseBackward(PlanePass):
         readers = reader_counts(func)
         masked_reads = bool(option("masked_reads", self.masked_reads))
         groups = _groups(calls, readers, max_plane, bool(option("fuse_trained_expansion", self.trained_expansion)),
-                         bool(option("recompute_masks", self.recompute_masks)), masked_reads)
+                         bool(option("recompute_masks", self.recompute_masks)), masked_reads,
+                         bool(option("fuse_bias_updates", self.bias_updates)))
         fronts = _fronts_alone(calls, readers, max_plane, masked_reads)
         if not groups and not fronts:
             return mod
-        replaced = {c.var for front, *rest, _, _ in groups.values() for c in (*(front or ()), *rest) if c is not None} - set(groups)
+        replaced = {c.var for front, d, m, b, p, u, _, _, updates in groups.values()
+                    for c in (*(front or ()), d, m, b, p, u, *(updates or ())) if c is not None} - set(groups)
         replaced |= {c.var for front in fronts.values() for c in front[:2]}
         # A masked source's copy goes; its bias gradient reads the source through the mask (masked_bias_grad).
-        sources = [s for *_, s in (*groups.values(), *fronts.values()) if s is not None]
+        sources = [s for s in (*(g[7] for g in groups.values()), *(f[3] for f in fronts.values())) if s is not None]
         replaced |= {ma.var for ma, _ in sources}
         masked_bias = {pb.var: (ma, pb) for ma, pb in sources if pb is not None}
 
@@ -330,8 +354,8 @@ class FuseDepthwiseBackward(PlanePass):
                 return True  # now bound by the fused kernel
             if binding.var not in groups:
                 return False
-            front, d, m, b, p, u, forward, source = groups[binding.var]
-            gv = bb.add_func(_kernel(front, d, b, p, u, forward, source, max_plane), OP if u is None else TRAINED_OP)
+            front, d, m, b, p, u, forward, source, updates = groups[binding.var]
+            gv = bb.add_func(_kernel(front, d, b, p, u, forward, source, updates, max_plane), OP if u is None else TRAINED_OP)
             # The projection's front replaces the depthwise output gradient by (g_out[, g_mask], w_proj, s_proj,
             # mask_dw, b_scale_dw) and adds the depthwise bias gradient as the last output.
             g = ([d.args[0]] if front is None
@@ -346,7 +370,10 @@ class FuseDepthwiseBackward(PlanePass):
                 if forward is not None:  # the masks give way to the forward convs' bias, multiplier and shift
                     masks = (m.args[1], front[1].args[1])
                     args = [a for a in args if not any(a.same_as(k) for k in masks)] + [a for c in forward for a in c.args[2:]]
-            outs = [c for c in (u, p, b, front[2] if front else None) if c is not None]  # the updated weight first
+            if updates is not None:  # lr where the form has none, the biases where no recomputation reads them
+                args += [*([updates[0].args[2]] if u is None else []), *([s.args[0] for s in updates] if forward is None else [])]
+            grads = updates or [b, *(front[2:] if front else [])]
+            outs = [c for c in (u, p, *grads) if c is not None]  # the updated weight first
             fused = bb.emit(relax.call_tir(gv, relax.Tuple(args), [c.var.ty for c in outs]))
             for k, c in enumerate(outs):
                 bb.emit_normalized(relax.VarBinding(c.var, relax.TupleGetItem(fused, k)))

@@ -83,20 +83,32 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
     lifetime, or a place over the operand it overwrites (placed just before it: its start or, where the kernel
     allows, flush with its end) when that is free but for the operand; aliases share their storage's.
 
-    Then up to ``search_steps`` swaps of two buffers in the best order, each kept when the arena does not grow and
-    no fewer outputs lie over their operands (a seeded, so reproducible, local search).  It stops at
-    :func:`live_floor`, which no placement beats, or after :data:`SEARCH_PATIENCE` swaps without a gain.  Returns
-    the smallest arena found, with the buffers placed for it."""
-    sizes = {name: _place(buffers, alignment, key) for name, key in PLACEMENT_ORDERS.items()}
-    first = min(sizes, key=sizes.get)
-    roots = _sequence(buffers, PLACEMENT_ORDERS[first])
-    rank = {b.name: i for i, b in enumerate(roots)}
+    Then a seeded (so reproducible) local search from each of those orders, ``search_steps`` swaps of two buffers
+    in all: a swap is kept when the arena does not grow and no fewer outputs lie over their operands.  The orders'
+    arenas lie on plateaus that a swap rarely leaves, and which order's plateau holds the tightest placement
+    differs from step to step, so each order gets its share.  A search stops at :func:`live_floor`, which no
+    placement beats, or after :data:`SEARCH_PATIENCE` swaps without a gain.  Returns the smallest arena found,
+    with the buffers placed for it."""
+    floor = _align(live_floor(buffers), alignment)
+    results = []
+    for i, key in enumerate(PLACEMENT_ORDERS.values()):
+        roots = _sequence(buffers, key)
+        rank = {b.name: k for k, b in enumerate(roots)}
+        steps = search_steps // len(PLACEMENT_ORDERS) if len(roots) > 1 else 0
+        results.append(_local_search(buffers, alignment, roots, rank, steps, floor, random.Random(i)))
+        if results[-1][0][0] <= floor:
+            break
+    _, rank = min(results, key=lambda r: r[0])
+    return _place(buffers, alignment, lambda x: (rank[x.name],))
+
+
+def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], rank: dict, steps: int, floor: int, rng):
+    """((arena, -outputs in place), rank) after up to ``steps`` kept-or-undone swaps from ``rank``."""
     def score(order) -> tuple[int, int]:
         return _place(buffers, alignment, order), -sum(b.in_place(buffers) for b in buffers)
 
-    best, rng, since = score(lambda x: (rank[x.name],)), random.Random(0), 0
-    floor = _align(live_floor(buffers), alignment)
-    for _ in range(search_steps if len(roots) > 1 else 0):
+    best, since = score(lambda x: (rank[x.name],)), 0
+    for _ in range(steps):
         if best[0] <= floor or since >= SEARCH_PATIENCE:
             break
         a, b = rng.sample(roots, 2)
@@ -105,7 +117,7 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
         since = 0 if result[0] < best[0] else since + 1
         if result <= best:  # sideways moves too: they let the search cross plateaus
             best, rank = result, trial
-    return _place(buffers, alignment, lambda x: (rank[x.name],))
+    return best, rank
 
 
 def live_floor(buffers: list[Buffer]) -> int:

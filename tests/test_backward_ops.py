@@ -426,9 +426,9 @@ def test_merge_channels(o, c, axis, seed):
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
                         (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4), (8, 5, 8, 8, 3, 1, 2)]),
        st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]), st.booleans(),
-       st.booleans())
+       st.booleans(), st.booleans())
 @settings(max_examples=40, deadline=None)
-def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad, masked_front):
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad, masked_front, update_biases):
     """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
     1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
     each row after its old value was read; ``merged``: trained on some input channels only (SparseUpdate's merge of a
@@ -436,7 +436,8 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
     projection of that many channels (its input gradient -> the depthwise clamp's mask -> the depthwise bias gradient
     first); without ``input_grad`` (where the backward stops) the same minus the expansion's input gradient (a merged
     slice is then the whole weight the kernel sees); with ``masked_front`` (and ``projection``) that output gradient is
-    read through the projection's clamp mask, == the reference's masked copy."""
+    read through the projection's clamp mask, == the reference's masked copy; with ``update_biases`` the bias gradients
+    give way to the biases after the reference's SGD step (``sgd_update_int32``)."""
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride, tile = shape
@@ -469,19 +470,32 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         g_out = ref.apply_mask(g_out, g_mask[0]) if masked_front else g_out
         g = ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, ho, wo), 1, 1), mask_dw)
     kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged,
-                                      input_grad=input_grad, masked_front=masked_front and projection is not None)
+                                      input_grad=input_grad, masked_front=masked_front and projection is not None,
+                                      update_biases=update_biases)
     fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
-    g_x, g_b, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty([c], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
-    outs = [*([w_new] if trained else []), *([g_x] if input_grad else []), g_b, *([tvm.runtime.empty([c], "float32")] if projection else [])]
+    g_x, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
+    bias_type = "int32" if update_biases else "float32"
+    g_b, g_b_dw = (tvm.runtime.empty([c], bias_type) for _ in range(2))
+    outs = [*([w_new] if trained else []), *([g_x] if input_grad else []), g_b, *([g_b_dw] if projection else [])]
     pw = [s_pw] if input_grad else []  # the expansion's scale (and an untrained weight) only serve the input gradient
+    biases = [rng.integers(-2**31, 2**31, c, dtype=np.int64).astype(np.int32) for _ in range(1 + bool(projection))]
+    biases[0][:2] = [2**31 - 1, -2**31]  # saturating steps at both ends
+    lr_b = np.array([0.5], np.float32)  # a bias gradient is about b_scale * plane sum: steps of tens of units
     if trained:
-        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, *pw, x_train, w_scale, lr, *frozen)], *outs)
+        extra = [b_ * 1 for b_ in biases] if update_biases else []
+        fn(*[tvm.runtime.tensor(a) for a in (w_pw, *front, w_dw, s_dw, mask, b_scale, *pw, x_train, w_scale, lr, *frozen, *extra)], *outs)
+        lr_b = lr
     else:
-        fn(*[tvm.runtime.tensor(a) for a in (*front, w_dw, s_dw, mask, b_scale, *([w_pw] if input_grad else []), *pw)], *outs)
-    if projection:
-        np.testing.assert_array_equal(outs[-1].numpy(), ref.bias_grad(g, b_scale_dw))
+        extra = [lr_b, *biases] if update_biases else []
+        fn(*[tvm.runtime.tensor(a) for a in (*front, w_dw, s_dw, mask, b_scale, *([w_pw] if input_grad else []), *pw, *extra)], *outs)
     masked = ref.apply_mask(ref.conv2d_input_grad(g, w_dw, s_dw, (1, c, h, w), stride, c), mask)
-    np.testing.assert_array_equal(g_b.numpy(), ref.bias_grad(masked, b_scale))
+    want_b = [ref.bias_grad(masked, b_scale), *([ref.bias_grad(g, b_scale_dw)] if projection else [])]
+    if update_biases:
+        want_b = [ref.sgd_update_int32(b_, gb, lr_b) for b_, gb in zip(biases, want_b)]
+        assert (want_b[0] != biases[0]).any()
+    np.testing.assert_array_equal(g_b.numpy(), want_b[0])
+    if projection:
+        np.testing.assert_array_equal(g_b_dw.numpy(), want_b[1])
     if input_grad:
         np.testing.assert_array_equal(g_x.numpy(), ref.conv2d_input_grad(masked, w_eff, s_pw, (1, cin, h, w), 1, 1))
     if trained:
@@ -491,13 +505,14 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
 
 
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 4), (6, 4, 7, 8, 5, 1, 3), (8, 8, 4, 4, 3, 1, 8), (4, 3, 6, 6, 3, 2, 1), (4, 4, 5, 4, 7, 2, 2)]),
-       st.integers(0, 2**31), st.sampled_from(VARIANTS), st.booleans())
+       st.integers(0, 2**31), st.sampled_from(VARIANTS), st.booleans(), st.booleans())
 @settings(max_examples=20, deadline=None)
-def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, variant, wide):
+def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, variant, wide, update_biases):
     """With ``recompute`` the kernel takes the biases and requantization of the expansion and the depthwise conv
     instead of their clamp masks, and rebuilds each channel's masks from its input ``x``: the same bits as the
     mask-taking kernel given the masks of the numpy forward (in the optimized variant, through the DSP expansion
-    where the shape fits; with the wide-shift requantization when ``wide``)."""
+    where the shape fits; with the wide-shift requantization when ``wide``); with ``update_biases`` both update the
+    biases the recomputation reads."""
     from tvm_tinytrain.ops import dsp
     from tvm_tinytrain.ops.constants import Requant
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
@@ -533,15 +548,18 @@ def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, vari
     wide_flags = tuple(wide and int(rq.shift.min()) >= 33 for _, rq in rqs)
     assert wide_flags == (wide, wide)
     with kernel_variant(variant):
-        kernels = [depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero, tile, projection, None, recompute)
+        kernels = [depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero, tile, projection, None, recompute,
+                                            update_biases=update_biases)
                    for recompute in (None, (*convs, *wide_flags))]
-    inputs = [[w_pw, g_out, w_proj, s_proj, masks[1], b_scale_dw, w_dw, s_dw, masks[0], b_scale, s_pw, x, w_scale, lr],
+    inputs = [[w_pw, g_out, w_proj, s_proj, masks[1], b_scale_dw, w_dw, s_dw, masks[0], b_scale, s_pw, x, w_scale, lr,
+               *([b1, b2] if update_biases else [])],
               [w_pw, g_out, w_proj, s_proj, b_scale_dw, w_dw, s_dw, b_scale, s_pw, x, w_scale, lr, b1, rq1.mult, rq1.shift, b2,
                rq2.mult, rq2.shift]]
     results = []
     for kernel, args in zip(kernels, inputs):
         fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})), target="llvm")
-        outs = [tvm.runtime.empty(s, d) for s, d in ((w_pw.shape, "int8"), ([1, cin, h, w], "float32"), ([c], "float32"), ([c], "float32"))]
+        bias_type = "int32" if update_biases else "float32"
+        outs = [tvm.runtime.empty(s, d) for s, d in ((w_pw.shape, "int8"), ([1, cin, h, w], "float32"), ([c], bias_type), ([c], bias_type))]
         fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], *outs)
         results.append([o.numpy() for o in outs])
     for want, got in zip(*results):

@@ -469,6 +469,32 @@ def test_residual_gradient_is_read_through_its_mask(scheme, blocks, kernels):
 
 
 @pytest.mark.parametrize("kernels", ["reference", "optimized"])
+@pytest.mark.parametrize("scheme", ["bias-only:13", "last-k:6"])
+def test_fused_block_backward_updates_its_biases_in_place(scheme, kernels):
+    """The fused block backward applies the SGD steps of the expansion's and the depthwise conv's biases itself, each
+    channel's as soon as its gradient is summed: no bias gradient tensor or separate update of those biases is left
+    in the step, the step equals the numpy reference, and its bias-gradient buffers are smaller than with
+    ``fuse_bias_updates=False`` (its peak no larger)."""
+    from tvm_tinytrain.default_model import load_default_model
+
+    model = load_default_model()
+    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    calls = _step_calls(trainer.mod)
+    fused = [c for c in calls if c.op.startswith("depthwise_block_backward")]
+    # the expansion's bias, and the depthwise conv's where the projection's front is fused too (a frozen depthwise weight)
+    biases = {n for c in fused for n in c.node.split("+")[-2 if c.node.count("+") == 2 else -1:]}
+    assert biases and not [c for c in calls if c.op in ("bias_grad", "sgd_update_int32") and c.node in biases]
+    assert all(c.attrs["in_place"] for c in fused)
+    _assert_steps_match_reference(trainer, model, scheme)
+    with pass_config(fuse_bias_updates=False):
+        separate = build_training_module(model, scheme, num_classes=5, kernels=kernels)
+    assert [c for c in _step_calls(separate) if c.op == "sgd_update_int32" and c.node in biases]
+    plans = memory_plan(trainer.mod), memory_plan(separate)
+    fused_grads, separate_grads = (sum(b["size"] for b in p.buffers if b["kind"] == "weight_gradient") for p in plans)
+    assert fused_grads < separate_grads and plans[0].peak_live_bytes <= plans[1].peak_live_bytes
+
+
+@pytest.mark.parametrize("kernels", ["reference", "optimized"])
 def test_trained_expansion_recomputes_its_block_masks(kernels, tmp_path):
     """Block 4's expansion trained whole behind a frozen depthwise conv, and the biases from block 3's expansion on: the
     block's fused backward

@@ -33,7 +33,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from relax_passes._buffers import IN_PLACE_FIELDS, IN_PLACE_OPS, OVERWRITING_OPS
+from relax_passes._buffers import IN_PLACE_OPS, OVERWRITING_OPS
 from relax_passes._ir import decode
 from relax_passes.stream_input_rows import ROW_KERNEL, row_kernel
 from tvm_tinytrain.errors import TinyTrainError
@@ -106,7 +106,7 @@ def pointer_form(func: tirx.PrimFunc) -> tirx.PrimFunc:
         decls.append(tirx.stmt.DeclBuffer(param, data=ptr))
     attrs = {k: v for k, v in func.attrs.items() if not k.startswith("tinytrain.") and k != "global_symbol"}
     attrs["calling_conv"] = 0  # kDefault: a plain C function, not the packed API
-    if str(func.attrs.get("tinytrain.op", "")) in (*IN_PLACE_OPS, *IN_PLACE_FIELDS, *OVERWRITING_OPS):
+    if str(func.attrs.get("tinytrain.op", "")) in (*IN_PLACE_OPS, *OVERWRITING_OPS) or "tinytrain.in_place" in func.attrs:
         attrs.pop("tirx.noalias", None)
     return tirx.PrimFunc(ptrs, tirx.SeqStmt([*decls, func.body]), attrs=tvm.ir.make_node("ir.DictAttrs", **attrs))
 

@@ -34,7 +34,7 @@ import tvm
 from tvm import relax
 
 from relax_passes import memory_plan
-from relax_passes._buffers import IN_PLACE_FIELDS, IN_PLACE_OPS, type_bytes
+from relax_passes._buffers import IN_PLACE_OPS, in_place_fields, type_bytes
 from relax_passes._ir import decode, shape_of
 from relax_passes._row_pipeline import IMAGE, RowPipeline, row_pipelines
 from relax_passes.plan_memory import plan
@@ -304,8 +304,9 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
             else:
                 tys = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
                 names = [var.name] if len(tys) == 1 else [f"{var.name}[{k}]" for k in range(len(tys))]
-                field, arg = IN_PLACE_FIELDS.get(call.op, (None, None))
-                outs = [in_place(arg) if k == field else buffers.take(n, ty) for k, (n, ty) in enumerate(zip(names, tys))]
+                fields_in_place = in_place_fields(call)
+                outs = [in_place(fields_in_place[k]) if k in fields_in_place else buffers.take(n, ty)
+                        for k, (n, ty) in enumerate(zip(names, tys))]
                 buffers.skip_workspace(var.name)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
             calls.append(_kernel_call(kernel, args + outs, i, func_name, var, op_ids[kernel.op]))

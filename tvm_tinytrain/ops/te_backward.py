@@ -263,14 +263,16 @@ def sgd_update_int8(w: te.Tensor, grad: te.Tensor, lr: te.Tensor, channel_axis: 
     return te.compute(w.shape, body, name="w_new")
 
 
+def int32_step(b, lr, g):
+    """The new int32 bias after SGD step ``-lr * g`` (``lr`` a one-element tensor or buffer); 2147483520 is the
+    largest float32 below 2**31."""
+    step = _sgd_step(lr, g, -2147483648.0, 2147483520.0).astype("int64")
+    return tirx.max(tirx.min(b.astype("int64") + step, INT32_MAX), INT32_MIN).astype("int32")
+
+
 def sgd_update_int32(b: te.Tensor, grad: te.Tensor, lr: te.Tensor) -> te.Tensor:
-    """``b' = saturate_int32(b + floor(0.5 - lr*G))``; 2147483520 is the largest float32 below 2**31."""
-
-    def body(*idx):
-        step = _sgd_step(lr, grad[idx], -2147483648.0, 2147483520.0).astype("int64")
-        return tirx.max(tirx.min(b[idx].astype("int64") + step, INT32_MAX), INT32_MIN).astype("int32")
-
-    return te.compute(b.shape, body, name="b_new")
+    """``b' = saturate_int32(b + floor(0.5 - lr*G))``."""
+    return te.compute(b.shape, lambda *idx: int32_step(b[idx], lr, grad[idx]), name="b_new")
 
 
 def sgd_update_f32(w: te.Tensor, grad: te.Tensor, lr: te.Tensor) -> te.Tensor:

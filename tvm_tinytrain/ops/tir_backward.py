@@ -18,7 +18,7 @@ from tvm import tirx
 from ..errors import TinyTrainError
 from . import tir_depthwise, tir_expand_depthwise
 from .schedule import current_variant
-from .te_backward import int8_step, static_index
+from .te_backward import int8_step, int32_step, static_index
 from .te_kernels import requantize_value
 
 
@@ -33,10 +33,10 @@ def _unsaturated(v, conv: dict):
 
 
 def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None = None, masked_input: bool = False):
-    """A macro ``(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, out, border, y)``: channel ``c`` of a 1x1
+    """A macro ``(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, gi, out, border, y)``: channel ``c`` of a 1x1
     projection's input gradient (:func:`.te_backward.conv2d_input_grad`: the sum over the ``projection`` output channels
     of ``g``, in increasing order), masked by the clamp of the conv it reads, into ``out`` inside a border of
-    ``border``, and that conv's bias gradient ``g_b[c] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).
+    ``border``, and that conv's bias gradient ``g_b[gi] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).
     The mask is bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), the int8 outputs ``y[0, 0]``
     of channel ``c``.  With ``masked_input`` the output gradient is ``g`` read through the projection's own packed
     clamp mask ``g_mask`` (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no
@@ -45,7 +45,7 @@ def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None 
     recompute = recomputed is not None
 
     @T.macro
-    def front(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, out, border, y):
+    def front(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, gi, out, border, y):
         proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
         proj_acc = T.alloc_buffer((px,), "float32", scope="global")
         for o in range(projection):
@@ -67,10 +67,10 @@ def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None 
                 else:
                     out[i + border, jq * px + u + border] = T.Select(_bit(mask, (c * ho + i) * wo + jq * px + u), proj_acc[u],
                                                                      T.float32(0.0))
-        g_b[c] = T.float32(0.0)
+        g_b[gi] = T.float32(0.0)
         for i, j in T.grid(ho, wo):
-            g_b[c] = g_b[c] + out[i + border, j + border]
-        g_b[c] = b_scale[c] * g_b[c]
+            g_b[gi] = g_b[gi] + out[i + border, j + border]
+        g_b[gi] = b_scale[c] * g_b[gi]
 
     return front
 
@@ -90,7 +90,7 @@ def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_
                g_b: T.Buffer((channels,), "float32")):
         plane = T.alloc_buffer((h, w), "float32", scope="global")
         for c in range(channels):
-            front(c, g_out, g_mask, w_proj, s_proj, mask, b_scale, g_b, plane, 0, None)
+            front(c, g_out, g_mask, w_proj, s_proj, mask, b_scale, g_b, c, plane, 0, None)
 
     return _signature(kernel, ["g_out", *(["g_mask"] if masked_input else []), "w_proj", "s_proj", "mask", "b_scale", "g_b"])
 
@@ -98,7 +98,7 @@ def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
                              trained_x_zero: int | None = None, tile: int = 1, projection: int | None = None,
                              merged: tuple[int, ...] | None = None, recompute: tuple[dict, dict, bool, bool] | None = None,
-                             input_grad: bool = True, masked_front: bool = False):
+                             input_grad: bool = True, masked_front: bool = False, update_biases: bool = False):
     """PrimFunc ``(g, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_x, g_b)`` for one depthwise conv of
     ``channels`` planes ``h x w -> ho x wo`` (kernel ``k``, ``stride``, padding ``(k-1)//2``) whose input is a 1x1 conv
     of ``in_channels``.  ``mask`` is the expansion's packed clamp mask; ``g_b = b_scale * sum(masked gradient)``
@@ -147,6 +147,13 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     With ``masked_front`` (and ``projection``) ``g_out`` is read through the projection's packed clamp mask ``g_mask``,
     an input right after it (:func:`projection_front`): a residual block's output gradient that the skip path still
     reads needs no masked copy.
+
+    With ``update_biases`` the bias gradients are not outputs: each channel's SGD step
+    (:func:`.te_backward.sgd_update_int32`) is applied as soon as its gradient is summed, in place on the bias, whose
+    old value channel ``c`` has read by then (a recomputed mask reads only its own channel): ``g_b`` gives way to
+    ``b1_new`` over ``b1``, the expansion's bias, and ``g_b_dw`` to ``b2_new`` over ``b2``, the depthwise conv's, each
+    input (with ``lr``) where the form has none.  The attribute ``tinytrain.in_place`` lists each output written over
+    an input as ``[output, input]`` (the trained weight's too).
     """
     if merged is not None and (trained_x_zero is None or not input_grad):
         raise TinyTrainError("depthwise_block_backward: a merged expansion weight is a trained one read by the input "
@@ -198,8 +205,16 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         dw_channel(plane, w_dw, b2, m2, s2, c, r_start, r_params, r_acc, dw_y, 0)
 
     @T.macro
+    def plane_bias_grad(planes, t, b_scale, c, g_b, gi):
+        """``g_b[gi]``: channel ``c``'s bias gradient, ``b_scale[c]`` times the sum of its masked plane ``t``."""
+        g_b[gi] = T.float32(0.0)
+        for y, xx in T.grid(h, w):
+            g_b[gi] = g_b[gi] + planes[t, y, xx]
+        g_b[gi] = b_scale[c] * g_b[gi]
+
+    @T.macro
     def block_backward(g, g_mask, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
-                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2):
+                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2, b1_new, b2_new):
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
@@ -214,6 +229,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         r_params = T.alloc_buffer((3,), "int32", scope="global")
         r_pairs = T.alloc_buffer((2,), "int32", scope="global")
         r_lanes = T.alloc_buffer((4,), "int32", scope="global")
+        g_bias = T.alloc_buffer((2,), "float32", scope="global")  # update_biases: channel c's two bias gradients
         if input_grad:
             for ci, y, xx in T.grid(in_channels, h, w):
                 g_x[0, ci, y, xx] = T.float32(0.0)
@@ -233,7 +249,12 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     for i, j in T.grid(ho, wo):
                         g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
                 else:  # g is the projection's output gradient: channel c's input gradient, masked by the depthwise clamp
-                    front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, g_pad, taps - 1, dw_y)
+                    if update_biases:
+                        front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_bias, 1, g_pad, taps - 1, dw_y)
+                        b2_new[c0 * tile + t] = int32_step(b2[c0 * tile + t], lr, g_bias[1])
+                    else:
+                        front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, c0 * tile + t, g_pad, taps - 1,
+                              dw_y)
                 for y, xx in T.grid(h, w):
                     planes[t, y, xx] = T.float32(0.0)
                     # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
@@ -247,10 +268,11 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                         planes[t, y, xx] = T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), planes[t, y, xx], T.float32(0.0))
                     else:
                         planes[t, y, xx] = T.Select(_bit(mask, ((c0 * tile + t) * h + y) * w + xx), planes[t, y, xx], T.float32(0.0))
-                g_b[c0 * tile + t] = T.float32(0.0)
-                for y, xx in T.grid(h, w):
-                    g_b[c0 * tile + t] = g_b[c0 * tile + t] + planes[t, y, xx]
-                g_b[c0 * tile + t] = b_scale[c0 * tile + t] * g_b[c0 * tile + t]
+                if update_biases:
+                    plane_bias_grad(planes, t, b_scale, c0 * tile + t, g_bias, 0)
+                    b1_new[c0 * tile + t] = int32_step(b1[c0 * tile + t], lr, g_bias[0])
+                else:
+                    plane_bias_grad(planes, t, b_scale, c0 * tile + t, g_b, c0 * tile + t)
             if input_grad:
                 for ci2 in range(in_channels // pair):
                     for s, t in T.grid(pair, tile):
@@ -297,9 +319,10 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                b1: T.Buffer((channels,), "int32"), m1: T.Buffer((channels,), "int32"), s1: T.Buffer((channels,), "int32"),
                b2: T.Buffer((channels,), "int32"), m2: T.Buffer((channels,), "int32"), s2: T.Buffer((channels,), "int32"),
                g_x: T.Buffer((1, in_channels, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
-               w_new: T.Buffer((channels, n_w, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32")):
+               w_new: T.Buffer((channels, n_w, 1, 1), "int8"), g_b_dw: T.Buffer((channels,), "float32"),
+               b1_new: T.Buffer((channels,), "int32"), b2_new: T.Buffer((channels,), "int32")):
         block_backward(g, g_mask, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
-                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2)
+                       b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2, b1_new, b2_new)
 
     front = ["g", *(["g_mask"] if masked_front else []), "w_proj", "s_proj", "mask_dw", "b_scale_dw"] if projection is not None else ["g"]
     if trained_x_zero is None:
@@ -313,7 +336,12 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         inputs = [n for n in inputs if n not in ("s_pw", *(["w_pw"] if trained_x_zero is None else []))]
     outputs = [*(["w_new"] if trained_x_zero is not None else []), *(["g_x"] if input_grad else []), "g_b",
                *(["g_b_dw"] if projection is not None else [])]
-    return _signature(kernel, inputs + outputs)
+    if update_biases:
+        inputs += [n for n in ("lr", "b1", *(["b2"] if projection is not None else [])) if n not in inputs]
+        outputs = [{"g_b": "b1_new", "g_b_dw": "b2_new"}.get(n, n) for n in outputs]
+    over = {"w_new": "w_pw", "b1_new": "b1", "b2_new": "b2"}
+    in_place = [[k, inputs.index(over[n])] for k, n in enumerate(outputs) if n in over]
+    return _signature(kernel, inputs + outputs).with_attr("tinytrain.in_place", in_place)
 
 
 def _signature(func: tirx.PrimFunc, names: list[str]) -> tirx.PrimFunc:
