@@ -30,6 +30,7 @@ DEFAULTS = {
     "recompute_masks": True,  # FuseDepthwiseBackward: ... and its block's clamp masks recomputed, not stored (less memory)
     "fuse_bias_updates": True,  # FuseDepthwiseBackward: ... and its biases' SGD steps applied in place (no bias gradients)
     "masked_reads": True,  # FuseDepthwiseBackward: a residual's projection gradient read through its clamp mask, not copied
+    "min_fused_plane": 65,  # FuseExpandDepthwise: smaller expanded planes (8x8 and below) stay a GEMM + depthwise conv (faster)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
     "row_window_bytes": 1024,  # StreamInputRows: a streamed depthwise conv gathers its window of rows in channel groups this small

@@ -9,7 +9,12 @@ computes one expanded channel plane inside the depthwise conv's channel loop
 A block the gradient crosses is left alone when its expanded tensor has other
 readers (masks, saved activations); run after FuseDepthwiseBackward, whose
 kernel may recompute a block's masks, and so leave the depthwise conv the
-only reader.
+only reader.  Planes of fewer pixels than the option ``min_fused_plane``
+(65: 8x8 and smaller) stay two kernels: there the fused kernel's cost per
+channel (its bordered plane, a pass over the whole input for each channel)
+outweighs the blocked GEMM's, and the expanded tensor is small (MCUNet's
+``paper-99kb``: 2.3 M fewer instructions per step on the Cortex-M7, the same
+arena, ``scripts/device_table.py``).
 
 Before::
 
@@ -32,6 +37,7 @@ from tvm_tinytrain.relax_build import kernel_attrs
 
 from ._fusion import conv_quant, fuse_pairs, placeholders, relax_function_names, wide_shift
 from ._ir import shape_of
+from .config import option
 
 
 def _conv_requant(x, w, b, m, s, a: dict, wide: bool, pad: int | None = None):
@@ -78,17 +84,18 @@ def fused_expand_depthwise(expand, depthwise) -> tvm.tirx.PrimFunc:
     return sch.mod["main"].without_attr("global_symbol")
 
 
-def _fusable(expand, depthwise, readers) -> bool:
+def _fusable(expand, depthwise, readers, min_plane: int) -> bool:
     return (expand.op == depthwise.op == "conv2d_requant" and len(expand.args) == 5 and len(depthwise.args) == 5
             and expand.attrs["groups"] == 1 and shape_of(expand.args[1])[2:] == (1, 1) and depthwise.attrs["groups"] > 1
-            and depthwise.args[0].same_as(expand.var) and readers.get(expand.var) == 1)
+            and depthwise.args[0].same_as(expand.var) and readers.get(expand.var) == 1
+            and shape_of(expand.var)[2] * shape_of(expand.var)[3] >= min_plane)
 
 
-def _pairs(calls, readers) -> dict:
-    """depthwise var -> the 1x1 expansion it alone reads."""
+def _pairs(calls, readers, min_plane: int) -> dict:
+    """depthwise var -> the 1x1 expansion it alone reads, on planes of at least ``min_plane`` pixels."""
     producer = {c.var: c for c in calls if c is not None}
     return {c.var: producer[c.args[0]] for c in calls
-            if c is not None and c.args and c.args[0] in producer and _fusable(producer[c.args[0]], c, readers)}
+            if c is not None and c.args and c.args[0] in producer and _fusable(producer[c.args[0]], c, readers, min_plane)}
 
 
 def _fused_kernel(expand, depthwise) -> tuple[tvm.tirx.PrimFunc, str]:
@@ -98,10 +105,15 @@ def _fused_kernel(expand, depthwise) -> tuple[tvm.tirx.PrimFunc, str]:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseExpandDepthwise")
 class FuseExpandDepthwise:
-    """Fuse each 1x1 expansion whose only reader is a depthwise conv into it (run after FuseConvRequant)."""
+    """Fuse each 1x1 expansion whose only reader is a depthwise conv into it, on planes of at least ``min_plane``
+    pixels (option ``min_fused_plane``; run after FuseConvRequant)."""
+
+    def __init__(self, min_plane: int | None = None):
+        self.min_plane = min_plane
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         names = relax_function_names(mod)
+        min_plane = int(option("min_fused_plane", self.min_plane))
         for name in names:
-            mod = fuse_pairs(mod, name, _pairs, _fused_kernel)
+            mod = fuse_pairs(mod, name, lambda calls, readers: _pairs(calls, readers, min_plane), _fused_kernel)
         return relax.transform.DeadCodeElimination(names)(mod)

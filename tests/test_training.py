@@ -286,8 +286,11 @@ def test_gradient_accumulation_matches_reference(model, tmp_path):
 
 def test_frozen_expansion_is_fused_into_its_depthwise_conv(model):
     """bias-only:2 leaves block b0 frozen: its 1x1 expansion runs inside the depthwise conv, one channel plane at a
-    time, so the expanded tensor is never a buffer (the step stays bit-exact: see the reference test above)."""
-    mod = build_training_module(model, "bias-only:2", num_classes=4)
+    time, so the expanded tensor is never a buffer (the step stays bit-exact: see the reference test above).  Its
+    8x8 planes are below the option ``min_fused_plane``, which keeps such planes two kernels by default."""
+    assert not [c for c in _step_calls(build_training_module(model, "bias-only:2", num_classes=4)) if c.op == "expand_depthwise"]
+    with pass_config(min_fused_plane=64):
+        mod = build_training_module(model, "bias-only:2", num_classes=4)
     calls = _step_calls(mod)
     assert [c.node for c in calls if c.op == "expand_depthwise"] == ["b0.expand+b0.dw"]
     assert not [c for c in calls if c.node in ("b0.expand", "b0.dw")]
@@ -499,21 +502,22 @@ def test_trained_expansion_recomputes_its_block_masks(kernels, tmp_path):
     """Block 4's expansion trained whole behind a frozen depthwise conv, and the biases from block 3's expansion on: the
     block's fused backward
     recomputes the two clamp masks from the saved block input instead of reading them, so the forward keeps no mask of
-    block 4's expansion or depthwise conv and fuses them (FuseExpandDepthwise); the step equals the numpy reference, and
-    needs less memory than with ``recompute_masks=False``, which keeps the masks."""
+    block 4's expansion or depthwise conv and fuses them (FuseExpandDepthwise, its 8x8 planes allowed); the step equals
+    the numpy reference, and needs less memory than with ``recompute_masks=False``, which keeps the masks."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
     scheme = tmp_path / "expansion.json"
     scheme.write_text(json.dumps({"n_bias_update": 6, "weight_idx": [10], "weight_ratio": [1.0]}))
     scheme = str(scheme)
-    trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
+    with pass_config(min_fused_plane=64):
+        trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05, kernels=kernels)
     calls = _step_calls(trainer.mod)
     assert [c.node for c in calls if c.op == "depthwise_block_backward_sgd"] == ["block4.project+block4.dw+block4.expand"]
     assert not [c for c in calls if c.op == "clamp_mask" and c.node in ("block4.expand", "block4.dw")]
     assert "block4.expand+block4.dw" in [c.node for c in calls if c.op == "expand_depthwise"]
     _assert_steps_match_reference(trainer, model, scheme)
-    with pass_config(recompute_masks=False):
+    with pass_config(recompute_masks=False, min_fused_plane=64):
         kept = build_training_module(model, scheme, num_classes=5, kernels=kernels)
     assert [c.node for c in _step_calls(kept) if c.op == "clamp_mask" and c.node.startswith("block4.")][:2] == ["block4.expand", "block4.dw"]
     assert memory_plan(trainer.mod).peak_live_bytes < memory_plan(kept).peak_live_bytes
