@@ -114,8 +114,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tvm_tinytrain.ops.schedule import current_variant
 from tvm_tinytrain.ops import te_backward
+from tvm_tinytrain.ops.schedule import current_variant
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward, projection_bias_grad
 from tvm_tinytrain.relax_build import emit_kernel, kernel_attrs
 
@@ -138,12 +138,7 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_m
     depthwise conv) whose masks the kernel recomputes or None, the front's masked source (:func:`_masked_source`)
     or None, the SGD steps of the expansion's and the depthwise conv's biases that the kernel applies
     (:func:`_bias_updates`) or None)."""
-    by_input: dict = {}
-    for c in calls:
-        if c is not None and c.args:
-            by_input.setdefault(c.args[0], []).append(c)
-            if c.op == "conv2d_weight_grad_sgd":
-                by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
+    by_input = _readers_by_input(calls)
     producer = {c.var: c for c in calls if c is not None}
     sgd_of = {c.args[1]: c for c in calls if c is not None and c.op == "sgd_update_int32"}
     groups = {}
@@ -172,6 +167,17 @@ def _groups(calls, readers, max_plane: int, trained_expansion: bool, recompute_m
         updates = _bias_updates([b, *(front[2:] if front else [])], forward, sgd_of, readers) if bias_updates else None
         groups[(front[0] if front else d).var] = (front, d, m, b, p, u, forward, source, updates)
     return groups
+
+
+def _readers_by_input(calls) -> dict:
+    """var -> the calls that read it as their gradient operand: argument 0, or argument 2 of a fused weight update."""
+    by_input: dict = {}
+    for c in calls:
+        if c is not None and c.args:
+            by_input.setdefault(c.args[0], []).append(c)
+            if c.op == "conv2d_weight_grad_sgd":
+                by_input.setdefault(c.args[2], []).append(c)  # it reads the masked gradient as its argument 2
+    return by_input
 
 
 def _bias_updates(grads, forward, sgd_of, readers):
@@ -208,11 +214,7 @@ def _fronts_alone(calls, readers, max_plane: int, masked_reads: bool) -> dict:
     """bias-gradient var -> (projection input gradient, clamp mask, bias gradient, its masked source or None) where the
     backward stops at the bias of the conv the projection reads: only the mask reads the input gradient, only the bias
     gradient the mask."""
-    producer = {c.var: c for c in calls if c is not None}
-    by_input: dict = {}
-    for c in calls:
-        if c is not None and c.args:
-            by_input.setdefault(c.args[0], []).append(c)
+    producer, by_input = {c.var: c for c in calls if c is not None}, _readers_by_input(calls)
     fronts = {}
     for bds in calls:
         md = producer.get(bds.args[0]) if bds is not None and bds.op == "bias_grad" else None

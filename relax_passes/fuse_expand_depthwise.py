@@ -13,8 +13,8 @@ only reader.  Planes of fewer pixels than the option ``min_fused_plane``
 (65: 8x8 and smaller) stay two kernels: there the fused kernel's cost per
 channel (its bordered plane, a pass over the whole input for each channel)
 outweighs the blocked GEMM's, and the expanded tensor is small (MCUNet's
-``paper-99kb``: 2.3 M fewer instructions per step on the Cortex-M7, the same
-arena, ``scripts/device_table.py``).
+``paper-99kb``: 2.3 M fewer instructions per step on the Cortex-M7, 64 bytes
+more arena, ``scripts/device_table.py``).
 
 Before::
 
