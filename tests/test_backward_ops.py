@@ -447,7 +447,9 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
     w_dw, w_pw = (rng.integers(-128, 128, s).astype(np.int8) for s in ((c, 1, k, k), (c, cin, 1, 1)))
     s_dw, s_pw = (rng.uniform(1e-3, 1e-2, c).astype(np.float32) for _ in range(2))
     mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
-    b_scale = rng.uniform(1, 100, c).astype(np.float32)
+    # A bias moves only where lr * its gradient reaches 1/2: larger scales when the kernel applies the steps itself.
+    bias_scale = np.float32(1000 if update_biases else 1)
+    b_scale = rng.uniform(1, 100, c).astype(np.float32) * bias_scale
     x = rng.integers(-128, 128, (1, cin, h, w)).astype(np.int8)
     x_zero, w_scale, lr = int(rng.integers(-128, 128)), rng.uniform(1, 1e3, c).astype(np.float32), np.array([0.01], np.float32)
     trained, merged, w_eff, x_train, frozen = expansion != "frozen", None, w_pw, x, []
@@ -464,7 +466,7 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         w_proj = rng.integers(-128, 128, (projection, c, 1, 1)).astype(np.int8)
         s_proj = rng.uniform(1e-3, 1e-2, projection).astype(np.float32)
         mask_dw = rng.integers(0, 256, ((c * ho * wo + 7) // 8,)).astype(np.uint8)
-        b_scale_dw = rng.uniform(1, 100, c).astype(np.float32)
+        b_scale_dw = rng.uniform(1, 100, c).astype(np.float32) * bias_scale
         g_mask = [rng.integers(0, 256, ((g_out.size + 7) // 8,)).astype(np.uint8)] if masked_front else []
         front = [g_out, *g_mask, w_proj, s_proj, mask_dw, b_scale_dw]
         g_out = ref.apply_mask(g_out, g_mask[0]) if masked_front else g_out
