@@ -218,20 +218,29 @@ def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path
 
 
 @pytest.mark.parametrize("scheme, op", [("bias-only:13", "depthwise_block_backward"), ("last-k:6", "depthwise_block_backward_sgd"),
-                                        ("default-sparse-c", "depthwise_block_backward_sgd")])
+                                        ("default-sparse-c", "depthwise_block_backward_sgd"),
+                                        ({"n_bias_update": 6, "weight_idx": [10], "weight_ratio": [1.0]}, "depthwise_block_backward_sgd")])
 def test_default_model_fused_depthwise_backward_in_c(tmp_path, scheme, op):
     """The default model runs the TIR-written depthwise block backward (bias-only:13: from the projections' output
-    gradients; last-k:6: with its expansion's weight update in place, a default option; default-sparse-c: on a merged
-    expansion's trained slice) and every in-place kernel; the optimized C equals the reference trainer over two steps."""
+    gradients, residual ones through their masks, the biases updated inside; last-k:6: with its expansion's weight
+    update in place, a default option; default-sparse-c: on a merged expansion's trained slice; block 4's expansion
+    trained whole: its masks recomputed from biases the kernel updates in place) and every in-place kernel; the
+    optimized C, sanitized, equals the reference trainer over two steps."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
-    if scheme.startswith("default-sparse"):
+    recomputes = isinstance(scheme, dict)
+    if recomputes:
+        (tmp_path / "scheme.json").write_text(json.dumps(scheme))
+        scheme = str(tmp_path / "scheme.json")
+    elif scheme.startswith("default-sparse"):
         scheme = str(Path(__file__).resolve().parents[1] / "scripts" / "schemes" / f"{scheme}.json")
     trainer = Int8Trainer(model, scheme, num_classes=5, lr=0.05)
     optimized = build_training_module(model, scheme, num_classes=5, kernels="optimized")
     meta = generate(optimized, tmp_path / "gen", lr=0.05)
     assert f"{op} " in (tmp_path / "gen" / "tinytrain_kernels.c").read_text()
+    fused = [f for f in optimized.functions.values() if str(f.attrs.get("tinytrain.op", "")) == op]
+    assert any("m1" in [p.name for p in f.params] for f in fused) == recomputes  # the forward's multipliers: masks recomputed
     images = np.random.default_rng(1).integers(-128, 128, (2, 3, 32, 32)).astype(np.int8)
     labels = np.array([3, 1], np.int32)
     losses, params = [], []
