@@ -7,7 +7,8 @@ why not ``PassContext(config=...)``)::
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
         SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(),
-        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), PlanMemory(),
+        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), RecomputeStreamedExpansion(),
+        PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -23,11 +24,12 @@ from .fuse_weight_update import FuseWeightUpdate
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .pointwise_in_place import PointwiseInPlace
 from .quantized_gradient import QuantizedGradient
+from .recompute_streamed_expansion import RecomputeStreamedExpansion
 from .reorder_updates import ReorderUpdates
 from .sparse_update import SparseUpdate
 from .stream_input_rows import StreamInputRows
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "RecomputeStreamedExpansion", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

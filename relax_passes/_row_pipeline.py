@@ -48,6 +48,7 @@ class RowInput:
     stride: int
     pad: int
     zero: int  # the value of window rows past the tensor's edges (the conv's input zero point)
+    via: int | None = None  # a recomputed expansion between ``source`` and the reader (its rows are made for each window)
 
     def first_row(self, out_row: int) -> int:
         return out_row * self.stride - self.pad
@@ -65,6 +66,7 @@ class RowStage:
     shape: tuple[int, int, int]  # (channels, height, width) of its output
     group: int  # channels its band kernel takes at a time (a depthwise conv's window is gathered group by group)
     ring_rows: int = 0  # 0: the last stage, whose output is written whole
+    recomputed: bool = False  # a 1x1 expansion its depthwise reader recomputes per channel group: it keeps no ring
 
     @property
     def row_bytes(self) -> int:
@@ -117,11 +119,21 @@ class RowPipeline:
         """One window serves every stage: it is filled just before the stage's band kernel reads it."""
         return max(s.window_bytes() for s in self.stages)
 
+    @property
+    def expanded_bytes(self) -> int:
+        """The rows a recomputed expansion makes for one window of its reader's channel group (``[rows][group][width]``,
+        a ring of as many slots as the window has rows, from which the window is gathered); one for all stages."""
+        return max((inp.rows * s.group * self.stages[inp.via].shape[2] for s in self.stages for inp in s.inputs if inp.via is not None),
+                   default=0)
+
     def buffers(self, stage: RowStage) -> list[tuple[str, int]]:
         """A stage's buffers besides its output, in the order the planner and the C step function take them: the
-        pipeline's window (with the first stage), then its ring (or, for the last stage, the band its row is computed
-        into before it is stored in the output)."""
-        parts = [("window", self.window_bytes)] if stage is self.stages[0] and self.window_bytes else []
+        pipeline's window and expanded rows (with the first stage), then its ring (or, for the last stage, the band its
+        row is computed into before it is stored in the output; a recomputed expansion has none)."""
+        parts = [(part, size) for part, size in (("window", self.window_bytes), ("expanded", self.expanded_bytes))
+                 if stage is self.stages[0] and size]
+        if stage.recomputed:
+            return parts
         return parts + ([("band", stage.row_bytes)] if stage is self.stages[-1] else [("ring", stage.ring_rows * stage.row_bytes)])
 
     def bytes(self) -> int:
@@ -134,6 +146,8 @@ class RowPipeline:
         height = self.stages[j].shape[1]
         if j == len(self.stages) - 1:
             return height
+        if self.stages[j].recomputed:
+            return 0
         return max(inp.rows_for(self.stages[c].shape[1], height) for c, inp in self.consumers[j])
 
     def ready(self, j: int, made: list[int]) -> bool:
@@ -154,7 +168,7 @@ class RowPipeline:
             yield j, made
 
 
-def _stage(call, index: int, position: dict[relax.Var, int], image) -> RowStage:
+def _stage(call, index: int, position: dict[relax.Var, int], image, stages: list[RowStage]) -> RowStage:
     what = f"StreamInputRows: binding {index} ({call.var.name} = {call.op} of {call.node})"
     if call.op.startswith("conv2d_requant"):
         k = shape_of(call.args[1])[2]
@@ -169,9 +183,19 @@ def _stage(call, index: int, position: dict[relax.Var, int], image) -> RowStage:
             source = position[arg]
         else:
             raise TinyTrainError(f"{what} reads {arg.name}, which is neither the image (for the first layer) nor an earlier streamed layer's output")
-        inputs.append(RowInput(source, rows, stride, pad, zero))
+        via = source if source != IMAGE and stages[source].recomputed else None
+        if via is not None:  # the window's rows are the expansion's, made from its source's rows, 1:1
+            if rows == 1 or call.attrs["groups"] <= 1:
+                raise TinyTrainError(f"{what} reads the recomputed expansion {arg.name}, which only a depthwise conv's window may read")
+            source = stages[via].inputs[0].source
+        inputs.append(RowInput(source, rows, stride, pad, zero, via))
     _, c, h, w = shape_of(call.var)
-    return RowStage(index, call, inputs, (c, h, w), channel_group(call, int(option("row_window_bytes"))))
+    stage = RowStage(index, call, inputs, (c, h, w), channel_group(call, int(option("row_window_bytes"))),
+                     recomputed=bool(call.attrs.get("recomputed_rows", 0)))
+    if stage.recomputed and not (call.op == "conv2d_requant_rows" and call.attrs["groups"] == 1 and call.attrs["stride"] == 1
+                                 and shape_of(call.args[1])[2] == 1 and inputs[0].source != IMAGE):
+        raise TinyTrainError(f"{what} is marked recomputed_rows, but only a 1x1 conv (stride 1) on a streamed layer's rows can be")
+    return stage
 
 
 def pipeline(calls: list[tuple[int, KernelCall]], image, escaping=frozenset()) -> RowPipeline:
@@ -180,15 +204,21 @@ def pipeline(calls: list[tuple[int, KernelCall]], image, escaping=frozenset()) -
     position: dict[relax.Var, int] = {}
     stages = []
     for index, call in calls:
-        stages.append(_stage(call, index, position, image))
+        stages.append(_stage(call, index, position, image, stages))
         position[call.var] = len(stages) - 1
     pipe = RowPipeline(stages)
     pipe.consumers = [[] for _ in stages]
     for c, stage in enumerate(stages):
         for inp in stage.inputs:
-            if inp.source != IMAGE:
+            if inp.source != IMAGE and not stage.recomputed:  # a recomputed expansion's rows are read through its reader's window
                 pipe.consumers[inp.source].append((c, inp))
     for j, stage in enumerate(stages[:-1]):
+        if stage.recomputed:
+            readers = [s for s in stages if any(inp.via == j for inp in s.inputs)]
+            if stage.call.var in escaping or len(readers) != 1 or any(s.group != stage.group for s in readers):
+                raise TinyTrainError(f"StreamInputRows: binding {stage.binding} ({stage.call.var.name} of {stage.call.node}) is recomputed "
+                                     "by its reader, but it is not read by exactly one depthwise conv of its channel group")
+            continue
         if stage.call.var in escaping or not pipe.consumers[j]:
             raise TinyTrainError(f"StreamInputRows: binding {stage.binding} ({stage.call.var.name} of {stage.call.node}) is streamed, "
                                  "but its output is read outside its pipeline (only the last layer's may be)")

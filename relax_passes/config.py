@@ -33,6 +33,8 @@ DEFAULTS = {
     "min_fused_plane": 65,  # FuseExpandDepthwise: smaller expanded planes (8x8 and below) stay a GEMM + depthwise conv (faster)
     "stream_input": True,  # StreamInputRows: the first conv reads the image in bands of rows (the image leaves the arena)
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
+    "recompute_streamed_expansion": "at-peak",  # RecomputeStreamedExpansion: at-peak | always | never (see its module doc)
+    "recompute_min_saving": 1024,  # RecomputeStreamedExpansion: bytes of peak an at-peak recomputation must save
     "row_window_bytes": 1024,  # StreamInputRows: a streamed depthwise conv gathers its window of rows in channel groups this small
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
 }

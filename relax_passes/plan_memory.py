@@ -120,14 +120,19 @@ def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], ra
     return best, rank
 
 
-def live_floor(buffers: list[Buffer]) -> int:
-    """The most bytes alive at once, each output that may overwrite its operand counted as if it did (from after
-    its kernel): no placement's arena is smaller."""
+def live_floor_timeline(buffers: list[Buffer]) -> dict[int, int]:
+    """Bytes alive at each binding, each output that may overwrite its operand counted as if it did (from after its
+    kernel)."""
     live: dict[int, int] = {}
     for b in storage_buffers(buffers):
         for t in range(b.start + (b.overwrites is not None), b.end + 1):
             live[t] = live.get(t, 0) + b.size
-    return max(live.values(), default=0)
+    return live
+
+
+def live_floor(buffers: list[Buffer]) -> int:
+    """The most bytes alive at once, as :func:`live_floor_timeline` counts them: no placement's arena is smaller."""
+    return max(live_floor_timeline(buffers).values(), default=0)
 
 
 SEARCH_PATIENCE = 600  # swaps without a smaller arena before the local search gives up

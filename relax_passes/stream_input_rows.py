@@ -161,15 +161,16 @@ def _layers_after(calls: list, readers) -> int:
 
 
 def band_kernel(call, group: int) -> tvm.tirx.PrimFunc:
-    """``call`` on one window of rows, giving one output row; a depthwise conv on ``group`` of its channels (the C step
-    calls it once per group, with the group's weights and output)."""
-    if call.op == "conv2d_requant":
+    """``call`` on one window of rows, giving one output row; on ``group`` of its output channels when fewer than all
+    (a depthwise conv's group reads its own input channels; the C step calls it once per group, with the group's
+    weights and output)."""
+    if call.op.startswith("conv2d_requant"):
         n, c, k, w = window_shape(call)
-        if call.attrs["groups"] > 1 and group < c:  # weights, bias, multiplier and shift of one group
-            attrs, c = {**call.attrs, "groups": group}, group
+        attrs, params = call.attrs, [(shape_of(a), str(a.ty.dtype)) for a in call.args[1:]]
+        if group < shape_of(call.var)[1]:  # weights, bias, multiplier and shift of one group of output channels
             params = [((group, *shape_of(a)[1:]), str(a.ty.dtype)) for a in call.args[1:]]
-        else:
-            attrs, params = call.attrs, [(shape_of(a), str(a.ty.dtype)) for a in call.args[1:]]
+            if call.attrs["groups"] > 1:  # a depthwise conv's group reads its own input channels only
+                attrs, c = {**call.attrs, "groups": group}, group
         return conv_requant_func(attrs, [((n, c, k, w), "int8"), *params], call.args[-1], pad_h=0)
     n, c, _, w = shape_of(call.var)
     a, b = (te.placeholder((n, c, 1, w), "int8", f"arg{i}") for i in range(2))

@@ -20,6 +20,7 @@ from tvm import te
 from relax_passes import memory_plan, pass_config
 from relax_passes._row_pipeline import row_pipelines
 from relax_passes.plan_memory import plan
+from relax_passes.recompute_streamed_expansion import candidates
 from tvm_tinytrain.codegen import generate, kernels
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.trainer import Int8Trainer, build_training_module
@@ -157,23 +158,36 @@ def test_float_constants_are_printed_exactly(case):
     assert "2.14748352e+09f" in text and "2.147484e+09f" not in text
 
 
-@pytest.mark.parametrize("size, kernels, window", [(40, "reference", 1 << 20), (34, "optimized", 1 << 20), (40, "optimized", 100),
-                                                   (34, "reference", 100)])
-def test_streamed_layers_match_trainer(tmp_path, size, kernels, window):
+@pytest.mark.parametrize("size, kernels, window, recompute", [(40, "reference", 1 << 20, "never"), (34, "optimized", 1 << 20, "never"),
+                                                              (40, "optimized", 100, "never"), (34, "reference", 100, "never"),
+                                                              (34, "optimized", 100, "always"), (40, "reference", 1 << 20, "always")])
+def test_streamed_layers_match_trainer(tmp_path, size, kernels, window, recompute):
     """The streamed layers' C loop (the 16x16 cases above stream the first conv alone: longer chains cost more
     there), also at a size whose rows do not divide evenly (34 -> 17 -> 9): rings, zero-point rows past the edges,
     the residual add and the 5x5 depthwise window give the trainer's bits, under ASan, in train_step and in infer
     (through the logits); with a ``window`` of that many bytes (option ``row_window_bytes``), the depthwise convs'
-    windows are gathered and their kernels called a few channels at a time."""
+    windows are gathered and their kernels called a few channels at a time; with ``recompute`` "always"
+    (RecomputeStreamedExpansion), every expansion feeding a depthwise window is made per channel group from its
+    narrow input's rows, which then fill a smaller pipeline."""
     model = make_random_model(4, size=size)
-    with pass_config(row_window_bytes=window):
+    with pass_config(row_window_bytes=window, recompute_streamed_expansion=recompute):
         trainer = Int8Trainer(model, "bias-only:1", num_classes=CLASSES, lr=LR, kernels=kernels)
     meta = generate(trainer.mod, tmp_path / "gen", lr=LR)
     (train_pipe,) = row_pipelines(trainer.mod, trainer.mod["train_step"])
     (infer_pipe,) = row_pipelines(trainer.mod, trainer.mod["infer"])
     assert len(train_pipe.stages) >= 5 and len(infer_pipe.stages) >= len(train_pipe.stages)
-    grouped = [s for s in train_pipe.stages if s.grouped]
+    grouped = [s for s in train_pipe.stages if s.grouped and not s.recomputed]
     assert bool(grouped) == (window < 1 << 20) and all(s.group == 1 or s.window_bytes() <= window for s in grouped)
+    for pipe in (train_pipe, infer_pipe):
+        recomputed = [s for s in pipe.stages if s.recomputed]
+        assert bool(recomputed) == (recompute == "always") and bool(candidates(pipe)) == (recompute == "never")
+        if recomputed:
+            with pass_config(row_window_bytes=window, recompute_streamed_expansion="never"):
+                rings = Int8Trainer(model, "bias-only:1", num_classes=CLASSES, lr=LR, kernels=kernels).mod
+            func = "infer" if pipe is infer_pipe else "train_step"
+            (ringed,) = row_pipelines(rings, rings[func])
+            # in channel groups the expanded rows take less than the rings they replace; all channels at once, not
+            assert pipe.expanded_bytes > 0 and (pipe.bytes() < ringed.bytes()) == (window < 1 << 20)
     rng = np.random.default_rng(5)
     images = rng.integers(-128, 128, (2, 3, size, size)).astype(np.int8)
     labels = rng.integers(0, CLASSES, 2).astype(np.int32)

@@ -44,6 +44,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         PlanMemory,
         PointwiseInPlace,
         QuantizedGradient,
+        RecomputeStreamedExpansion,
         ReorderUpdates,
         SparseUpdate,
         StreamInputRows,
@@ -55,7 +56,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
             FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(), FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(),
-            PointwiseInPlace(), PlanMemory(),
+            PointwiseInPlace(), RecomputeStreamedExpansion(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)

@@ -184,19 +184,42 @@ def _arena_at(loc: Arena, row_offset: str) -> str:
     return f"(int8_t *)(tinytrain_arena + {loc.offset} + {row_offset})"
 
 
+def _gather(ring: Arena, slots: int, shape: tuple[int, int, int], window: Arena, first: str, inp, c0: str, count: int, what: str) -> str:
+    """The C that gathers a window of ``inp.rows`` rows from ``first`` of ``count`` channels from ``c0`` of a ring of
+    ``slots`` rows of ``shape`` (channels, height, width)."""
+    c, h, w = shape
+    return (f"tinytrain_ring_window({pointer(ring, 'int8', what)}, {slots}, {c}, {h}, {w}, {pointer(window, 'int8', what)}, "
+            f"{first}, {inp.rows}, {inp.zero}, {c0}, {count});")
+
+
 def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kernel], op_ids: dict[str, int], func: str) -> str:
     """The C loop of a pipeline of streamed layers (``relax_passes/_row_pipeline.py``): each time, the last layer
     that can make its next row makes it, reading the image, its input's ring slot or a window gathered from the
     ring, and writing its row into its ring slot (the last layer: into its output)."""
     n, last = len(pipe.stages), pipe.stages[-1]
-    window = locs[0].get("window")
+    window, expanded = locs[0].get("window"), locs[0].get("expanded")
     lines = [f"  /* bindings {pipe.first}..{pipe.last}: {n} layer(s) streamed row by row, "
              f"{pipe.stages[0].call.node} .. {last.call.node} -> {last.call.var.name} */",
              "  {", f"    int32_t tt_made[{n}] = {{0}};", f"    while (tt_made[{n - 1}] < {last.shape[1]}) {{"]
     blocks = []
+    def what_of(stage):
+        return f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
+
+    def params_of(j: int, grouped: bool) -> list[str]:
+        """Stage ``j``'s kernel arguments after its inputs; a channel group's when ``grouped`` (each parameter holds its
+        channels' elements one channel after the other)."""
+        stage, loc, kernel = pipe.stages[j], locs[j], kernels[j]
+        if len(kernel.dtypes) != len(stage.call.args) + 1:
+            raise TinyTrainError(f"codegen: {what_of(stage)}: {len(stage.call.args) + 1} buffers for a kernel with {len(kernel.dtypes)} parameters")
+        params = [(pointer(a, dt, f"{what_of(stage)} argument {k}"), arg)
+                  for k, (a, dt, arg) in enumerate(zip(loc["args"], kernel.dtypes, stage.call.args)) if k >= len(stage.inputs)]
+        return [f"({p} + (size_t)tt_c * {int(np.prod(shape_of(arg)[1:]))})" if grouped else p for p, arg in params]
+
     for j, stage in enumerate(pipe.stages):
+        if stage.recomputed:  # its reader makes its rows (below)
+            continue
         loc, kernel = locs[j], kernels[j]
-        what = f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
+        what = what_of(stage)
         body, tensors = [], []
         # A depthwise conv whose window is gathered channel group by group: its kernel runs once per group, on that
         # group's window, weights, bias, multiplier, shift and output channels.
@@ -215,19 +238,26 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
             if inp.rows == 1:
                 tensors.append(_arena_at(ring, f"(size_t)(({first}) % {src.ring_rows}) * {src.row_bytes}"))
                 continue
-            body.append(f"tinytrain_ring_window({pointer(ring, 'int8', what)}, {src.ring_rows}, {c_in}, {h_in}, {w_in}, "
-                        f"{pointer(window, 'int8', what)}, {first}, {inp.rows}, {inp.zero}, {c0}, {stage.group if grouped else c_in});")
+            if inp.via is None:
+                body.append(_gather(ring, src.ring_rows, src.shape, window, first, inp, c0, stage.group if grouped else c_in, what))
+            else:
+                # The expansion's rows of this channel group, made from the narrow rows the window covers into the
+                # expanded buffer (row r in slot r % rows), then gathered like a ring's.
+                exp = pipe.stages[inp.via]
+                count = stage.group if grouped else exp.shape[0]
+                slot = f"(size_t)(tt_r % {inp.rows}) * {count * exp.shape[2]}"
+                row = _render_call(kernels[inp.via], [_arena_at(ring, f"(size_t)(tt_r % {src.ring_rows}) * {src.row_bytes}"),
+                                                       *params_of(inp.via, grouped), _arena_at(expanded, slot)],
+                                   exp.binding, exp.call.var, op_ids[kernels[inp.via].op]).strip()
+                body.append(f"for (int32_t tt_r = TT_MAX(0, {first}); tt_r < TT_MIN({exp.shape[1]}, {first} + {inp.rows}); tt_r++) {{\n"
+                            + "\n".join("  " + line for line in row.split("\n")) + "\n}")
+                body.append(_gather(expanded, inp.rows, (count, *exp.shape[1:]), window, first, inp, "0", count, what))
             tensors.append(pointer(window, "int8", what))
         out = pointer(loc["band"], "int8", what) if stage is last else \
             _arena_at(loc["ring"], f"(size_t)(tt_row % {stage.ring_rows}) * {stage.row_bytes}")
-        if len(kernel.dtypes) != len(stage.call.args) + 1:
-            raise TinyTrainError(f"codegen: {what}: {len(stage.call.args) + 1} buffers for a kernel with {len(kernel.dtypes)} parameters")
-        params = [(pointer(a, dt, f"{what} argument {k}"), arg) for k, (a, dt, arg) in enumerate(zip(loc["args"], kernel.dtypes, stage.call.args))
-                  if k >= len(stage.inputs)]
-        if grouped:  # each parameter and the output row hold their channels' elements one channel after the other
-            params = [(f"({p} + (size_t)tt_c * {int(np.prod(shape_of(arg)[1:]))})", arg) for p, arg in params]
+        if grouped:  # the output row holds its channels' elements one channel after the other
             out = f"({out} + (size_t)tt_c * {stage.shape[2]})"
-        call = _render_call(kernel, [*tensors, *[p for p, _ in params], out], stage.binding, stage.call.var, op_ids[kernel.op]).strip()
+        call = _render_call(kernel, [*tensors, *params_of(j, grouped), out], stage.binding, stage.call.var, op_ids[kernel.op]).strip()
         body.append(call)
         if grouped:
             body = [f"for (int32_t tt_c = 0; tt_c < {stage.shape[0]}; tt_c += {stage.group}) {{",
@@ -557,6 +587,7 @@ int tinytrain_infer(const int8_t *input, float *logits) {{
 def _store_row() -> str:
     return """
 #define TT_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define TT_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* Output row y of a streamed layer, computed as band[channel][width], into its place in out[channel][height][width]. */
 static void tinytrain_store_row(int8_t *out, const int8_t *band, int32_t y, int32_t channels, int32_t height, int32_t width) {

@@ -1,0 +1,120 @@
+"""RecomputeStreamedExpansion: a streamed 1x1 expansion keeps no ring; its depthwise reader makes its rows per window.
+
+In a pipeline of streamed layers (StreamInputRows, ``_row_pipeline.py``) the
+largest rings are those of the expanded layers that feed a depthwise conv with
+a large kernel: Proxyless' block 3 keeps 7 rows x 48 channels x 32 of its
+expansion (10.5 KB) for its 7x7 depthwise conv, three times the ring of the
+16-channel rows the expansion reads.  The depthwise conv already gathers its
+window a channel group at a time, and a 1x1 conv's output channels are
+independent; so for each output row and each group the expansion's rows of
+that group can be made from the narrow rows when the window needs them.  The
+narrow layer's ring then holds the window's rows instead, and the expanded rows
+of one group go to a buffer of ``k x group x width`` (``expanded``, one per
+pipeline) from which the window is gathered.
+
+Each expanded row is then made ``k / stride`` times (more instructions, no
+other cost), so by default (option ``recompute_streamed_expansion="at-peak"``)
+an expansion is recomputed only when that lowers the function's peak of live
+bytes (as PlanMemory's lower bound counts them, after every other fusion) by at
+least ``recompute_min_saving`` bytes (1 KB): the pipeline must be the peak, and
+not by a hair.  The widest ring is tried first, and again after each one
+recomputed.  ``"always"`` recomputes every eligible expansion, ``"never"``
+none.  Run it after the other fusions, before PlanMemory.
+
+The Relax VM runs the same PrimFuncs, so the same bits: the pass only marks
+the expansion's call, re-emitted with attributes ``recomputed_rows`` and the
+reader's ``channel_group`` and a band kernel of one group of output channels,
+which ``_row_pipeline.py`` and the C step function (``codegen/step.py``) follow.
+
+Before (a ring of 7 rows of ``lv20``)::
+
+    lv20 = R.call_tir(cls.conv2d_requant_rows10, (lv19, w, b, c0, c1), R.Tensor((1, 48, 32, 32), "int8"))
+    lv21 = R.call_tir(cls.conv2d_requant_rows11, (lv20, w_dw, ...), R.Tensor((1, 48, 16, 16), "int8"))  # 7x7, groups of 4
+
+After: the same bindings; ``conv2d_requant_rows10`` now carries ``tinytrain.recomputed_rows = 1``,
+``tinytrain.channel_group = 4`` and the band kernel ``(1, 16, 1, 32) -> (1, 4, 1, 32)``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from tvm_tinytrain.errors import TinyTrainError
+
+from ._buffers import analyze
+from ._fusion import reemit, relax_function_names
+from ._ir import decode, shape_of
+from ._row_pipeline import IMAGE, RowPipeline, row_pipelines
+from .config import option
+from .plan_memory import live_floor
+from .stream_input_rows import ROW_KERNEL, band_kernel
+
+POLICIES = ("at-peak", "always", "never")
+
+
+def candidates(pipe: RowPipeline) -> list[tuple[int, int]]:
+    """(stage, its reader's channel group) of each expansion that can be recomputed: a 1x1 conv (stride 1) on a
+    streamed layer's rows, read only by one depthwise conv's window of more than one row."""
+    found = []
+    for j, stage in enumerate(pipe.stages[:-1]):
+        a = stage.call.attrs
+        if (stage.recomputed or stage.call.op != "conv2d_requant_rows" or a["groups"] != 1 or a["stride"] != 1
+                or shape_of(stage.call.args[1])[2] != 1 or stage.inputs[0].source == IMAGE or len(pipe.consumers[j]) != 1):
+            continue
+        reader, window = pipe.consumers[j][0]
+        if pipe.stages[reader].call.attrs.get("groups", 1) > 1 and window.rows > 1 and window.via is None:
+            found.append((j, pipe.stages[reader].group))
+    return found
+
+
+def _peak(mod: tvm.IRModule, name: str) -> int:
+    """The most bytes alive at once in function ``name``, as PlanMemory's lower bound counts them."""
+    return live_floor(analyze(mod, mod[name]).buffers)
+
+
+def _recompute(mod: tvm.IRModule, name: str, var: relax.Var, group: int) -> tvm.IRModule:
+    """``mod`` with the streamed call binding ``var`` in ``name`` re-emitted as recomputed in channel groups of ``group``."""
+    def emit(bb, binding) -> bool:
+        if not binding.var.same_as(var):
+            return False
+        call = binding.value
+        prim = mod[call.args[0]]
+        marked = prim.with_attr("tinytrain.recomputed_rows", 1).with_attr("tinytrain.channel_group", group)
+        decoded = decode(mod, binding)
+        gv = bb.add_func(marked.with_attr(ROW_KERNEL, band_kernel(decoded, group)), str(decoded.op))
+        bb.emit_normalized(relax.VarBinding(var, bb.normalize(relax.call_tir(gv, call.args[1], var.ty))))
+        return True
+
+    return reemit(mod, name, emit)
+
+
+@tvm.transform.module_pass(opt_level=0, name="RecomputeStreamedExpansion")
+class RecomputeStreamedExpansion:
+    """Mark streamed 1x1 expansions to be recomputed by their depthwise readers, per options
+    ``recompute_streamed_expansion`` ("at-peak", "always", "never") and ``recompute_min_saving`` (bytes of peak an
+    "at-peak" recomputation must save); run after the fusions, before PlanMemory."""
+
+    def __init__(self, policy: str | None = None, min_saving: int | None = None):
+        self.policy, self.min_saving = policy, min_saving
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        policy = option("recompute_streamed_expansion", self.policy)
+        if policy not in POLICIES:
+            raise TinyTrainError(f"RecomputeStreamedExpansion: option recompute_streamed_expansion is {policy!r}, not one of {POLICIES}")
+        if policy == "never":
+            return mod
+        min_saving = int(option("recompute_min_saving", self.min_saving))
+        for name in relax_function_names(mod):
+            while True:
+                rings = sorted(((pipe.stages[j].ring_rows * pipe.stages[j].row_bytes, pipe.stages[j].call.var, group)
+                                for pipe in row_pipelines(mod, mod[name]) for j, group in candidates(pipe)), key=lambda r: -r[0])
+                peak = None if policy == "always" else _peak(mod, name)
+                for _, var, group in rings:  # the widest ring first; "at-peak": the first that lowers the peak enough
+                    trial = _recompute(mod, name, var, group)
+                    if peak is None or peak - _peak(trial, name) >= min_saving:
+                        mod = trial
+                        break
+                else:
+                    break
+        return mod
