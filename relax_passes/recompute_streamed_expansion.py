@@ -41,11 +41,13 @@ import tvm
 from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
+from tvm_tinytrain.ops import tir_conv_gemm
+from tvm_tinytrain.ops.schedule import current_variant
 
 from ._buffers import analyze
 from ._fusion import reemit, relax_function_names
 from ._ir import decode, shape_of
-from ._row_pipeline import IMAGE, RowPipeline, row_pipelines
+from ._row_pipeline import IMAGE, RowPipeline, RowStage, row_pipelines
 from .config import option
 from .plan_memory import live_floor
 from .stream_input_rows import ROW_KERNEL, band_kernel
@@ -54,8 +56,8 @@ POLICIES = ("at-peak", "always", "never")
 
 
 def candidates(pipe: RowPipeline) -> list[tuple[int, int]]:
-    """(stage, its reader's channel group) of each expansion that can be recomputed: a 1x1 conv (stride 1) on a
-    streamed layer's rows, read only by one depthwise conv's window of more than one row."""
+    """(expansion, reader) stages of each expansion that can be recomputed: a 1x1 conv (stride 1) on a streamed
+    layer's rows, read only by one depthwise conv's window of more than one row."""
     found = []
     for j, stage in enumerate(pipe.stages[:-1]):
         a = stage.call.attrs
@@ -64,8 +66,21 @@ def candidates(pipe: RowPipeline) -> list[tuple[int, int]]:
             continue
         reader, window = pipe.consumers[j][0]
         if pipe.stages[reader].call.attrs.get("groups", 1) > 1 and window.rows > 1 and window.via is None:
-            found.append((j, pipe.stages[reader].group))
+            found.append((j, reader))
     return found
+
+
+def channel_group(expansion: RowStage, reader: RowStage, window_bytes: int) -> int:
+    """Channels per group for a recomputed expansion and its reader: the reader's, unless another divisor of the
+    channels whose window also fits ``window_bytes`` lets the optimized variant run the expansion's group on its DSP
+    GEMM (an even count), the largest such."""
+    c, _, width = expansion.shape
+    rows = reader.inputs[0].rows
+    if current_variant() != "optimized":
+        return reader.group
+    fast = [g for g in range(2, c + 1) if c % g == 0 and g * rows * width <= window_bytes
+            and tir_conv_gemm.fits(shape_of(expansion.call.args[0])[1], g, 1, width)]
+    return max(fast, default=reader.group)
 
 
 def _peak(mod: tvm.IRModule, name: str) -> int:
@@ -73,17 +88,18 @@ def _peak(mod: tvm.IRModule, name: str) -> int:
     return live_floor(analyze(mod, mod[name]).buffers)
 
 
-def _recompute(mod: tvm.IRModule, name: str, var: relax.Var, group: int) -> tvm.IRModule:
-    """``mod`` with the streamed call binding ``var`` in ``name`` re-emitted as recomputed in channel groups of ``group``."""
+def _recompute(mod: tvm.IRModule, name: str, expansion: relax.Var, reader: relax.Var, group: int) -> tvm.IRModule:
+    """``mod`` with the streamed ``expansion`` in function ``name`` marked recomputed, it and its depthwise ``reader``
+    in channel groups of ``group``."""
     def emit(bb, binding) -> bool:
-        if not binding.var.same_as(var):
+        if not (binding.var.same_as(expansion) or binding.var.same_as(reader)):
             return False
-        call = binding.value
-        prim = mod[call.args[0]]
-        marked = prim.with_attr("tinytrain.recomputed_rows", 1).with_attr("tinytrain.channel_group", group)
-        decoded = decode(mod, binding)
-        gv = bb.add_func(marked.with_attr(ROW_KERNEL, band_kernel(decoded, group)), str(decoded.op))
-        bb.emit_normalized(relax.VarBinding(var, bb.normalize(relax.call_tir(gv, call.args[1], var.ty))))
+        call = decode(mod, binding)
+        prim = mod[call.gvar].with_attr("tinytrain.channel_group", group)
+        if binding.var.same_as(expansion):
+            prim = prim.with_attr("tinytrain.recomputed_rows", 1)
+        gv = bb.add_func(prim.with_attr(ROW_KERNEL, band_kernel(call, group)), call.op)
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(relax.call_tir(gv, binding.value.args[1], binding.var.ty))))
         return True
 
     return reemit(mod, name, emit)
@@ -105,13 +121,14 @@ class RecomputeStreamedExpansion:
         if policy == "never":
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
+        window_bytes = int(option("row_window_bytes"))
         for name in relax_function_names(mod):
             while True:
-                rings = sorted(((pipe.stages[j].ring_rows * pipe.stages[j].row_bytes, pipe.stages[j].call.var, group)
-                                for pipe in row_pipelines(mod, mod[name]) for j, group in candidates(pipe)), key=lambda r: -r[0])
+                found = sorted(((pipe.stages[e], pipe.stages[r]) for pipe in row_pipelines(mod, mod[name]) for e, r in candidates(pipe)),
+                               key=lambda pair: -pair[0].ring_rows * pair[0].row_bytes)
                 peak = None if policy == "always" else _peak(mod, name)
-                for _, var, group in rings:  # the widest ring first; "at-peak": the first that lowers the peak enough
-                    trial = _recompute(mod, name, var, group)
+                for e, r in found:  # the widest ring first; "at-peak": the first that lowers the peak enough
+                    trial = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
                     if peak is None or peak - _peak(trial, name) >= min_saving:
                         mod = trial
                         break

@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
-from relax_passes import StreamInputRows, memory_plan, pass_config
+from relax_passes import RecomputeStreamedExpansion, StreamInputRows, memory_plan, pass_config
 from relax_passes._fusion import reemit
 from relax_passes._ir import decode
 from relax_passes._row_pipeline import IMAGE, ROW_OPS, row_pipelines
 from relax_passes.fuse_conv_requant import conv_requant_func
+from relax_passes.recompute_streamed_expansion import candidates
 from relax_passes.stream_input_rows import row_kernel, rows_kernel
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.importers import load_model
@@ -173,22 +174,59 @@ def _replay(pipe):
 
 
 @pytest.mark.parametrize("size", [16, 32, 40])
-def test_ring_rows_hold_every_row_read(size):
-    mod = build_training_module(make_random_model(5, size=size), "bias-only:1")
+@pytest.mark.parametrize("recompute", ["never", "always"])
+def test_ring_rows_hold_every_row_read(size, recompute):
+    """Also where the expansions are recomputed: their readers' windows read the narrow rows, which must be there."""
+    with pass_config(recompute_streamed_expansion=recompute):
+        mod = build_training_module(make_random_model(5, size=size), "bias-only:1")
     for name in ("train_step", "infer"):
         for pipe in row_pipelines(mod, mod[name]):
             _replay(pipe)
+            assert any(s.recomputed for s in pipe.stages) == (recompute == "always" and size > 16)
 
 
-def test_paper_model_pipelines_replay():
-    """MCUNet's pipeline in infer (strides 2, 3x3 kernels, a residual add)."""
-    mod = build_training_module(load_model(paper_model_path("mcunet-5fps")), "paper-99kb")
+@pytest.mark.parametrize("recompute", ["at-peak", "always"])
+def test_paper_model_pipelines_replay(recompute):
+    """MCUNet's pipeline in infer (strides 2, 3x3 kernels, a residual add); at its default its expansions keep their
+    rings (the pipeline is not where its step peaks), "always" recomputes both."""
+    with pass_config(recompute_streamed_expansion=recompute):
+        mod = build_training_module(load_model(paper_model_path("mcunet-5fps")), "paper-99kb")
     pipes = row_pipelines(mod, mod["infer"])
     assert pipes and len(pipes[0].stages) > 5
     for pipe in pipes:
         _replay(pipe)
         assert all(0 < s.ring_rows <= 2 * max(i.rows for c, i in pipe.consumers[j]) + 1
-                   for j, s in enumerate(pipe.stages[:-1]))
+                   for j, s in enumerate(pipe.stages[:-1]) if not s.recomputed)
+    train = row_pipelines(mod, mod["train_step"])[0]
+    assert [s.call.node for s in train.stages if s.recomputed] == ([] if recompute == "at-peak" else ["blocks[1].pointwise1", "blocks[2].pointwise1"])
+
+
+def test_recompute_streamed_expansion_at_the_peak_only():
+    """Proxyless paper-98kb peaked in its streamed layers (40 KB of arena, the rings of block 1's and block 3's
+    expansions 7.5 and 10.5 KB).  At its default the pass recomputes those two, the widest first, and stops once the
+    step peaks elsewhere (block 2's expansion keeps its ring); the same bits in C are in test_codegen.py."""
+    mod = build_training_module(load_model(paper_model_path("proxyless-w0.3")), "paper-98kb", kernels="optimized")
+    (pipe,) = row_pipelines(mod, mod["train_step"])
+    recomputed = [s for s in pipe.stages if s.recomputed]
+    assert [s.call.node for s in recomputed] == ["blocks[1].pointwise1", "blocks[3].pointwise1"]
+    assert [pipe.stages[e].call.node for e, _ in candidates(pipe)] == ["blocks[2].pointwise1"]
+    plan = memory_plan(mod)
+    assert not pipe.first <= plan.peak_index <= pipe.last and plan.arena_bytes < 30 * 1024
+    # the optimized variant picks groups whose expansion runs on the DSP GEMM (an even count), windows within 1 KB
+    assert all(s.group % 2 == 0 and pipe.expanded_bytes <= 1024 for s in recomputed)
+
+
+def test_recompute_streamed_expansion_options_and_composition():
+    model = make_random_model(5, size=32)
+    base = build_training_module(model, "bias-only:1")
+    marked = RecomputeStreamedExpansion("always")(base)
+    assert tvm.transform.Sequential([RecomputeStreamedExpansion("never")])(base).same_as(base)
+    (pipe,) = row_pipelines(marked, marked["train_step"])
+    assert [s for s in pipe.stages if s.recomputed] and not candidates(pipe)
+    with pytest.raises(TinyTrainError, match="recompute_streamed_expansion is 'sometimes'"):
+        RecomputeStreamedExpansion("sometimes")(base)
+    with pass_config(recompute_min_saving=1 << 30):  # no recomputation saves a GB: at-peak leaves the module alone
+        assert RecomputeStreamedExpansion()(base).same_as(base)
 
 
 def test_a_streamed_layer_on_an_unstreamed_tensor_is_an_error_naming_it():
