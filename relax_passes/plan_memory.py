@@ -92,8 +92,9 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
     floor = _align(live_floor(buffers), alignment)
     results = []
     for i, key in enumerate(PLACEMENT_ORDERS.values()):
-        roots = _sequence(buffers, key)
-        rank = {b.name: k for k, b in enumerate(roots)}
+        order = _sequence(buffers, key)
+        rank = {b.name: k for k, b in enumerate(order)}
+        roots = [b for b in order if b.overwrites is None]  # an overwriting output is placed by its root's rank alone
         steps = search_steps // len(PLACEMENT_ORDERS) if len(roots) > 1 else 0
         results.append(_local_search(buffers, alignment, roots, rank, steps, floor, random.Random(i)))
         if results[-1][0][0] <= floor:
