@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "block's output gradient through the mask (a little faster, more SRAM)")
             sp.add_argument("--no-stream-layers", dest="stream_layers", action="store_false",
                             help="pass option: stream the first conv alone, not the frozen layers after it (more SRAM)")
+            sp.add_argument("--recompute-streamed-expansion", choices=["at-peak", "always", "never"], default="at-peak",
+                            help="pass option: when a streamed 1x1 expansion keeps no ring of rows and its depthwise reader "
+                                 "makes them per channel group (less SRAM, more instructions); at-peak: where that lowers "
+                                 "the step's peak by 1 KB or more")
         if with_scheme:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
@@ -384,7 +388,8 @@ def main(argv=None) -> int:
     try:
         with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True),
                          recompute_masks=getattr(args, "recompute_masks", True), masked_reads=getattr(args, "masked_reads", True),
-                         stream_layers=getattr(args, "stream_layers", True)):
+                         stream_layers=getattr(args, "stream_layers", True),
+                         recompute_streamed_expansion=getattr(args, "recompute_streamed_expansion", "at-peak")):
             return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)
