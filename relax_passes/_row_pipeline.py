@@ -15,6 +15,12 @@ band kernel called once per group: the window of a wide expanded layer
 (e.g. 9 KB for 48 channels x 3 rows x 64 in MbV2's block 1) is then no larger
 than the first conv's.
 
+An expansion that RecomputeStreamedExpansion marked ``recomputed_rows`` has
+no ring and makes no rows of its own: its depthwise reader's window reads the
+expansion's *input* rows (``RowInput.via`` names the expansion), and for each
+channel group the C step function makes that group's expanded rows from them
+into the pipeline's ``expanded`` buffer, then gathers the window from it.
+
 The schedule makes one row at a time, always of the last stage that can make
 its next row (its inputs' rows are there) and still has rows to make: a row is
 consumed as soon as it can be, so each ring holds little more than its
