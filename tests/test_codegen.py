@@ -148,6 +148,8 @@ def test_header_and_meta_follow_the_plan(case):
     assert (defines["TINYTRAIN_INPUT_C"], defines["TINYTRAIN_INPUT_H"], defines["TINYTRAIN_INPUT_W"], defines["TINYTRAIN_INPUT_BYTES"]) == (3, 16, 16, 768)
     meta = json.loads((case.out / "tinytrain_meta.json").read_text())
     assert meta == case.meta and meta["peak_sram_bytes"] == train.peak_sram_bytes
+    largest = int(re.search(r"largest kernel workspace .*? (\d+)\n", text).group(1))
+    assert largest == max(k["workspace_bytes"] for k in meta["kernels"]) > 0
     assert [p["name"] for p in meta["trainable"]] == case.trainer.updated
 
 
@@ -186,16 +188,77 @@ def test_streamed_layers_match_trainer(tmp_path, size, kernels, window):
     assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))
 
 
-def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():
-    n = kernels.MAX_STACK_BYTES // 4 + 256  # a float intermediate just over the limit that nothing compacts
+def test_oversized_kernel_workspace_is_an_error_naming_the_kernel():
+    n = kernels.MAX_WORKSPACE_BYTES // 4 + 256  # a float intermediate just over the limit that nothing compacts
     a = te.placeholder((n,), "float32", name="a")
     b = te.compute((n,), lambda i: a[i] * 2.0, name="b")
     c = te.compute((n,), lambda i: b[n - 1 - i] + 1.0, name="c")
     func = kernels.pointer_form(te.create_prim_func([a, c]))
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         lowered = kernels.lower(tvm.IRModule({tvm.ir.GlobalVar("tinytrain_k_0"): func}), tvm.target.Target("c"))
+    _, size = kernels.place_workspace(lowered["tinytrain_k_0"], "tinytrain_k_0")
+    assert size == 4 * n
     with pytest.raises(TinyTrainError, match=f"kernel tinytrain_k_0 .*{4 * n} bytes"):
-        kernels.stack_bytes(lowered["tinytrain_k_0"], "tinytrain_k_0")
+        kernels.check_workspace(size, "tinytrain_k_0")
+
+
+# A kernel's internal buffer as a C stack array (the form TVM prints for an allocation).
+STACK_ARRAY = re.compile(r"^\s+\w+ \w+\[\d+\]( = \{0\})?;$", re.M)
+# A kernel call in tinytrain_model.c: binding comment, kernel symbol, arguments.
+KERNEL_CALL = re.compile(r"/\* \d+: \w+ \S* -> (\S+) \*/\s+TT_PROFILED\(\d+, (tinytrain_k_\d+)\((.*?)\)\);", re.S)
+
+
+def test_kernel_buffers_are_slices_of_their_planned_arena_slots(case):
+    """No kernel keeps an internal buffer on the stack: each kernel with internal buffers takes a trailing workspace
+    pointer, and every call of it (streamed layers' band kernels included) passes the slot the memory plan reserved for
+    that call's ``{var}.workspace``, which covers the buffers with their alignment."""
+    kernels_c = (case.out / "tinytrain_kernels.c").read_text()
+    assert not STACK_ARRAY.findall(kernels_c)
+    by_symbol = {k["symbol"]: k for k in case.meta["kernels"]}
+    assert any(k["workspace_bytes"] for k in by_symbol.values())
+    for sym, k in by_symbol.items():
+        (proto,) = re.findall(rf"^void {sym}\((.*)\);$", kernels_c, re.M)
+        assert proto.endswith(", int8_t* workspace") == bool(k["workspace_bytes"]), proto
+    model_c = (case.out / "tinytrain_model.c").read_text()
+    train_c, infer_c = model_c.split("int tinytrain_infer_rows(")
+    mod = case.trainer.mod
+    for text, planned in ((train_c, memory_plan(mod)), (infer_c, plan(mod, "infer"))):
+        slots = sorted((b["name"].removesuffix(".workspace"), b["offset"], b["size"]) for b in planned.buffers if b["name"].endswith(".workspace"))
+        passed = []
+        for var, sym, args in KERNEL_CALL.findall(text):
+            if by_symbol[sym]["workspace_bytes"]:
+                offset = int(re.fullmatch(r"\(int8_t \*\)\(tinytrain_arena \+ (\d+)\)", args.split(",")[-1].strip()).group(1))
+                passed.append((var, offset, by_symbol[sym]["workspace_bytes"]))
+        assert [(v, o) for v, o, _ in sorted(passed)] == [(v, o) for v, o, _ in slots]
+        assert all(used <= size and offset % 8 == 0 for (_, offset, used), (_, _, size) in zip(sorted(passed), slots))
+    assert case.meta["kernels"] and "workspace_bytes" in case.meta["kernels"][0] and "stack_bytes" not in case.meta["kernels"][0]
+
+
+@pytest.mark.parametrize("case", ["partial/optimized"], indirect=True)
+@pytest.mark.parametrize("change", ["smaller", "absent"])
+def test_planned_workspace_smaller_than_the_kernel_buffers_is_an_error_naming_the_kernel(case, change, monkeypatch, tmp_path):
+    """A plan whose ``{var}.workspace`` slot is smaller than (or missing for) the buffers the lowered kernel places
+    there must not produce C that writes past it."""
+    from tvm_tinytrain.codegen import step
+
+    planned = step.memory_plan
+
+    def changed(mod, func_name="train_step"):
+        result = planned(mod, func_name)
+        k, row = next((k, b) for k, b in enumerate(result.buffers) if b["name"].endswith(".workspace") and b["size"] > 8)
+        if change == "smaller":
+            row["size"] -= 8
+        else:
+            del result.buffers[k]
+        return result
+
+    monkeypatch.setattr(step, "memory_plan", changed)
+    row = next(b for b in memory_plan(case.trainer.mod).buffers if b["name"].endswith(".workspace") and b["size"] > 8)
+    var = re.escape(row["name"].removesuffix(".workspace"))
+    reserved = row["size"] - 8 if change == "smaller" else 0
+    with pytest.raises(TinyTrainError, match=rf"train_step: kernel tinytrain_k_\d+ \(\w+\) for {var} keeps {row['size']} bytes of internal "
+                                             rf"buffers, but the memory plan reserved {reserved} for {var}\.workspace"):
+        generate(case.trainer.mod, tmp_path / "gen")
 
 
 def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path):
