@@ -597,7 +597,7 @@ def test_projection_bias_grad_is_the_separate_kernels(shape, seed, masked_input)
 
 @pytest.mark.parametrize("out_channels, fits", [(8, True), (300, False)])
 def test_input_grad_stages_real_weights_only_in_the_optimized_schedule(out_channels, fits):
-    """The optimized schedule computes ``float(w) * scale`` once per tile of input channels into a stack array, when
+    """The optimized schedule computes ``float(w) * scale`` once per tile of input channels into a workspace buffer, when
     that fits :data:`MAX_STAGE_BYTES` (300 output channels x 4 do not); the reference inlines it.  Same bits."""
     rng = np.random.default_rng(0)
     g = rng.normal(size=(1, out_channels, 4, 4)).astype(F32)

@@ -218,7 +218,7 @@ def test_kernel_buffers_are_slices_of_their_planned_arena_slots(case):
     assert any(k["workspace_bytes"] for k in by_symbol.values())
     for sym, k in by_symbol.items():
         (proto,) = re.findall(rf"^void {sym}\((.*)\);$", kernels_c, re.M)
-        assert proto.endswith(", int8_t* workspace") == bool(k["workspace_bytes"]), proto
+        assert proto.endswith(", int8_t* restrict workspace") == bool(k["workspace_bytes"]), proto
     model_c = (case.out / "tinytrain_model.c").read_text()
     train_c, infer_c = model_c.split("int tinytrain_infer_rows(")
     mod = case.trainer.mod
