@@ -31,5 +31,6 @@ from .stream_input_rows import StreamInputRows
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
-    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "RecomputeStreamedExpansion", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "RecomputeStreamedExpansion",
+    "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

@@ -2,7 +2,10 @@
 
 A buffer is one tensor a kernel writes (each field of a multi-output kernel
 is its own buffer), plus each kernel's internal workspace (its PrimFunc's
-intermediate stages), alive only while it runs.  ``TupleGetItem`` and plain
+intermediate stages over 1 KB, option ``kernel_local_bytes``, ``{var}.workspace``), alive only while it runs:
+the C kernel takes it as its last argument and keeps those buffers there, so
+they are arena bytes, not stack; its smaller buffers are C locals
+(``tvm_tinytrain/codegen/kernels.py``).  ``TupleGetItem`` and plain
 var-to-var bindings alias a buffer.  SGD updates write in place into their
 parameter, so they allocate nothing.  A kernel of :data:`OVERWRITING_OPS`
 whose operand dies at that kernel writes over the operand: its output
@@ -20,14 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import tvm
-from tvm import relax, s_tir, tirx
+from tvm import relax
 
 from tvm_tinytrain.model import DTYPE_BYTES
 
 from ._ir import decode
 from ._row_pipeline import ROW_OPS, row_pipelines
-from .stream_input_rows import row_kernel
+from .config import option
 
 SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
@@ -153,6 +155,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
         if call is not None:
             for a in call.args:
                 use(a, i, acc)
+            first = last = i  # the workspace's lifetime
             if call.op in IN_PLACE_OPS:
                 root[var] = None  # in place, into the parameter
             else:
@@ -170,17 +173,14 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                 root[var] = idx[0] if len(idx) == 1 else tuple(idx)
                 if call.op in OVERWRITING_OPS:
                     overwriting.append((i, [root[a] for a in call.args if isinstance(root.get(a), int)], idx[0], call.op))
-                prim = mod[call.gvar]
-                first = last = i
-                if i in stages:  # a streamed layer: its rows' buffers, alive while its pipeline runs
+                if i in stages:  # a streamed layer: its rows' buffers, and its band kernel's workspace, alive while its pipeline runs
                     pipe, stage = stages[i]
                     first, last = pipe.first, pipe.last
-                    prim = row_kernel(prim)
                     for part, size in pipe.buffers(stage):
                         buffers.append(Buffer(f"{var.name}.{part}", size, first, last, "workspace"))
-                ws = _workspace_bytes(prim)
-                if ws:
-                    buffers.append(Buffer(f"{var.name}.workspace", ws, first, last, "workspace"))
+            ws = _workspace_bytes(mod[call.gvar], call.gvar.name_hint)  # in-place kernels too: their C takes one as well
+            if ws:
+                buffers.append(Buffer(f"{var.name}.workspace", ws, first, last, "workspace"))
         elif isinstance(value, relax.TupleGetItem):  # an alias of one field: the reader is its consumer
             r = root.get(value.tuple_value)
             root[var] = r[value.index] if isinstance(r, tuple) else r
@@ -226,21 +226,13 @@ def storage_buffers(buffers: list[Buffer]) -> list[Buffer]:
     return [b for b in buffers if b.alias is None and not b.streamed]
 
 
-def _workspace_bytes(prim_func) -> int:
-    """Bytes a kernel allocates for itself, after TVM compacts its intermediate buffers to what each loop needs.
+def _workspace_bytes(prim_func, name: str) -> int:
+    """Bytes of the workspace a kernel's C form keeps its internal buffers over ``kernel_local_bytes`` in (a streamed layer's: its band kernel's),
+    alignment included, after TVM compacts them to what each loop needs (e.g. the accumulator of a fused conv +
+    requantize shrinks to one int32): the code generator places them with the same function."""
+    from tvm_tinytrain.codegen.kernels import workspace_bytes  # imported here: the code generator imports this module
 
-    E.g. the accumulator of a fused conv + requantize shrinks to one int32.
-    """
-    mod = tvm.IRModule({"main": prim_func.with_attr("global_symbol", "main")})
-    lowered = _COMPACT(mod)
-    sizes = s_tir.analysis.calculate_allocated_bytes(lowered)["main"]
-    return int(sum(int(v) for v in sizes.values()))
-
-
-_COMPACT = tvm.transform.Sequential([
-    s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(), s_tir.transform.ConvertBlocksToOpaque(),
-    s_tir.transform.CompactBufferAllocation(), s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
-])
+    return workspace_bytes(prim_func, name, int(option("kernel_local_bytes")))
 
 
 def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:

@@ -37,9 +37,8 @@ from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
 
-from .config import option
-
 from ._ir import KernelCall, decode, shape_of
+from .config import option
 
 ROW_OPS = ("conv2d_requant_rows", "add_int8_rows")
 IMAGE = -1

@@ -25,6 +25,7 @@ DEFAULTS = {
     "scheme": "full",  # SparseUpdate: scheme spelling (tvm_tinytrain.scheme.parse_scheme)
     "reorder": True,  # ReorderUpdates: False keeps every update after the whole backward
     "alignment": 16,  # PlanMemory: byte alignment of arena offsets
+    "kernel_local_bytes": 1024,  # PlanMemory and C codegen: a kernel's internal buffers this small are C locals, not arena
     "placement_search": 2000,  # PlanMemory: most swaps of the local search over placement orders (0: greedy orders only)
     "fuse_trained_expansion": True,  # FuseDepthwiseBackward: also a trained expansion's weight update (less memory)
     "recompute_masks": True,  # FuseDepthwiseBackward: ... and its block's clamp masks recomputed, not stored (less memory)

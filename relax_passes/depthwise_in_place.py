@@ -14,7 +14,7 @@ the TIR kernel of ``tvm_tinytrain/ops/tir_depthwise.py``).  PlanMemory then lets
 the output share the operand's storage (PAPER.md section 5: "depthwise in
 place"), e.g. MCUNet's first depthwise conv needs 64 KB instead of 128 KB.
 Planes larger than ``max_plane_bytes`` stay as they were (the plane is a
-stack array of the C kernel).  A strided input gradient is larger than its
+buffer in the C kernel's workspace).  A strided input gradient is larger than its
 operand, so it cannot overwrite it.
 
 Before::

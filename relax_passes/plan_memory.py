@@ -48,6 +48,7 @@ class MemoryPlan:
     peak_parts: dict[str, int]  # bytes by kind at the peak (masks, activations, gradients, ...)
     timeline: list[dict]  # per op: index, op, node, bytes by kind
     buffers: list[dict]  # name, size, start, end, kind, offset
+    kernel_local_bytes: int = 1024  # kernels' internal buffers this small are C locals, left out of the workspaces
 
     @property
     def peak_sram_bytes(self) -> int:
@@ -211,7 +212,7 @@ def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16, 
     peak = max(range(len(totals)), key=totals.__getitem__) if totals else 0
     rows = [{"index": i, "op": sb.ops[i], "node": sb.nodes[i], **t} for i, t in enumerate(timeline)]
     return MemoryPlan(arena, totals[peak] if totals else 0, sb.trainable_bytes, sb.frozen_bytes, peak,
-                      dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers])
+                      dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers], int(option("kernel_local_bytes")))
 
 
 def memory_plan(mod: tvm.IRModule, func_name: str = "train_step") -> MemoryPlan:

@@ -47,6 +47,13 @@ class Case:
     params: list[dict[str, np.ndarray]]  # trained parameters after each step
     logits: np.ndarray  # predict() of every image after the last step
     c_lr: float | None  # lr the harness sets with tinytrain_set_lr (None: generate's default)
+    local_bytes: int = 1024  # the plan's kernel_local_bytes
+
+
+def infer_plan(mod):
+    """``infer``'s plan as the code generator makes it: with train_step's kernel workspaces."""
+    with pass_config(kernel_local_bytes=memory_plan(mod).kernel_local_bytes):
+        return plan(mod, "infer")
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +62,16 @@ def model():
 
 
 # bias-only:2 fuses a frozen expansion into its depthwise conv; bias-only:6 runs depthwise kernels in place;
-# "/optimized": the optimized kernel schedules (tvm_tinytrain/ops/schedule.py), same bits.
+# "/optimized": the optimized kernel schedules (tvm_tinytrain/ops/schedule.py), same bits, and every kernel buffer of
+# more than 16 bytes in the kernel's arena workspace (option kernel_local_bytes; at 16x16 none exceeds the default 1 KB).
 @pytest.fixture(scope="module", params=["full", "bias-only:2", "bias-only:6", "partial", "bias-only:2/optimized", "partial/optimized"])
 def case(request, model, tmp_path_factory) -> Case:
     tmp = tmp_path_factory.mktemp(request.param.replace(":", "_").replace("/", "_"))
     name, _, kernels = request.param.partition("/")
     spec = partial_scheme(tmp) if name == "partial" else name
-    trainer = Int8Trainer(model, spec, num_classes=CLASSES, lr=LR, kernels=kernels or "reference")
+    local_bytes = 16 if kernels else 1024
+    with pass_config(kernel_local_bytes=local_bytes):
+        trainer = Int8Trainer(model, spec, num_classes=CLASSES, lr=LR, kernels=kernels or "reference")
     c_lr = LR if request.param == "full" else None  # one case checks tinytrain_set_lr over a different default
     meta = generate(trainer.mod, tmp / "gen", lr=0.003 if c_lr else LR)
     rng = np.random.default_rng(11)
@@ -72,7 +82,7 @@ def case(request, model, tmp_path_factory) -> Case:
         losses.append(trainer.step(image, int(label)))
         params.append({n: trainer.params[n].copy() for n in trainer.updated})
     logits = np.stack([trainer.predict(image) for image in images])
-    return Case(tmp / "gen", meta, trainer, images, labels, losses, params, logits, c_lr)
+    return Case(tmp / "gen", meta, trainer, images, labels, losses, params, logits, c_lr, local_bytes)
 
 
 def build(case: Case, compiler: str, flags: list[str], name: str) -> Path:
@@ -140,7 +150,7 @@ def test_sources_are_standalone_and_build_for_cortex_m7(case):
 
 def test_header_and_meta_follow_the_plan(case):
     mod = case.trainer.mod
-    train, infer = memory_plan(mod), plan(mod, "infer")
+    train, infer = memory_plan(mod), infer_plan(mod)
     text = (case.out / "tinytrain_model.h").read_text()
     defines = {k: int(v) for k, v in re.findall(r"#define (TINYTRAIN_\w+) (\d+)", text)}
     assert defines["TINYTRAIN_ARENA_BYTES"] == max(train.arena_bytes, infer.arena_bytes) == case.meta["arena_bytes"]
@@ -149,6 +159,10 @@ def test_header_and_meta_follow_the_plan(case):
     assert (defines["TINYTRAIN_INPUT_C"], defines["TINYTRAIN_INPUT_H"], defines["TINYTRAIN_INPUT_W"], defines["TINYTRAIN_INPUT_BYTES"]) == (3, 16, 16, 768)
     meta = json.loads((case.out / "tinytrain_meta.json").read_text())
     assert meta == case.meta and meta["peak_sram_bytes"] == train.peak_sram_bytes
+    largest = int(re.search(r"largest kernel workspace .*? (\d+)\n", text).group(1))
+    assert largest == max(k["workspace_bytes"] for k in meta["kernels"]) and (largest > 0) == (case.local_bytes < 1024)
+    local = int(re.search(r"largest kernel locals .*? (\d+)\n", text).group(1))
+    assert local == max(k["local_bytes"] for k in meta["kernels"]) and train.kernel_local_bytes == case.local_bytes
     assert [p["name"] for p in meta["trainable"]] == case.trainer.updated
 
 
@@ -200,16 +214,79 @@ def test_streamed_layers_match_trainer(tmp_path, size, kernels, window, recomput
     assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))
 
 
-def test_oversized_kernel_buffer_is_an_error_naming_the_kernel():
-    n = kernels.MAX_STACK_BYTES // 4 + 256  # a float intermediate just over the limit that nothing compacts
+def test_oversized_kernel_workspace_is_an_error_naming_the_kernel():
+    n = kernels.MAX_WORKSPACE_BYTES // 4 + 256  # a float intermediate just over the limit that nothing compacts
     a = te.placeholder((n,), "float32", name="a")
     b = te.compute((n,), lambda i: a[i] * 2.0, name="b")
     c = te.compute((n,), lambda i: b[n - 1 - i] + 1.0, name="c")
     func = kernels.pointer_form(te.create_prim_func([a, c]))
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         lowered = kernels.lower(tvm.IRModule({tvm.ir.GlobalVar("tinytrain_k_0"): func}), tvm.target.Target("c"))
+    _, size = kernels.place_workspace(lowered["tinytrain_k_0"], "tinytrain_k_0", 1024)
+    assert size == 4 * n
     with pytest.raises(TinyTrainError, match=f"kernel tinytrain_k_0 .*{4 * n} bytes"):
-        kernels.stack_bytes(lowered["tinytrain_k_0"], "tinytrain_k_0")
+        kernels.check_workspace(size, "tinytrain_k_0")
+
+
+# A kernel's internal buffer as a C stack array (the form TVM prints for an allocation): its type and length.
+STACK_ARRAY = re.compile(r"^\s+(\w+) \w+\[(\d+)\]( = \{0\})?;$", re.M)
+C_BYTES = {"int8_t": 1, "uint8_t": 1, "int32_t": 4, "float": 4, "int64_t": 8}
+# A kernel call in tinytrain_model.c: binding comment, kernel symbol, arguments.
+KERNEL_CALL = re.compile(r"/\* \d+: \w+ \S* -> (\S+) \*/\s+TT_PROFILED\(\d+, (tinytrain_k_\d+)\((.*?)\)\);", re.S)
+
+
+def test_kernel_buffers_are_slices_of_their_planned_arena_slots(case):
+    """No kernel keeps an internal buffer larger than a few registers on the stack: each kernel with larger internal
+    buffers takes a trailing workspace pointer, and every call of it (streamed layers' band kernels included) passes
+    the slot the memory plan reserved for that call's ``{var}.workspace``, which covers the buffers with their
+    alignment."""
+    kernels_c = (case.out / "tinytrain_kernels.c").read_text()
+    assert all(C_BYTES[ctype] * int(n) <= case.local_bytes for ctype, n, _ in STACK_ARRAY.findall(kernels_c))
+    by_symbol = {k["symbol"]: k for k in case.meta["kernels"]}
+    assert any(k["workspace_bytes"] for k in by_symbol.values()) == (case.local_bytes < 1024)
+    for sym, k in by_symbol.items():
+        (proto,) = re.findall(rf"^void {sym}\((.*)\);$", kernels_c, re.M)
+        assert proto.endswith(", int8_t* restrict workspace") == bool(k["workspace_bytes"]), proto
+    model_c = (case.out / "tinytrain_model.c").read_text()
+    train_c, infer_c = model_c.split("int tinytrain_infer_rows(")
+    mod = case.trainer.mod
+    for text, planned in ((train_c, memory_plan(mod)), (infer_c, infer_plan(mod))):
+        slots = sorted((b["name"].removesuffix(".workspace"), b["offset"], b["size"]) for b in planned.buffers if b["name"].endswith(".workspace"))
+        passed = []
+        for var, sym, args in KERNEL_CALL.findall(text):
+            if by_symbol[sym]["workspace_bytes"]:
+                offset = int(re.fullmatch(r"\(int8_t \*\)\(tinytrain_arena \+ (\d+)\)", args.split(",")[-1].strip()).group(1))
+                passed.append((var, offset, by_symbol[sym]["workspace_bytes"]))
+        assert [(v, o) for v, o, _ in sorted(passed)] == [(v, o) for v, o, _ in slots]
+        assert all(used <= size and offset % 8 == 0 for (_, offset, used), (_, _, size) in zip(sorted(passed), slots))
+    assert case.meta["kernels"] and "workspace_bytes" in case.meta["kernels"][0] and "stack_bytes" not in case.meta["kernels"][0]
+
+
+@pytest.mark.parametrize("case", ["partial/optimized"], indirect=True)
+@pytest.mark.parametrize("change", ["smaller", "absent"])
+def test_planned_workspace_smaller_than_the_kernel_buffers_is_an_error_naming_the_kernel(case, change, monkeypatch, tmp_path):
+    """A plan whose ``{var}.workspace`` slot is smaller than (or missing for) the buffers the lowered kernel places
+    there must not produce C that writes past it."""
+    from tvm_tinytrain.codegen import step
+
+    planned = step.memory_plan
+
+    def changed(mod, func_name="train_step"):
+        result = planned(mod, func_name)
+        k, row = next((k, b) for k, b in enumerate(result.buffers) if b["name"].endswith(".workspace") and b["size"] > 8)
+        if change == "smaller":
+            row["size"] -= 8
+        else:
+            del result.buffers[k]
+        return result
+
+    monkeypatch.setattr(step, "memory_plan", changed)
+    row = next(b for b in memory_plan(case.trainer.mod).buffers if b["name"].endswith(".workspace") and b["size"] > 8)
+    var = re.escape(row["name"].removesuffix(".workspace"))
+    reserved = row["size"] - 8 if change == "smaller" else 0
+    with pytest.raises(TinyTrainError, match=rf"train_step: kernel tinytrain_k_\d+ \(\w+\) for {var} keeps {row['size']} bytes of internal "
+                                             rf"buffers, but the memory plan reserved {reserved} for {var}\.workspace"):
+        generate(case.trainer.mod, tmp_path / "gen")
 
 
 def test_mcunet_paper_99kb_first_step_optimized_kernels_match_reference(tmp_path):

@@ -4,7 +4,9 @@
 kernel call gets ``tinytrain_arena + offset`` for every buffer the memory plan
 placed (``TupleGetItem``, tuples and var-to-var bindings resolved to the buffer
 they alias), the parameter arrays by name, and ``static const`` arrays for the
-graph's constants.  SGD updates write in place: the kernel's output pointer is
+graph's constants; a kernel with internal buffers gets its planned
+``{var}.workspace`` slot as its last argument (see kernels.py), so no kernel
+keeps buffers on the stack.  SGD updates write in place: the kernel's output pointer is
 the parameter's RAM array, so nothing may read a parameter after its update
 (ReorderUpdates guarantees it; we check).  The two functions never run at the
 same time, so they share the arena, sized for the larger plan.
@@ -33,14 +35,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from relax_passes import memory_plan
+from relax_passes import memory_plan, pass_config
 from relax_passes._buffers import IN_PLACE_OPS, in_place_fields, type_bytes
 from relax_passes._ir import decode, shape_of
 from relax_passes._row_pipeline import IMAGE, RowPipeline, row_pipelines
 from relax_passes.plan_memory import plan
 from tvm_tinytrain.errors import TinyTrainError
 
-from .kernels import C_TYPES, Kernel, KernelLibrary, c_float, emit
+from .kernels import C_TYPES, WORKSPACE_SLOT_ALIGN, Kernel, KernelLibrary, c_float, emit
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,23 @@ class PlannedBuffers:
         self.next += 1
         return Streamed(dtype, size) if row.get("streamed") else Arena(int(row["offset"]), dtype, size)
 
-    def skip_workspace(self, var_name: str) -> None:
-        """Kernel workspaces are stack arrays in the C kernels (see kernels.py), so their arena slot stays unused."""
-        if self.next < len(self.rows) and self.rows[self.next]["name"] == f"{var_name}.workspace":
-            self.next += 1
+    def take_workspace(self, var_name: str, kernel: Kernel) -> Arena | None:
+        """The slot planned for the internal buffers of ``kernel``'s call that writes ``var_name`` (None: it has none)."""
+        name = f"{var_name}.workspace"
+        row = self.rows[self.next] if self.next < len(self.rows) else None
+        planned = int(row["size"]) if row is not None and row["name"] == name else 0
+        what = f"codegen: {self.func}: kernel {kernel.symbol} ({kernel.prim_func}) for {var_name}"
+        if kernel.workspace_bytes > planned:
+            raise TinyTrainError(f"{what} keeps {kernel.workspace_bytes} bytes of internal buffers, but the memory plan reserved "
+                                 f"{planned} for {name}")
+        if planned and not kernel.workspace_bytes:
+            raise TinyTrainError(f"{what} has no internal buffers, but the memory plan reserved {planned} bytes for {name}")
+        if not planned:
+            return None
+        slot = self.take_bytes(name, "int8", planned)
+        if slot.offset % WORKSPACE_SLOT_ALIGN:
+            raise TinyTrainError(f"{what}: the memory plan put {name} at offset {slot.offset}, not a multiple of {WORKSPACE_SLOT_ALIGN}")
+        return slot
 
     def finish(self) -> None:
         if self.next != len(self.rows):
@@ -167,15 +182,17 @@ def profile_ops(lib: KernelLibrary) -> list[str]:
     return sorted({k.op for k in lib.kernels.values()})
 
 
-def _kernel_call(kernel: Kernel, locs: list, index: int, func: str, var, op_id: int) -> str:
+def _kernel_call(kernel: Kernel, locs: list, workspace: Arena | None, index: int, func: str, var, op_id: int) -> str:
     what = f"{func} binding {index} ({var.name} = {kernel.op} of {kernel.node or '?'}, {kernel.symbol})"
     if len(locs) != len(kernel.dtypes):
         raise TinyTrainError(f"codegen: {what}: {len(locs)} buffers for a kernel with {len(kernel.dtypes)} parameters")
     return _render_call(kernel, [pointer(loc, dt, f"{what} argument {k}") for k, (loc, dt) in enumerate(zip(locs, kernel.dtypes))],
-                        index, var, op_id)
+                        workspace, index, var, op_id)
 
 
-def _render_call(kernel: Kernel, args: list[str], index: int, var, op_id: int) -> str:
+def _render_call(kernel: Kernel, args: list[str], workspace: Arena | None, index: int, var, op_id: int) -> str:
+    if workspace is not None:
+        args = [*args, pointer(workspace, "int8", f"the workspace of {kernel.symbol}")]
     joined = ",\n      ".join(args)
     return f"  /* {index}: {kernel.op} {kernel.node} -> {var.name} */\n  TT_PROFILED({op_id}, {kernel.symbol}({joined}));"
 
@@ -248,7 +265,7 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
                 slot = f"(size_t)(tt_r % {inp.rows}) * {count * exp.shape[2]}"
                 row = _render_call(kernels[inp.via], [_arena_at(ring, f"(size_t)(tt_r % {src.ring_rows}) * {src.row_bytes}"),
                                                        *params_of(inp.via, grouped), _arena_at(expanded, slot)],
-                                   exp.binding, exp.call.var, op_ids[kernels[inp.via].op]).strip()
+                                   locs[inp.via]["workspace"], exp.binding, exp.call.var, op_ids[kernels[inp.via].op]).strip()
                 body.append(f"for (int32_t tt_r = TT_MAX(0, {first}); tt_r < TT_MIN({exp.shape[1]}, {first} + {inp.rows}); tt_r++) {{\n"
                             + "\n".join("  " + line for line in row.split("\n")) + "\n}")
                 body.append(_gather(expanded, inp.rows, (count, *exp.shape[1:]), window, first, inp, "0", count, what))
@@ -257,7 +274,8 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
             _arena_at(loc["ring"], f"(size_t)(tt_row % {stage.ring_rows}) * {stage.row_bytes}")
         if grouped:  # the output row holds its channels' elements one channel after the other
             out = f"({out} + (size_t)tt_c * {stage.shape[2]})"
-        call = _render_call(kernel, [*tensors, *params_of(j, grouped), out], stage.binding, stage.call.var, op_ids[kernel.op]).strip()
+        call = _render_call(kernel, [*tensors, *params_of(j, grouped), out], loc["workspace"], stage.binding, stage.call.var,
+                            op_ids[kernel.op]).strip()
         body.append(call)
         if grouped:
             body = [f"for (int32_t tt_c = 0; tt_c < {stage.shape[0]}; tt_c += {stage.group}) {{",
@@ -315,7 +333,7 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 where[var] = loc["out"] = buffers.take(var.name, var.ty)
                 for part, size in pipe.buffers(pipe.stages[j]):
                     loc[part] = buffers.take_bytes(f"{var.name}.{part}", "int8", size)
-                buffers.skip_workspace(var.name)
+                loc["workspace"] = buffers.take_workspace(var.name, kernel)
                 row_kernels.setdefault(id(pipe), {})[j] = kernel
                 if i == pipe.last:
                     calls.append(_pipeline(pipe, row_locs[id(pipe)], row_kernels[id(pipe)], op_ids, func_name))
@@ -337,9 +355,9 @@ def lower_function(mod: tvm.IRModule, func_name: str, rows: list[dict], storage:
                 fields_in_place = in_place_fields(call)
                 outs = [in_place(fields_in_place[k]) if k in fields_in_place else buffers.take(n, ty)
                         for k, (n, ty) in enumerate(zip(names, tys))]
-                buffers.skip_workspace(var.name)
+            workspace = buffers.take_workspace(var.name, kernel)
             where[var] = tuple(outs) if isinstance(var.ty, relax.TupleType) else outs[0]
-            calls.append(_kernel_call(kernel, args + outs, i, func_name, var, op_ids[kernel.op]))
+            calls.append(_kernel_call(kernel, args + outs, workspace, i, func_name, var, op_ids[kernel.op]))
         elif isinstance(value, relax.TupleGetItem):
             where[var] = where[value.tuple_value][value.index]
         elif isinstance(value, relax.Tuple):
@@ -393,7 +411,8 @@ class Layout:
     storage: Storage
     lr: float
     peak_sram_bytes: int  # the planner's: train_step arena + trainable parameters
-    max_stack_bytes: int  # the largest kernel-internal buffers, on the caller's stack
+    max_workspace_bytes: int  # the largest kernel workspace (its internal buffers): an arena slot, counted in arena_bytes
+    max_local_bytes: int  # the largest kernel locals (its internal buffers of at most 1 KB): on the stack, not in the arena
     streams_input: bool  # the image is read in windows of rows (StreamInputRows), in train_step and infer
 
     def trainable_bytes(self) -> int:
@@ -418,7 +437,8 @@ def header(layout: Layout, model_name: str, scheme: str, ops: list[str]) -> str:
         ("constants: requantization and QAS scales (flash)", layout.constant_bytes()),
         ("initial values of the trainable parameters (flash)", layout.trainable_bytes()),
         ("planned peak SRAM of train_step (its arena + trainable parameters)", layout.peak_sram_bytes),
-        ("largest kernel-internal buffers (stack, besides the call frames)", layout.max_stack_bytes),
+        ("largest kernel workspace (internal buffers; an arena slot, in the arena above)", layout.max_workspace_bytes),
+        ("largest kernel locals (internal buffers of at most 1 KB; on the stack)", layout.max_local_bytes),
     ])
     return f"""/* tinytrain_model.h: on-device int8 training of {model_name} (scheme {scheme}), generated by tvm_tinytrain.codegen.
  *
@@ -632,9 +652,11 @@ def generate(mod: tvm.IRModule, out_dir, lr: float = 0.003) -> dict:
     if not trainable_names:
         raise TinyTrainError("codegen: train_step updates no parameter")
     init = {str(k): v.numpy() for k, v in mod.attrs["tinytrain.param_init"].items()}
-    lib = emit(mod, ("train_step", "infer"))
+    train_plan = memory_plan(mod, "train_step")
+    with pass_config(kernel_local_bytes=train_plan.kernel_local_bytes):  # the workspaces as train_step's plan sized them
+        infer_plan = plan(mod, "infer")
+    lib = emit(mod, ("train_step", "infer"), train_plan.kernel_local_bytes)
     storage = Storage(init, trainable_names)
-    train_plan, infer_plan = memory_plan(mod, "train_step"), plan(mod, "infer")
     train = lower_function(mod, "train_step", train_plan.buffers, storage, lib)
     infer = lower_function(mod, "infer", infer_plan.buffers, storage, lib)
     shape = tuple(int(d) for d in step.params[0].ty.shape)
@@ -642,7 +664,8 @@ def generate(mod: tvm.IRModule, out_dir, lr: float = 0.003) -> dict:
     _expect_inputs(train, "train_step", {"input": ("int8", int(np.prod(shape))), "label": ("int32", 4), "lr": ("float32", 4)})
     _expect_inputs(infer, "infer", {"input": ("int8", int(np.prod(shape)))})
     layout = Layout(num_classes, shape[1:], max(train_plan.arena_bytes, infer_plan.arena_bytes), [storage.params[n] for n in trainable_names],
-                    storage, float(lr), train_plan.peak_sram_bytes, max(k.stack_bytes for k in lib.kernels.values()),
+                    storage, float(lr), train_plan.peak_sram_bytes, max(k.workspace_bytes for k in lib.kernels.values()),
+                    max(k.local_bytes for k in lib.kernels.values()),
                     any(isinstance(f.inputs["input"], Streamed) for f in (train, infer)))
     model_name, scheme = str(mod.attrs["tinytrain.model_name"]), str(step.attrs["tinytrain.scheme"])
     out = Path(out_dir)
@@ -676,5 +699,6 @@ def _meta(layout: Layout, model_name: str, scheme: str, train_plan, infer_arena:
                              for i, s in enumerate(layout.trainable)],
         "peak_sram_bytes": report["peak_sram_bytes"],
         "parts": report["parts"],
-        "kernels": [{"symbol": k.symbol, "prim_func": k.prim_func, "op": k.op, "node": k.node, "stack_bytes": k.stack_bytes} for k in lib.kernels.values()],
+        "kernels": [{"symbol": k.symbol, "prim_func": k.prim_func, "op": k.op, "node": k.node, "workspace_bytes": k.workspace_bytes,
+                     "local_bytes": k.local_bytes} for k in lib.kernels.values()],
     }

@@ -16,7 +16,7 @@ reduction loop, and the tile loop is innermost and unrolled, so every weight
 (and its float conversion) is loaded once per tile instead of once per
 element and the compiler can keep the accumulators in registers.  A stage
 annotated :data:`STAGE_AT` (an input gradient's real weights) is computed
-once per tile of channels into a small stack array instead of at every
+once per tile of channels into a small workspace buffer instead of at every
 read.  Each element still sums its terms in the same order, so both
 variants produce the same bits.  The variant in force is set with
 :func:`kernel_variant`.
@@ -46,7 +46,7 @@ TILE_AXIS = "tinytrain.tile_axis"
 # An element-wise stage's annotation: the loop of its consumer at which the optimized variant computes it (see
 # stage_at), instead of inlining it into every read.
 STAGE_AT = "tinytrain.stage_at"
-MAX_STAGE_BYTES = 4096  # a staged stage's region is a stack array of the C kernel
+MAX_STAGE_BYTES = 4096  # a staged stage's region is a buffer in the C kernel's workspace (an arena slot)
 
 _variant: contextvars.ContextVar[str] = contextvars.ContextVar("tinytrain_kernel_variant", default="reference")
 

@@ -11,9 +11,8 @@ order, starting from ``0.0f``), so the results are the same bits.
 
 from __future__ import annotations
 
-from tvm.script import tirx as T
-
 from tvm import tirx
+from tvm.script import tirx as T
 
 from ..errors import TinyTrainError
 from . import tir_depthwise, tir_expand_depthwise

@@ -5,7 +5,7 @@ of output pixel ``p``, ``col`` being the input under the tap minus the zero poin
 does two of those multiply-adds in one instruction on pairs of halfwords taken along ``r``.  A weight row gives
 its pairs straight from memory: one 32-bit load of ``w[oc, 4g:4g+4]`` and two ``SXTB16`` give
 ``(w[4g], w[4g+2])`` and ``(w[4g+1], w[4g+3])``.  For each pair of output pixels the kernel first stages their
-columns as halfword pairs in that same order (``4 * R`` bytes on the stack, written once and read by every
+columns as halfword pairs in that same order (``4 * R`` bytes of its workspace, written once and read by every
 output channel); it then computes 2 output channels x 2 pixels at a time, four accumulators in registers, two
 ``SMLAD`` per accumulator per four taps.  When ``R`` is not a multiple of four (the first conv: 3 channels x
 3 x 3) the weight rows are first copied, zero-padded to whole groups, to the stack.  A 1x1 conv's taps are
