@@ -455,7 +455,8 @@ def test_residual_gradient_is_read_through_its_mask(scheme, blocks, kernels):
     """Blocks 3 and 1 are residual: a block's output gradient reaches the skip path unmasked and the projection through
     the projection's clamp mask (block 1's only where the backward goes on to the stem).  The fused kernel's front and
     the projection's bias gradient read it through that mask (``masked_bias_grad``), so the masked copy, a third
-    gradient tensor at the block's backward, is never stored: the step equals the numpy reference and needs less memory than with ``masked_reads=False``, which stores the copy."""
+    gradient tensor at the block's backward, is never stored: the step equals the numpy reference and needs less
+    memory than with ``masked_reads=False``, which stores the copy."""
     from tvm_tinytrain.default_model import load_default_model
 
     model = load_default_model()
