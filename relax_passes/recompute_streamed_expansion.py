@@ -14,12 +14,14 @@ pipeline) from which the window is gathered.
 
 Each expanded row is then made ``k / stride`` times (more instructions, no
 other cost), so by default (option ``recompute_streamed_expansion="at-peak"``)
-an expansion is recomputed only when that lowers the function's peak of live
-bytes (as PlanMemory's lower bound counts them, after every other fusion) by at
-least ``recompute_min_saving`` bytes (1 KB): the pipeline must be the peak, and
-not by a hair.  The widest ring is tried first, and again after each one
-recomputed.  ``"always"`` recomputes every eligible expansion, ``"never"``
-none.  Run it after the other fusions, before PlanMemory.
+an expansion is recomputed only in the function whose peak of live bytes (as
+PlanMemory's lower bound counts them, after every other fusion) is the
+module's highest, since ``train_step`` and ``infer`` share the C arena, and
+only when that lowers its peak by at least ``recompute_min_saving`` bytes
+(1 KB): the pipeline must be the peak, and not by a hair.  The widest ring is
+tried first, and the highest function again after each one recomputed.
+``"always"`` recomputes every eligible expansion, ``"never"`` none.  Run it
+after the other fusions, before PlanMemory.
 
 The Relax VM runs the same PrimFuncs, so the same bits: the pass only marks
 the expansion's call, re-emitted with attributes ``recomputed_rows`` and the
@@ -88,6 +90,12 @@ def _peak(mod: tvm.IRModule, name: str) -> int:
     return live_floor(analyze(mod, mod[name]).buffers)
 
 
+def _widest_first(mod: tvm.IRModule, name: str) -> list[tuple[RowStage, RowStage]]:
+    """The (expansion, reader) candidates of function ``name``, the widest ring first."""
+    found = [(pipe.stages[e], pipe.stages[r]) for pipe in row_pipelines(mod, mod[name]) for e, r in candidates(pipe)]
+    return sorted(found, key=lambda pair: -pair[0].ring_rows * pair[0].row_bytes)
+
+
 def _recompute(mod: tvm.IRModule, name: str, expansion: relax.Var, reader: relax.Var, group: int) -> tvm.IRModule:
     """``mod`` with the streamed ``expansion`` in function ``name`` marked recomputed, it and its depthwise ``reader``
     in channel groups of ``group``."""
@@ -122,16 +130,20 @@ class RecomputeStreamedExpansion:
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
         window_bytes = int(option("row_window_bytes"))
-        for name in relax_function_names(mod):
-            while True:
-                found = sorted(((pipe.stages[e], pipe.stages[r]) for pipe in row_pipelines(mod, mod[name]) for e, r in candidates(pipe)),
-                               key=lambda pair: -pair[0].ring_rows * pair[0].row_bytes)
-                peak = None if policy == "always" else _peak(mod, name)
-                for e, r in found:  # the widest ring first; "at-peak": the first that lowers the peak enough
-                    trial = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
-                    if peak is None or peak - _peak(trial, name) >= min_saving:
-                        mod = trial
-                        break
-                else:
+        names = relax_function_names(mod)
+        if policy == "always":
+            for name in names:
+                while found := _widest_first(mod, name):
+                    e, r = found[0]
+                    mod = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
+            return mod
+        while True:  # the C step functions share one arena: lower the function that peaks highest, while that saves enough
+            peaks = {name: _peak(mod, name) for name in names}
+            name = max(names, key=peaks.__getitem__)
+            for e, r in _widest_first(mod, name):
+                trial = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
+                if peaks[name] - _peak(trial, name) >= min_saving:
+                    mod = trial
                     break
-        return mod
+            else:
+                return mod

@@ -19,6 +19,7 @@ from relax_passes._fusion import reemit
 from relax_passes._ir import decode
 from relax_passes._row_pipeline import IMAGE, ROW_OPS, row_pipelines
 from relax_passes.fuse_conv_requant import conv_requant_func
+from relax_passes.plan_memory import plan as plan_function
 from relax_passes.recompute_streamed_expansion import candidates
 from relax_passes.stream_input_rows import row_kernel, rows_kernel
 from tvm_tinytrain.errors import TinyTrainError
@@ -188,7 +189,8 @@ def test_ring_rows_hold_every_row_read(size, recompute):
 @pytest.mark.parametrize("recompute", ["at-peak", "always"])
 def test_paper_model_pipelines_replay(recompute):
     """MCUNet's pipeline in infer (strides 2, 3x3 kernels, a residual add); at its default its expansions keep their
-    rings (the pipeline is not where its step peaks), "always" recomputes both."""
+    rings, in train_step and in infer (whose pipeline peaks below train_step's backward, and the two share the C
+    arena), "always" recomputes both."""
     with pass_config(recompute_streamed_expansion=recompute):
         mod = build_training_module(load_model(paper_model_path("mcunet-5fps")), "paper-99kb")
     pipes = row_pipelines(mod, mod["infer"])
@@ -197,6 +199,7 @@ def test_paper_model_pipelines_replay(recompute):
         _replay(pipe)
         assert all(0 < s.ring_rows <= 2 * max(i.rows for c, i in pipe.consumers[j]) + 1
                    for j, s in enumerate(pipe.stages[:-1]) if not s.recomputed)
+        assert any(s.recomputed for s in pipe.stages) == (recompute == "always")
     train = row_pipelines(mod, mod["train_step"])[0]
     assert [s.call.node for s in train.stages if s.recomputed] == ([] if recompute == "at-peak" else ["blocks[1].pointwise1", "blocks[2].pointwise1"])
 
@@ -212,6 +215,10 @@ def test_recompute_streamed_expansion_at_the_peak_only():
     assert [pipe.stages[e].call.node for e, _ in candidates(pipe)] == ["blocks[2].pointwise1"]
     plan = memory_plan(mod)
     assert not pipe.first <= plan.peak_index <= pipe.last and plan.arena_bytes < 30 * 1024
+    # infer, which shares the C arena, recomputes them too, so its streamed layers stay below train_step's peak
+    (infer,) = row_pipelines(mod, mod["infer"])
+    assert [s.call.node for s in infer.stages if s.recomputed] == [s.call.node for s in recomputed]
+    assert plan_function(mod, "infer").peak_live_bytes < plan.peak_live_bytes
     # the optimized variant picks groups whose expansion runs on the DSP GEMM (an even count), windows within 1 KB
     assert all(s.group % 2 == 0 and pipe.expanded_bytes <= 1024 for s in recomputed)
 
