@@ -24,9 +24,11 @@ tried first, and the highest function again after each one recomputed.
 after the other fusions, before PlanMemory.
 
 The Relax VM runs the same PrimFuncs, so the same bits: the pass only marks
-the expansion's call, re-emitted with attributes ``recomputed_rows`` and the
-reader's ``channel_group`` and a band kernel of one group of output channels,
-which ``_row_pipeline.py`` and the C step function (``codegen/step.py``) follow.
+the expansion's call, re-emitted with attribute ``recomputed_rows``, a
+``channel_group`` (the reader's, or in the optimized variant an even one that
+runs the expansion's group on the DSP GEMM, the reader re-emitted with it too)
+and a band kernel of one group of output channels, which ``_row_pipeline.py``
+and the C step function (``codegen/step.py``) follow.
 
 Before (a ring of 7 rows of ``lv20``)::
 
