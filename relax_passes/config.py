@@ -37,7 +37,7 @@ DEFAULTS = {
     "recompute_streamed_expansion": "at-peak",  # RecomputeStreamedExpansion: at-peak | always | never (see its module doc)
     "recompute_min_saving": 1024,  # RecomputeStreamedExpansion: bytes of peak an at-peak recomputation must save
     "row_window_bytes": 1024,  # StreamInputRows: a streamed depthwise conv gathers its window of rows in channel groups this small
-    "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged on the C stack (64x64 + padding)
+    "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged in the kernel (64x64 + padding)
 }
 
 _local = threading.local()

@@ -4,9 +4,9 @@
 kernel call gets ``tinytrain_arena + offset`` for every buffer the memory plan
 placed (``TupleGetItem``, tuples and var-to-var bindings resolved to the buffer
 they alias), the parameter arrays by name, and ``static const`` arrays for the
-graph's constants; a kernel with internal buffers gets its planned
-``{var}.workspace`` slot as its last argument (see kernels.py), so no kernel
-keeps buffers on the stack.  SGD updates write in place: the kernel's output pointer is
+graph's constants; a kernel with internal buffers over ``kernel_local_bytes``
+gets its planned ``{var}.workspace`` slot as its last argument (see kernels.py),
+so only its smaller buffers are on the stack.  SGD updates write in place: the kernel's output pointer is
 the parameter's RAM array, so nothing may read a parameter after its update
 (ReorderUpdates guarantees it; we check).  The two functions never run at the
 same time, so they share the arena, sized for the larger plan.
