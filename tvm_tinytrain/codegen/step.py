@@ -219,6 +219,7 @@ def _pipeline(pipe: RowPipeline, locs: dict[int, dict], kernels: dict[int, Kerne
              f"{pipe.stages[0].call.node} .. {last.call.node} -> {last.call.var.name} */",
              "  {", f"    int32_t tt_made[{n}] = {{0}};", f"    while (tt_made[{n - 1}] < {last.shape[1]}) {{"]
     blocks = []
+
     def what_of(stage):
         return f"{func} binding {stage.binding} ({stage.call.var.name} = {stage.call.op} of {stage.call.node})"
 
