@@ -294,7 +294,8 @@ def test_frozen_expansion_is_fused_into_its_depthwise_conv(model):
     calls = _step_calls(mod)
     assert [c.node for c in calls if c.op == "expand_depthwise"] == ["b0.expand+b0.dw"]
     assert not [c for c in calls if c.node in ("b0.expand", "b0.dw")]
-    sb = analyze(mod, mod["train_step"])
+    with pass_config(kernel_local_bytes=0):  # every internal buffer in the workspace, so its size says what the kernel keeps
+        sb = analyze(mod, mod["train_step"])
     fused = next(b for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "expand_depthwise")
     assert fused.size < 16 * 8 * 8  # one 8x8 plane (+ a scalar), not the 16-channel expanded tensor
 
@@ -312,8 +313,10 @@ def test_weight_gradients_are_fused_into_their_in_place_updates(model):
     assert fused and all(c.args[0].name in updated and c.attrs["param"] == c.args[0].name for c in fused)
     for grad in (c for c in calls if c.op == "conv2d_weight_grad"):
         assert type_bytes(grad.args[0].ty) > type_bytes(grad.var.ty), f"{grad.node}: fusing would have saved memory"
-    sb = analyze(mod, mod["train_step"])
-    assert all(b.size <= 4 for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "conv2d_weight_grad_sgd")  # one float
+    with pass_config(kernel_local_bytes=0):  # every internal buffer in the workspace, so its size says what the kernel keeps
+        sb = analyze(mod, mod["train_step"])
+    kept = [b.size for b in sb.buffers if b.kind == "workspace" and sb.ops[b.start] == "conv2d_weight_grad_sgd"]
+    assert kept and all(size <= 4 for size in kept)  # one float
     unfused = tvm.transform.Sequential([PlanMemory()])(_reordered(model, "full"))
     assert memory_plan(mod).peak_parts["weight_gradient"] < memory_plan(unfused).peak_parts["weight_gradient"]
 
