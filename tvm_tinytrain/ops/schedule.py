@@ -24,8 +24,10 @@ variants produce the same bits.  The variant in force is set with
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
+import functools
 
 import tvm
 from tvm import s_tir
@@ -65,6 +67,40 @@ def kernel_variant(name: str):
 
 def current_variant() -> str:
     return _variant.get()
+
+
+KERNEL_CACHE_SIZE = 1024
+
+
+def cached_kernel(factory):
+    """Memoize a PrimFunc factory per kernel variant and arguments (dicts and lists taken by value).
+
+    TVMScript parses a kernel's Python source anew at every call (0.1-0.5 s each), and the passes build the same
+    kernels again and again: each fusion pass re-emits every kernel of its kind, RecomputeStreamedExpansion tries
+    each candidate, a search plans many schemes.  A PrimFunc is immutable, so the same object can be returned."""
+    cache: collections.OrderedDict = collections.OrderedDict()
+
+    @functools.wraps(factory)
+    def cached(*args, **kwargs):
+        key = (_variant.get(), _frozen(args), _frozen(kwargs))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        func = cache[key] = factory(*args, **kwargs)
+        if len(cache) > KERNEL_CACHE_SIZE:
+            cache.popitem(last=False)
+        return func
+
+    return cached
+
+
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    hash(value)  # a value that cannot be a key is a caller's error, not a cache miss
+    return value
 
 
 def _axes(sch: s_tir.Schedule, block) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 
 from ..errors import TinyTrainError
 from . import tir_depthwise, tir_expand_depthwise
-from .schedule import current_variant
+from .schedule import cached_kernel, current_variant
 from .te_backward import int8_step, int32_step, static_index
 from .te_kernels import requantize_value
 
@@ -74,6 +74,7 @@ def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None 
     return front
 
 
+@cached_kernel
 def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_input: bool = False):
     """PrimFunc ``(g_out, w_proj, s_proj, mask, b_scale) -> g_b``: the bias gradient of a conv of ``channels`` outputs
     ``h x w`` read by a 1x1 projection of ``projection`` outputs, through the conv's clamp ``mask``, from the
@@ -94,6 +95,7 @@ def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_
     return _signature(kernel, ["g_out", *(["g_mask"] if masked_input else []), "w_proj", "s_proj", "mask", "b_scale", "g_b"])
 
 
+@cached_kernel
 def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho: int, wo: int, k: int, stride: int,
                              trained_x_zero: int | None = None, tile: int = 1, projection: int | None = None,
                              merged: tuple[int, ...] | None = None, recompute: tuple[dict, dict, bool, bool] | None = None,

@@ -23,6 +23,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import dsp
+from .schedule import cached_kernel
 from .te_kernels import requantize_value
 
 MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
@@ -37,6 +38,7 @@ def fits(in_channels: int, out_channels: int, batch: int, out_width: int, k: int
             and (not staged or out_channels * (taps + 3) // 4 * 4 <= MAX_STAGED_WEIGHT_BYTES))
 
 
+@cached_kernel
 def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, stride: int, x_zero: int, y_zero: int,
                  qmin: int, qmax: int, wide_shift: bool, trained_channels: tuple[int, ...] = (), pad_h: int | None = None):
     """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a conv (padding ``(k-1)//2``, rows ``pad_h`` when given) then

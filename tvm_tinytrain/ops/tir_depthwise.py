@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .schedule import cached_kernel
 from .te_kernels import requantize_value
 
 
@@ -62,6 +63,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
     return conv_channel
 
 
+@cached_kernel
 def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, conv: dict, wide_shift: bool, pad_h: int | None = None):
     """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a depthwise conv (padding ``(k-1)//2``, rows ``pad_h`` when
     given: 0 for StreamInputRows' band kernel, whose window of ``k`` rows gives one output row) then requantize;

@@ -18,6 +18,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from . import dsp, tir_depthwise
+from .schedule import cached_kernel
 
 
 def fits(in_channels: int, batch: int, width: int) -> bool:
@@ -60,6 +61,7 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
     return expand_channel
 
 
+@cached_kernel
 def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, stride: int, expand: dict, depthwise: dict,
                      wide: tuple[bool, bool]):
     """PrimFunc ``(x, w_pw, b1, m1, s1, w_dw, b2, m2, s2) -> y``.  ``expand`` and ``depthwise`` hold each conv's
