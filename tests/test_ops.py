@@ -11,6 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import te
@@ -207,3 +208,19 @@ def test_linear_kernels_match_reference(n, i, o, zx, seed):
     gotf = run_te(lambda a, b, c: te_kernels.linear_float(a, b, c, zx, 0.05), [x, wf, bf])
     assert gotf.dtype == np.float32
     np.testing.assert_array_equal(gotf, reference.linear_float(x, zx, 0.05, wf, bf))
+
+
+def test_kernel_factories_are_memoized_per_variant_and_argument_values():
+    from tvm_tinytrain.ops import tir_depthwise
+    from tvm_tinytrain.ops.schedule import kernel_variant
+
+    quant = {"x_zero": 3, "y_zero": -5, "qmin": -128, "qmax": 127}
+    with kernel_variant("optimized"):
+        first = tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, quant, False)
+        assert tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, dict(quant), False) is first  # a dict by value
+        other = tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, {**quant, "y_zero": -4}, False)
+        assert other is not first and not tvm_ffi.structural_equal(other, first)
+    with kernel_variant("reference"):  # the variant is part of the key: a factory may read it
+        assert tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, quant, False) is not first
+    with pytest.raises(TypeError):
+        tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, quant, np.zeros(2))
