@@ -91,23 +91,25 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
     placement beats, or after :data:`SEARCH_PATIENCE` swaps without a gain.  Returns the smallest arena found,
     with the buffers placed for it."""
     floor = _align(live_floor(buffers), alignment)
+    neighbours = _neighbours(buffers)
     results = []
     for i, key in enumerate(PLACEMENT_ORDERS.values()):
         order = _sequence(buffers, key)
         rank = {b.name: k for k, b in enumerate(order)}
         roots = [b for b in order if b.overwrites is None]  # an overwriting output is placed by its root's rank alone
         steps = search_steps // len(PLACEMENT_ORDERS) if len(roots) > 1 else 0
-        results.append(_local_search(buffers, alignment, roots, rank, steps, floor, random.Random(i)))
+        results.append(_local_search(buffers, alignment, roots, rank, steps, floor, random.Random(i), neighbours))
         if results[-1][0][0] <= floor:
             break
     _, rank = min(results, key=lambda r: r[0])
-    return _place(buffers, alignment, lambda x: (rank[x.name],))
+    return _place(buffers, alignment, lambda x: (rank[x.name],), neighbours)
 
 
-def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], rank: dict, steps: int, floor: int, rng):
+def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], rank: dict, steps: int, floor: int, rng,
+                  neighbours: dict[int, list[Buffer]]):
     """((arena, -outputs in place), rank) after up to ``steps`` kept-or-undone swaps from ``rank``."""
     def score(order) -> tuple[int, int]:
-        return _place(buffers, alignment, order), -sum(b.in_place(buffers) for b in buffers)
+        return _place(buffers, alignment, order, neighbours), -sum(b.in_place(buffers) for b in buffers)
 
     best, since = score(lambda x: (rank[x.name],)), 0
     for _ in range(steps):
@@ -155,12 +157,27 @@ def _align(v: int, alignment: int) -> int:
     return (v + alignment - 1) // alignment * alignment
 
 
-def _place(buffers: list[Buffer], alignment: int, primary) -> int:
+def _neighbours(buffers: list[Buffer]) -> dict[int, list[Buffer]]:
+    """Per storage buffer (by id), the storage buffers alive at some time it is: all :func:`_place` must avoid."""
+    storage = sorted(storage_buffers(buffers), key=lambda b: b.start)
+    near: dict[int, list[Buffer]] = {id(b): [] for b in storage}
+    for i, a in enumerate(storage):
+        for b in storage[i + 1:]:
+            if b.start > a.end:
+                break
+            near[id(a)].append(b)
+            near[id(b)].append(a)
+    return near
+
+
+def _place(buffers: list[Buffer], alignment: int, primary, neighbours: dict[int, list[Buffer]] | None = None) -> int:
+    """Place the storage buffers first-fit in the order ``primary`` gives (see :func:`assign_offsets`); the arena.
+    ``neighbours`` (:func:`_neighbours` of these buffers) saves recomputing who overlaps whom on each call."""
+    neighbours = neighbours if neighbours is not None else _neighbours(buffers)
     for b in buffers:
         b.offset = None
-    placed: list[Buffer] = []
     for b in _sequence(buffers, primary):
-        alive = [p for p in placed if p.overlaps_in_time(b)]
+        alive = [p for p in neighbours[id(b)] if p.offset is not None]  # placed already
         target = buffers[b.overwrites] if b.overwrites is not None else None
         spots = b.in_place_offsets(buffers) if target is not None and target.offset is not None else ()
         free = [o for o in spots if not any(p is not target and p.offset < o + b.size and o < p.offset + p.size for p in alive)]
@@ -172,7 +189,6 @@ def _place(buffers: list[Buffer], alignment: int, primary) -> int:
                 if b.offset + b.size <= lo:
                     break
                 b.offset = max(b.offset, _align(hi, alignment))
-        placed.append(b)
     for b in buffers:
         if b.alias is not None:
             b.offset = buffers[b.alias].offset
