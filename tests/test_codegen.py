@@ -28,7 +28,7 @@ from tvm_tinytrain.trainer import Int8Trainer, build_training_module
 HARNESS = Path(__file__).with_name("codegen_harness.c")
 SOURCES = ("tinytrain_model.c", "tinytrain_kernels.c")
 HOST_FLAGS = ["-O2", "-std=c99", "-ffp-contract=off", "-Wall", "-Werror"]
-SANITIZE_FLAGS = ["-O1", "-g", "-std=c99", "-ffp-contract=off", "-Wall", "-Werror",
+SANITIZE_FLAGS = ["-O0", "-g", "-std=c99", "-ffp-contract=off", "-Wall", "-Werror",
                   "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 ARM_FLAGS = ["-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16", "-c", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-std=c99"]
 CLASSES, STEPS, LR = 4, 3, 0.5  # lr 0.5 with QAS moves almost every trained weight (see test_training.py)
