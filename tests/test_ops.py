@@ -6,6 +6,7 @@ shapes, and the fixed-point requantization against exact rational arithmetic.
 
 from __future__ import annotations
 
+import inspect
 from fractions import Fraction
 
 import numpy as np
@@ -224,3 +225,15 @@ def test_kernel_factories_are_memoized_per_variant_and_argument_values():
         assert tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, quant, False) is not first
     with pytest.raises(TypeError):
         tir_depthwise.depthwise_conv_requant(4, 6, 6, 3, 1, quant, np.zeros(2))
+
+
+def test_tvmscript_frame_lookups_see_what_inspect_sees():
+    from tvm_tinytrain.ops._tvmscript_frames import _FrameInspect
+
+    def both():
+        return _FrameInspect.stack(), inspect.stack()
+
+    fast, slow = both()
+    assert len(fast) == len(slow)
+    for f, s in zip(fast, slow):
+        assert (f.frame, f.lineno, f.function, f.code_context) == (s.frame, s.lineno, s.function, s.code_context)
