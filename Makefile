@@ -20,8 +20,9 @@ toolchain:
 demo: $(STAMP) toolchain
 	$(VENV)/bin/tinytrain demo
 
+# One pytest per test file, as many at once as there are CPUs (tests/run_files.py says why).
 test: $(STAMP) toolchain
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python tests/run_files.py
 
 clean:
 	rm -rf $(VENV) build out .pytest_cache .hypothesis
