@@ -3,5 +3,3 @@
 Both consume the fixed-point constants of :mod:`.constants`, derived once per
 node from the float scales by :mod:`tvm_tinytrain.quant`.
 """
-
-from . import _tvmscript_frames  # noqa: F401  (before any kernel's TVMScript is parsed)

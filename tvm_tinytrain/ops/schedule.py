@@ -34,6 +34,7 @@ from tvm import s_tir
 
 from ..errors import TinyTrainError
 from ..model import DTYPE_BYTES
+from . import _tvmscript_frames  # noqa: F401  (cheaper TVMScript frame lookups; every TIR-written kernel module imports this one)
 
 SPATIAL = 0  # IterVar type of a data-parallel axis
 VARIANTS = ("reference", "optimized")
