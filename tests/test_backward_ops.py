@@ -572,12 +572,14 @@ def test_depthwise_block_backward_recomputes_the_forward_masks(shape, seed, vari
     assert (results[0][0] != w_pw).any()
 
 
-@given(st.sampled_from([(6, 5, 4, 4), (8, 3, 3, 5), (1, 1, 1, 1), (12, 8, 2, 8)]), st.integers(0, 2**31), st.booleans())
+@given(st.sampled_from([(6, 5, 4, 4), (8, 3, 3, 5), (1, 1, 1, 1), (12, 8, 2, 8), (4, 3, 3, 2)]), st.integers(0, 2**31), st.booleans(),
+       st.sampled_from(VARIANTS))
 @SETTINGS
-def test_projection_bias_grad_is_the_separate_kernels(shape, seed, masked_input):
+def test_projection_bias_grad_is_the_separate_kernels(shape, seed, masked_input, variant):
     """A 1x1 projection's input gradient -> the clamp mask of the conv it reads -> that conv's bias gradient, one plane
-    at a time: the numpy reference's three kernels, bit for bit; with ``masked_input`` the projection's output gradient
-    read through its own clamp mask == the reference's masked copy."""
+    at a time (a group of planes in the optimized variant: 2 or 4 here): the numpy reference's three kernels, bit for
+    bit; with ``masked_input`` the projection's output gradient read through its own clamp mask == the reference's
+    masked copy."""
     from tvm_tinytrain.ops.tir_backward import projection_bias_grad
 
     c, projection, h, w = shape
@@ -587,7 +589,8 @@ def test_projection_bias_grad_is_the_separate_kernels(shape, seed, masked_input)
     s_proj = rng.uniform(1e-3, 1e-2, projection).astype(np.float32)
     mask = rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8)
     b_scale = rng.uniform(1, 100, c).astype(np.float32)
-    prim = projection_bias_grad(c, projection, h, w, masked_input)
+    with kernel_variant(variant):
+        prim = projection_bias_grad(c, projection, h, w, masked_input)
     fn = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target="llvm")
     got = tvm.runtime.empty([c], "float32")
     g_mask = [rng.integers(0, 256, ((g_out.size + 7) // 8,)).astype(np.uint8)] if masked_input else []

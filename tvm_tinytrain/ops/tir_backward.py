@@ -28,69 +28,102 @@ def _bit(mask, index):
 
 def _unsaturated(v, conv: dict):
     """The clamp mask's condition on an int8 output ``v`` of ``conv``: strictly inside ``(qmin, qmax)``."""
-    return tirx.all(v > T.int8(conv["qmin"]), v < T.int8(conv["qmax"]))
+    # Compared in int32: TVM's simplifier rewrites ``int8 < 127`` into a floor division, a division per test in C.
+    v32 = T.Cast("int32", v)
+    return tirx.all(v32 > conv["qmin"], v32 < conv["qmax"])
 
 
-def projection_front(projection: int, ho: int, wo: int, recomputed: dict | None = None, masked_input: bool = False):
-    """A macro ``(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, gi, out, border, y)``: channel ``c`` of a 1x1
-    projection's input gradient (:func:`.te_backward.conv2d_input_grad`: the sum over the ``projection`` output channels
-    of ``g``, in increasing order), masked by the clamp of the conv it reads, into ``out`` inside a border of
-    ``border``, and that conv's bias gradient ``g_b[gi] = b_scale[c] * sum(plane)`` (:func:`.te_backward.bias_grad`).
-    The mask is bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), the int8 outputs ``y[0, 0]``
-    of channel ``c``.  With ``masked_input`` the output gradient is ``g`` read through the projection's own packed
-    clamp mask ``g_mask`` (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no
-    masked copy of ``g``."""
-    px = next(n for n in (8, 4, 2, 1) if wo % n == 0)  # output pixels of a projection row summed together
+def front_group(pixels: int, tile: int) -> int:
+    """Channels whose projection fronts :func:`projection_front` sums together: the most, up to 4, that divide
+    ``tile`` with at most 16 float32 accumulators (the group times the pixels summed together)."""
+    px = _front_pixels(pixels)
+    return max(f for f in (1, 2, 4) if tile % f == 0 and f * px <= max(16, px))
+
+
+def _front_pixels(pixels: int) -> int:
+    """Output pixels (of a channel's ``pixels``, row after row) summed together."""
+    return next(n for n in (8, 4, 2, 1) if pixels % n == 0)
+
+
+def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomputed: dict | None = None,
+                     masked_input: bool = False):
+    """Two macros for the input gradient of a 1x1 projection (:func:`.te_backward.conv2d_input_grad`: the sum over
+    the ``projection`` output channels of ``g``, in increasing order), masked by the clamp of the conv it reads, and
+    that conv's bias gradient (:func:`.te_backward.bias_grad`).
+
+    ``sum_group(c, g, g_mask, w_proj, s_proj, out, border)`` writes the unmasked sums of channels ``c .. c + group``
+    into ``out[f]`` inside a border of ``border``, a few pixels at a time: each output gradient value loaded serves
+    the whole group.  With ``masked_input`` ``g`` is read through the projection's own packed clamp mask ``g_mask``
+    (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no masked copy of ``g``.
+    The group's real weights (``w_proj * s_proj``) are computed again for each few pixels, in registers: no
+    buffer of them (they were the kernel's largest C local), and the same products.
+
+    ``finish(c, f, mask, b_scale, g_b, gi, out, border, y)`` then masks ``out[f]`` (channel ``c``) in place by the
+    bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), by the int8 outputs ``y[0, 0]`` of
+    channel ``c``, and sets ``g_b[gi] = b_scale[c] * sum(plane)``."""
+    pixels = ho * wo
+    px = _front_pixels(pixels)
     recompute = recomputed is not None
 
     @T.macro
-    def front(c, g, g_mask, w_proj, s_proj, mask, b_scale, g_b, gi, out, border, y):
-        proj_real = T.alloc_buffer((projection,), "float32", scope="global")  # channel c's real projection weights
-        proj_acc = T.alloc_buffer((px,), "float32", scope="global")
-        for o in range(projection):
-            proj_real[o] = T.Cast("float32", w_proj[o, c, 0, 0]) * s_proj[o]
-        for i, jq in T.grid(ho, wo // px):
-            for u in T.unroll(px):
-                proj_acc[u] = T.float32(0.0)
+    def sum_group(c, g, g_mask, w_proj, s_proj, out, border):
+        proj_acc = T.alloc_buffer((group, px), "float32", scope="global")
+        g_px = T.alloc_buffer((px,), "float32", scope="global")  # the output gradient of px pixels of one channel
+        g_flat = T.decl_buffer((projection * pixels,), "float32", data=g.data)
+        for q in range(pixels // px):
+            for f in T.unroll(group):
+                for u in T.unroll(px):
+                    proj_acc[f, u] = T.float32(0.0)
             for o in range(projection):
                 for u in T.unroll(px):
                     if masked_input:
-                        proj_acc[u] = proj_acc[u] + T.Select(_bit(g_mask, (o * ho + i) * wo + jq * px + u), g[0, o, i, jq * px + u],
-                                                             T.float32(0.0)) * proj_real[o]
+                        g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u], T.float32(0.0))
                     else:
-                        proj_acc[u] = proj_acc[u] + g[0, o, i, jq * px + u] * proj_real[o]
-            for u in T.unroll(px):
-                if recompute:
-                    out[i + border, jq * px + u + border] = T.Select(_unsaturated(y[0, 0, i, jq * px + u], recomputed), proj_acc[u],
-                                                                     T.float32(0.0))
-                else:
-                    out[i + border, jq * px + u + border] = T.Select(_bit(mask, (c * ho + i) * wo + jq * px + u), proj_acc[u],
-                                                                     T.float32(0.0))
+                        g_px[u] = g_flat[o * pixels + q * px + u]
+                for f in T.unroll(group):
+                    for u in T.unroll(px):
+                        proj_acc[f, u] = proj_acc[f, u] + g_px[u] * (T.Cast("float32", w_proj[o, c + f, 0, 0]) * s_proj[o])
+            for f in T.unroll(group):
+                for u in T.unroll(px):
+                    out[f, (q * px + u) // wo + border, (q * px + u) % wo + border] = proj_acc[f, u]
+
+    @T.macro
+    def finish(c, f, mask, b_scale, g_b, gi, out, border, y):
         g_b[gi] = T.float32(0.0)
         for i, j in T.grid(ho, wo):
-            g_b[gi] = g_b[gi] + out[i + border, j + border]
+            if recompute:
+                out[f, i + border, j + border] = T.Select(_unsaturated(y[0, 0, i, j], recomputed), out[f, i + border, j + border],
+                                                          T.float32(0.0))
+            else:
+                out[f, i + border, j + border] = T.Select(_bit(mask, (c * ho + i) * wo + j), out[f, i + border, j + border],
+                                                          T.float32(0.0))
+            g_b[gi] = g_b[gi] + out[f, i + border, j + border]
         g_b[gi] = b_scale[c] * g_b[gi]
 
-    return front
+    return sum_group, finish
 
 
 @cached_kernel
 def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_input: bool = False):
     """PrimFunc ``(g_out, w_proj, s_proj, mask, b_scale) -> g_b``: the bias gradient of a conv of ``channels`` outputs
     ``h x w`` read by a 1x1 projection of ``projection`` outputs, through the conv's clamp ``mask``, from the
-    projection's output gradient: input gradient -> mask -> bias gradient, one channel plane at a time, where the
-    backward stops after that bias (the plane of the projection's input gradient is the only workspace).  With
-    ``masked_input``, ``g_out`` is read through the projection's packed clamp mask ``g_mask``, an input after it."""
-    front = projection_front(projection, h, w, masked_input=masked_input)
+    projection's output gradient: input gradient -> mask -> bias gradient, a group of channel planes at a time (one
+    in the reference variant), where the backward stops after that bias (the planes of the projection's input
+    gradient are the only workspace).  With ``masked_input``, ``g_out`` is read through the projection's packed clamp
+    mask ``g_mask``, an input after it."""
+    group = front_group(h * w, channels) if current_variant() == "optimized" else 1
+    sum_group, finish = projection_front(projection, h, w, group, masked_input=masked_input)
 
     @T.prim_func(private=True)
     def kernel(g_out: T.Buffer((1, projection, h, w), "float32"), g_mask: T.Buffer(((projection * h * w + 7) // 8,), "uint8"),
                w_proj: T.Buffer((projection, channels, 1, 1), "int8"), s_proj: T.Buffer((projection,), "float32"),
                mask: T.Buffer(((channels * h * w + 7) // 8,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
                g_b: T.Buffer((channels,), "float32")):
-        plane = T.alloc_buffer((h, w), "float32", scope="global")
-        for c in range(channels):
-            front(c, g_out, g_mask, w_proj, s_proj, mask, b_scale, g_b, c, plane, 0, None)
+        planes = T.alloc_buffer((group, h, w), "float32", scope="global")
+        for c0 in range(channels // group):
+            sum_group(c0 * group, g_out, g_mask, w_proj, s_proj, planes, 0)
+            for f in range(group):
+                finish(c0 * group + f, f, mask, b_scale, g_b, c0 * group + f, planes, 0, None)
 
     return _signature(kernel, ["g_out", *(["g_mask"] if masked_input else []), "w_proj", "s_proj", "mask", "b_scale", "g_b"])
 
@@ -187,7 +220,9 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     recompute_masks = recompute is not None
     plane_shape, dw_y_shape = ((h + 2 * pad, w + 2 * pad), (1, 1, ho, wo)) if recompute_masks else ((1, 1), (1, 1, 1, 1))
 
-    front = projection_front(projection or 1, ho, wo, dw_q if recompute_masks else None, masked_front)
+    # Channels whose projection fronts are summed together (one without a front: the kernel reads their gradient).
+    group = front_group(ho * wo, tile) if projection is not None else 1
+    sum_group, finish = projection_front(projection or 1, ho, wo, group, dw_q if recompute_masks else None, masked_front)
 
     @T.macro
     def recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
@@ -214,10 +249,48 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         g_b[gi] = b_scale[c] * g_b[gi]
 
     @T.macro
+    def channel_backward(c, t, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2,
+                         s2, b1_new, b2_new, planes, g_pad, dw_real, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias):
+        """Channel ``c``'s masked depthwise input gradient into ``planes[t]`` from its output gradient ``g_pad[f]``
+        (the projection's front summed there already), and the bias gradients (or steps) this yields."""
+        if recompute_masks:
+            recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs,
+                              r_lanes)
+        for rh, rw in T.grid(k, k):
+            dw_real[rh, rw] = T.Cast("float32", w_dw[c, 0, rh, rw]) * s_dw[c]
+        if projection is None:
+            for i, j in T.grid(ho, wo):
+                g_pad[0, i + taps - 1, j + taps - 1] = g[0, c, i, j]
+        elif update_biases:  # masked by the depthwise clamp
+            finish(c, f, mask_dw, b_scale_dw, g_bias, 1, g_pad, taps - 1, dw_y)
+            b2_new[c] = int32_step(b2[c], lr, g_bias[1])
+        else:
+            finish(c, f, mask_dw, b_scale_dw, g_b_dw, c, g_pad, taps - 1, dw_y)
+        for y, xx in T.grid(h, w):
+            planes[t, y, xx] = T.float32(0.0)
+            # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
+            # (y + pad) // stride - jh; the border stands for the rows outside the output.
+            for jh in range((k - (y + pad) % stride + stride - 1) // stride):
+                for jw in tap_loop((k - (xx + pad) % stride + stride - 1) // stride):
+                    planes[t, y, xx] = planes[t, y, xx] + (
+                        g_pad[f, (y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
+                        * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
+            if recompute_masks:
+                planes[t, y, xx] = T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), planes[t, y, xx],
+                                            T.float32(0.0))
+            else:
+                planes[t, y, xx] = T.Select(_bit(mask, (c * h + y) * w + xx), planes[t, y, xx], T.float32(0.0))
+        if update_biases:
+            plane_bias_grad(planes, t, b_scale, c, g_bias, 0)
+            b1_new[c] = int32_step(b1[c], lr, g_bias[0])
+        else:
+            plane_bias_grad(planes, t, b_scale, c, g_b, c)
+
+    @T.macro
     def block_backward(g, g_mask, w_dw, s_dw, mask, b_scale, w_pw, s_pw, x, w_scale, lr, g_x, g_b, w_new, w_proj, s_proj, mask_dw,
                        b_scale_dw, g_b_dw, frozen, b1, m1, s1, b2, m2, s2, b1_new, b2_new):
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
-        g_pad = T.alloc_buffer((rows, cols), "float32", scope="global")  # channel c's output gradient in a zero border
+        g_pad = T.alloc_buffer((group, rows, cols), "float32", scope="global")  # the group's output gradients in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
         pw_real = T.alloc_buffer((pair, tile), "float32", scope="global")  # the pair's real expansion weights in the tile
         acc = T.alloc_buffer((pair_w, tile), "float32", scope="global")
@@ -231,57 +304,34 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         r_pairs = T.alloc_buffer((2,), "int32", scope="global")
         r_lanes = T.alloc_buffer((4,), "int32", scope="global")
         g_bias = T.alloc_buffer((2,), "float32", scope="global")  # update_biases: channel c's two bias gradients
+        column = T.alloc_buffer((pair,), "int32", scope="global")
         if input_grad:
             for ci, y, xx in T.grid(in_channels, h, w):
                 g_x[0, ci, y, xx] = T.float32(0.0)
-        for i, j in T.grid(rows, cols):  # the border; each channel overwrites the inside
-            g_pad[i, j] = T.float32(0.0)
+        for f, i, j in T.grid(group, rows, cols):  # the border; each channel overwrites the inside
+            g_pad[f, i, j] = T.float32(0.0)
         if recompute_masks:
             for i, j in T.grid(h + 2 * pad, w + 2 * pad):
                 plane[i, j] = T.int8(dw_q["x_zero"])
         for c0 in range(channels // tile):
-            for t in range(tile):  # the depthwise input gradient of channel c, masked by the expansion's clamp
-                if recompute_masks:
-                    recompute_channel(c0 * tile + t, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params,
-                                      r_pairs, r_lanes)
-                for rh, rw in T.grid(k, k):
-                    dw_real[rh, rw] = T.Cast("float32", w_dw[c0 * tile + t, 0, rh, rw]) * s_dw[c0 * tile + t]
-                if projection is None:
-                    for i, j in T.grid(ho, wo):
-                        g_pad[i + taps - 1, j + taps - 1] = g[0, c0 * tile + t, i, j]
-                else:  # g is the projection's output gradient: channel c's input gradient, masked by the depthwise clamp
-                    if update_biases:
-                        front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_bias, 1, g_pad, taps - 1, dw_y)
-                        b2_new[c0 * tile + t] = int32_step(b2[c0 * tile + t], lr, g_bias[1])
-                    else:
-                        front(c0 * tile + t, g, g_mask, w_proj, s_proj, mask_dw, b_scale_dw, g_b_dw, c0 * tile + t, g_pad, taps - 1,
-                              dw_y)
-                for y, xx in T.grid(h, w):
-                    planes[t, y, xx] = T.float32(0.0)
-                    # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
-                    # (y + pad) // stride - jh; the border stands for the rows outside the output.
-                    for jh in range((k - (y + pad) % stride + stride - 1) // stride):
-                        for jw in tap_loop((k - (xx + pad) % stride + stride - 1) // stride):
-                            planes[t, y, xx] = planes[t, y, xx] + (
-                                g_pad[(y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
-                                * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
-                    if recompute_masks:
-                        planes[t, y, xx] = T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), planes[t, y, xx], T.float32(0.0))
-                    else:
-                        planes[t, y, xx] = T.Select(_bit(mask, ((c0 * tile + t) * h + y) * w + xx), planes[t, y, xx], T.float32(0.0))
-                if update_biases:
-                    plane_bias_grad(planes, t, b_scale, c0 * tile + t, g_bias, 0)
-                    b1_new[c0 * tile + t] = int32_step(b1[c0 * tile + t], lr, g_bias[0])
-                else:
-                    plane_bias_grad(planes, t, b_scale, c0 * tile + t, g_b, c0 * tile + t)
+            for t0 in range(tile // group):
+                if projection is not None:  # g is the projection's output gradient: the group's input gradients
+                    sum_group(c0 * tile + t0 * group, g, g_mask, w_proj, s_proj, g_pad, taps - 1)
+                for f in range(group):  # the depthwise input gradient of channel c, masked by the expansion's clamp
+                    channel_backward(c0 * tile + t0 * group + f, t0 * group + f, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b,
+                                     mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2, s2, b1_new, b2_new, planes, g_pad, dw_real,
+                                     plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias)
             if input_grad:
                 for ci2 in range(in_channels // pair):
+                    if merged is not None:  # each input channel's column in the trained slice, looked up once for the tile
+                        for s in T.unroll(pair):
+                            column[s] = static_index(ci2 * pair + s, slot)
                     for s, t in T.grid(pair, tile):
                         if merged is None:
                             pw_real[s, t] = T.Cast("float32", w_pw[c0 * tile + t, ci2 * pair + s, 0, 0]) * s_pw[c0 * tile + t]
                         else:  # the merge: the trained slice's column where the channel has one, else the frozen weight (lazy)
                             pw_real[s, t] = T.Cast("float32", T.if_then_else(
-                                static_index(ci2 * pair + s, slot) >= 0, w_pw[c0 * tile + t, static_index(ci2 * pair + s, slot), 0, 0],
+                                column[s] >= 0, w_pw[c0 * tile + t, column[s], 0, 0],
                                 frozen[c0 * tile + t, ci2 * pair + s, 0, 0])) * s_pw[c0 * tile + t]
                     for y, xx in T.grid(h, w):
                         for s in T.unroll(pair):
