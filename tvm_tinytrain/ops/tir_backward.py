@@ -211,7 +211,8 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     slot = [-1] * in_channels  # each input channel's column in the trained slice, -1: frozen
     for j, ch in enumerate(merged or range(in_channels)):
         slot[ch] = j
-    tap_loop = T.unroll if stride == 1 else T.serial  # stride 1: k taps a row, a constant
+    tap_loop = T.unroll if stride == 1 else T.serial  # stride 1: k x k taps, constants: unrolled, no loop overhead per tap
+    dpx = next(n for n in (4, 2, 1) if w % n == 0) if stride == 1 else 1  # plane pixels of a row summed together
     expand_q, dw_q, wide_expand, wide_dw = recompute or ({}, {}, False, False)
     # The optimized variant recomputes the expanded plane on the DSP instructions where their shape allows.
     dsp_expand = recompute is not None and current_variant() == "optimized" and tir_expand_depthwise.fits(in_channels, 1, w)
@@ -250,7 +251,8 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
 
     @T.macro
     def channel_backward(c, t, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2,
-                         s2, b1_new, b2_new, planes, g_pad, dw_real, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias):
+                         s2, b1_new, b2_new, planes, g_pad, dw_real, dw_acc, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes,
+                         g_bias):
         """Channel ``c``'s masked depthwise input gradient into ``planes[t]`` from its output gradient ``g_pad[f]``
         (the projection's front summed there already), and the bias gradients (or steps) this yields."""
         if recompute_masks:
@@ -266,20 +268,24 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
             b2_new[c] = int32_step(b2[c], lr, g_bias[1])
         else:
             finish(c, f, mask_dw, b_scale_dw, g_b_dw, c, g_pad, taps - 1, dw_y)
-        for y, xx in T.grid(h, w):
-            planes[t, y, xx] = T.float32(0.0)
+        for y, xq in T.grid(h, w // dpx):
+            for u in T.unroll(dpx):
+                dw_acc[u] = T.float32(0.0)
             # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
-            # (y + pad) // stride - jh; the border stands for the rows outside the output.
-            for jh in range((k - (y + pad) % stride + stride - 1) // stride):
-                for jw in tap_loop((k - (xx + pad) % stride + stride - 1) // stride):
-                    planes[t, y, xx] = planes[t, y, xx] + (
-                        g_pad[f, (y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
-                        * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
-            if recompute_masks:
-                planes[t, y, xx] = T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), planes[t, y, xx],
-                                            T.float32(0.0))
-            else:
-                planes[t, y, xx] = T.Select(_bit(mask, (c * h + y) * w + xx), planes[t, y, xx], T.float32(0.0))
+            # (y + pad) // stride - jh; the border stands for the rows outside the output.  At stride 1 the dpx
+            # pixels take the same taps: each weight loaded serves them all.
+            for jh in tap_loop((k - (y + pad) % stride + stride - 1) // stride):
+                for jw in tap_loop((k - (xq * dpx + pad) % stride + stride - 1) // stride):
+                    for u in T.unroll(dpx):
+                        dw_acc[u] = dw_acc[u] + (
+                            g_pad[f, (y + pad) // stride - jh + taps - 1, (xq * dpx + u + pad) // stride - jw + taps - 1]
+                            * dw_real[(y + pad) % stride + stride * jh, (xq * dpx + u + pad) % stride + stride * jw])
+            for u in T.unroll(dpx):
+                if recompute_masks:
+                    planes[t, y, xq * dpx + u] = T.Select(_unsaturated(plane[y + pad, xq * dpx + u + pad], expand_q), dw_acc[u],
+                                                          T.float32(0.0))
+                else:
+                    planes[t, y, xq * dpx + u] = T.Select(_bit(mask, (c * h + y) * w + xq * dpx + u), dw_acc[u], T.float32(0.0))
         if update_biases:
             plane_bias_grad(planes, t, b_scale, c, g_bias, 0)
             b1_new[c] = int32_step(b1[c], lr, g_bias[0])
@@ -292,6 +298,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((group, rows, cols), "float32", scope="global")  # the group's output gradients in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
+        dw_acc = T.alloc_buffer((dpx,), "float32", scope="global")  # dpx pixels of a masked plane
         pw_real = T.alloc_buffer((pair, tile), "float32", scope="global")  # the pair's real expansion weights in the tile
         acc = T.alloc_buffer((pair_w, tile), "float32", scope="global")
         two = T.alloc_buffer((max(pair, pair_w),), "float32", scope="global")  # elements of g_x, or input values
@@ -320,7 +327,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                 for f in range(group):  # the depthwise input gradient of channel c, masked by the expansion's clamp
                     channel_backward(c0 * tile + t0 * group + f, t0 * group + f, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b,
                                      mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2, s2, b1_new, b2_new, planes, g_pad, dw_real,
-                                     plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias)
+                                     dw_acc, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias)
             if input_grad:
                 for ci2 in range(in_channels // pair):
                     if merged is not None:  # each input channel's column in the trained slice, looked up once for the tile
