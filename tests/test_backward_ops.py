@@ -429,10 +429,11 @@ def test_merge_channels(o, c, axis, seed):
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 1), (8, 4, 8, 8, 3, 2, 4), (6, 3, 7, 7, 5, 1, 3), (8, 4, 8, 8, 7, 2, 8), (8, 4, 8, 8, 7, 2, 2),
                         (5, 2, 6, 6, 3, 1, 1), (6, 4, 9, 9, 3, 3, 2), (8, 4, 4, 12, 3, 1, 4), (8, 5, 8, 8, 3, 1, 2)]),
        st.integers(0, 2**31), st.sampled_from(["frozen", "trained", "merged"]), st.sampled_from([None, 3, 8]), st.booleans(),
-       st.booleans(), st.booleans())
+       st.booleans(), st.booleans(), st.sampled_from(VARIANTS))
 @settings(max_examples=40, deadline=None)
-def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad, masked_front, update_biases):
-    """The fused TIR kernel (planes built ``tile`` channels at a time) == depthwise input grad -> mask -> bias grad +
+def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion, projection, input_grad, masked_front, update_biases,
+                                                         variant):
+    """The fused TIR kernel (planes built ``tile`` channels at a time, in either variant) == depthwise input grad -> mask -> bias grad +
     1x1 input grad of the numpy reference, bit for bit; ``trained``: also the expansion's weight gradient and SGD step,
     each row after its old value was read; ``merged``: trained on some input channels only (SparseUpdate's merge of a
     frozen weight and a trained slice, the slice updated); ``projection``: starting from the output gradient of a 1x1
@@ -441,6 +442,7 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
     slice is then the whole weight the kernel sees); with ``masked_front`` (and ``projection``) that output gradient is
     read through the projection's clamp mask, == the reference's masked copy; with ``update_biases`` the bias gradients
     give way to the biases after the reference's SGD step (``sgd_update_int32``)."""
+    from tvm_tinytrain.ops import dsp
     from tvm_tinytrain.ops.tir_backward import depthwise_block_backward
 
     c, cin, h, w, k, stride, tile = shape
@@ -474,10 +476,11 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         front = [g_out, *g_mask, w_proj, s_proj, mask_dw, b_scale_dw]
         g_out = ref.apply_mask(g_out, g_mask[0]) if masked_front else g_out
         g = ref.apply_mask(ref.conv2d_input_grad(g_out, w_proj, s_proj, (1, c, ho, wo), 1, 1), mask_dw)
-    kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged,
-                                      input_grad=input_grad, masked_front=masked_front and projection is not None,
-                                      update_biases=update_biases)
-    fn = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target="llvm")
+    with kernel_variant(variant):  # the optimized one sums a few plane pixels at a time
+        kernel = depthwise_block_backward(c, cin, h, w, ho, wo, k, stride, x_zero if trained else None, tile, projection, merged,
+                                          input_grad=input_grad, masked_front=masked_front and projection is not None,
+                                          update_biases=update_biases)
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})), target="llvm")
     g_x, w_new = tvm.runtime.empty([1, cin, h, w], "float32"), tvm.runtime.empty(w_pw.shape, "int8")
     bias_type = "int32" if update_biases else "float32"
     g_b, g_b_dw = (tvm.runtime.empty([c], bias_type) for _ in range(2))

@@ -211,8 +211,12 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     slot = [-1] * in_channels  # each input channel's column in the trained slice, -1: frozen
     for j, ch in enumerate(merged or range(in_channels)):
         slot[ch] = j
-    tap_loop = T.unroll if stride == 1 else T.serial  # stride 1: k x k taps, constants: unrolled, no loop overhead per tap
-    dpx = next(n for n in (4, 2, 1) if w % n == 0) if stride == 1 else 1  # plane pixels of a row summed together
+
+    def parity_pixels(rx: int) -> int:
+        """Pixels of a row of stride parity class ``rx`` summed together (one at a time in the reference variant)."""
+        if current_variant() != "optimized":
+            return 1
+        return next(n for n in (4, 2, 1) if (w - rx + stride - 1) // stride % n == 0)
     expand_q, dw_q, wide_expand, wide_dw = recompute or ({}, {}, False, False)
     # The optimized variant recomputes the expanded plane on the DSP instructions where their shape allows.
     dsp_expand = recompute is not None and current_variant() == "optimized" and tir_expand_depthwise.fits(in_channels, 1, w)
@@ -249,6 +253,32 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
             g_b[gi] = g_b[gi] + planes[t, y, xx]
         g_b[gi] = b_scale[c] * g_b[gi]
 
+    def masked_plane_value(c, y, xx, value, plane, mask):
+        """``value`` where the expansion's clamp passes pixel ``(y, xx)`` of channel ``c``, else 0."""
+        if recompute_masks:
+            return T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), value, T.float32(0.0))
+        return T.Select(_bit(mask, (c * h + y) * w + xx), value, T.float32(0.0))
+
+    @T.macro
+    def parity_class(ry, rx, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask):
+        """Plane ``t`` (channel ``c``) at the pixels ``y % stride == ry``, ``xx % stride == rx``: the taps
+        kh = (y + pad) % stride + stride * jh < k, in increasing order (kw likewise), read output row
+        (y + pad) // stride - jh of ``g_pad[f]``, whose border stands for the rows outside the output.  Within a class
+        the taps are the same constants for every pixel: unrolled, and each weight loaded serves a few pixels."""
+        for yy, xq in T.grid((h - ry + stride - 1) // stride, (w - rx + stride - 1) // stride // parity_pixels(rx)):
+            for u in T.unroll(parity_pixels(rx)):
+                dw_acc[u] = T.float32(0.0)
+            for jh in T.unroll((k - (ry + pad) % stride + stride - 1) // stride):
+                for jw in T.unroll((k - (rx + pad) % stride + stride - 1) // stride):
+                    for u in T.unroll(parity_pixels(rx)):
+                        dw_acc[u] = dw_acc[u] + (
+                            g_pad[f, yy + (ry + pad) // stride - jh + taps - 1,
+                                  xq * parity_pixels(rx) + u + (rx + pad) // stride - jw + taps - 1]
+                            * dw_real[(ry + pad) % stride + stride * jh, (rx + pad) % stride + stride * jw])
+            for u in T.unroll(parity_pixels(rx)):
+                planes[t, yy * stride + ry, (xq * parity_pixels(rx) + u) * stride + rx] = masked_plane_value(
+                    c, yy * stride + ry, (xq * parity_pixels(rx) + u) * stride + rx, dw_acc[u], plane, mask)
+
     @T.macro
     def channel_backward(c, t, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2,
                          s2, b1_new, b2_new, planes, g_pad, dw_real, dw_acc, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes,
@@ -268,24 +298,20 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
             b2_new[c] = int32_step(b2[c], lr, g_bias[1])
         else:
             finish(c, f, mask_dw, b_scale_dw, g_b_dw, c, g_pad, taps - 1, dw_y)
-        for y, xq in T.grid(h, w // dpx):
-            for u in T.unroll(dpx):
-                dw_acc[u] = T.float32(0.0)
-            # Taps kh = (y + pad) % stride + stride * jh < k, in increasing order, read output row
-            # (y + pad) // stride - jh; the border stands for the rows outside the output.  At stride 1 the dpx
-            # pixels take the same taps: each weight loaded serves them all.
-            for jh in tap_loop((k - (y + pad) % stride + stride - 1) // stride):
-                for jw in tap_loop((k - (xq * dpx + pad) % stride + stride - 1) // stride):
-                    for u in T.unroll(dpx):
-                        dw_acc[u] = dw_acc[u] + (
-                            g_pad[f, (y + pad) // stride - jh + taps - 1, (xq * dpx + u + pad) // stride - jw + taps - 1]
-                            * dw_real[(y + pad) % stride + stride * jh, (xq * dpx + u + pad) % stride + stride * jw])
-            for u in T.unroll(dpx):
-                if recompute_masks:
-                    planes[t, y, xq * dpx + u] = T.Select(_unsaturated(plane[y + pad, xq * dpx + u + pad], expand_q), dw_acc[u],
-                                                          T.float32(0.0))
-                else:
-                    planes[t, y, xq * dpx + u] = T.Select(_bit(mask, (c * h + y) * w + xq * dpx + u), dw_acc[u], T.float32(0.0))
+        if stride <= 2:  # each stride parity class of pixels on its own: its taps are constants (below)
+            parity_class(0, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+            if stride == 2:
+                parity_class(0, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+                parity_class(1, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+                parity_class(1, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+        else:
+            for y, xx in T.grid(h, w):
+                dw_acc[0] = T.float32(0.0)
+                for jh in range((k - (y + pad) % stride + stride - 1) // stride):
+                    for jw in range((k - (xx + pad) % stride + stride - 1) // stride):
+                        dw_acc[0] = dw_acc[0] + (g_pad[f, (y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
+                                                 * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
+                planes[t, y, xx] = masked_plane_value(c, y, xx, dw_acc[0], plane, mask)
         if update_biases:
             plane_bias_grad(planes, t, b_scale, c, g_bias, 0)
             b1_new[c] = int32_step(b1[c], lr, g_bias[0])
@@ -298,7 +324,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         planes = T.alloc_buffer((tile, h, w), "float32", scope="global")
         g_pad = T.alloc_buffer((group, rows, cols), "float32", scope="global")  # the group's output gradients in a zero border
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")  # channel c's real depthwise weights
-        dw_acc = T.alloc_buffer((dpx,), "float32", scope="global")  # dpx pixels of a masked plane
+        dw_acc = T.alloc_buffer((4,), "float32", scope="global")  # a few pixels of a masked plane
         pw_real = T.alloc_buffer((pair, tile), "float32", scope="global")  # the pair's real expansion weights in the tile
         acc = T.alloc_buffer((pair_w, tile), "float32", scope="global")
         two = T.alloc_buffer((max(pair, pair_w),), "float32", scope="global")  # elements of g_x, or input values
