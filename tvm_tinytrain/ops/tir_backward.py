@@ -33,11 +33,16 @@ def _unsaturated(v, conv: dict):
     return tirx.all(v32 > conv["qmin"], v32 < conv["qmax"])
 
 
-def front_group(pixels: int, tile: int) -> int:
+FRONT_PLANES_BYTES = 1024  # the group's bordered output gradient planes: at most one C local (kernel_local_bytes)
+
+
+def front_group(pixels: int, tile: int, plane_bytes: int = 0) -> int:
     """Channels whose projection fronts :func:`projection_front` sums together: the most, up to 4, that divide
-    ``tile`` with at most 16 float32 accumulators (the group times the pixels summed together)."""
+    ``tile`` with at most 16 float32 accumulators (the group times the pixels summed together) and, planes of
+    ``plane_bytes`` each, at most :data:`FRONT_PLANES_BYTES` of them (a larger buffer would be an arena workspace,
+    at the step's peak in Proxyless' 8x8 blocks)."""
     px = _front_pixels(pixels)
-    return max(f for f in (1, 2, 4) if tile % f == 0 and f * px <= max(16, px))
+    return max(f for f in (1, 2, 4) if f == 1 or (tile % f == 0 and f * px <= max(16, px) and f * plane_bytes <= FRONT_PLANES_BYTES))
 
 
 def _front_pixels(pixels: int) -> int:
@@ -111,7 +116,7 @@ def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_
     in the reference variant), where the backward stops after that bias (the planes of the projection's input
     gradient are the only workspace).  With ``masked_input``, ``g_out`` is read through the projection's packed clamp
     mask ``g_mask``, an input after it."""
-    group = front_group(h * w, channels) if current_variant() == "optimized" else 1
+    group = front_group(h * w, channels, h * w * 4) if current_variant() == "optimized" else 1
     sum_group, finish = projection_front(projection, h, w, group, masked_input=masked_input)
 
     @T.prim_func(private=True)
@@ -226,7 +231,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     plane_shape, dw_y_shape = ((h + 2 * pad, w + 2 * pad), (1, 1, ho, wo)) if recompute_masks else ((1, 1), (1, 1, 1, 1))
 
     # Channels whose projection fronts are summed together (one without a front: the kernel reads their gradient).
-    group = front_group(ho * wo, tile) if projection is not None else 1
+    group = front_group(ho * wo, tile, rows * cols * 4) if projection is not None else 1
     sum_group, finish = projection_front(projection or 1, ho, wo, group, dw_q if recompute_masks else None, masked_front)
 
     @T.macro
