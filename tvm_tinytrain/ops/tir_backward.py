@@ -148,9 +148,11 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     expansion input pixel converted for a weight gradient serves the whole tile, instead of one pass over
     ``g_x`` in memory per plane; two input channels are taken together, so each plane value loaded serves
     both.  A plane element sums only the taps of its stride parity, with the channel's real weights computed
-    once, and reads the output gradient from a copy inside a zero border instead of testing each tap's bounds.
-    The terms skipped or read from the border are ``+-0.0``, which change no sum that starts at ``+0.0``: the
-    sums are those of the separate kernels.
+    once, and reads the output gradient from a copy inside a zero border instead of testing each tap's bounds;
+    the plane is built one stride parity class of pixels at a time (at strides 1 and 2), whose taps are constants,
+    unrolled, each weight serving a few pixels of a row in the optimized variant.  With ``projection`` the fronts
+    of a few channels of the tile are summed together (:func:`front_group`).  The terms skipped or read from the
+    border are ``+-0.0``, which change no sum that starts at ``+0.0``: the sums are those of the separate kernels.
 
     With ``trained_x_zero`` (the zero point of the expansion's input) the expansion's weight is trained too:
     ``(w_pw, g, w_dw, s_dw, mask, b_scale, s_pw, x, w_scale, lr) -> (w_new, g_x, g_b)`` also applies its SGD step
