@@ -36,7 +36,7 @@ def _unsaturated(v, conv: dict):
 FRONT_PLANES_BYTES = 1024  # the group's bordered output gradient planes: at most one C local (kernel_local_bytes)
 
 
-def front_group(pixels: int, tile: int, plane_bytes: int = 0) -> int:
+def front_group(pixels: int, tile: int, plane_bytes: int) -> int:
     """Channels whose projection fronts :func:`projection_front` sums together: the most, up to 4, that divide
     ``tile`` with at most 16 float32 accumulators (the group times the pixels summed together) and, planes of
     ``plane_bytes`` each, at most :data:`FRONT_PLANES_BYTES` of them (a larger buffer would be an arena workspace,

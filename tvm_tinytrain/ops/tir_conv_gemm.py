@@ -22,9 +22,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import dsp
+from . import dsp, tir_depthwise
 from .schedule import cached_kernel
-from .te_kernels import requantize_value
 
 MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
 
@@ -77,8 +76,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                          * (T.Cast("int32", x[0, ch, r, px]) - x_zero))
         return acc
 
-    def output(acc, c, rq):
-        return requantize_value(acc, rq[c, 0], rq[c, 1], rq[c, 2], y_zero, qmin, qmax, wide_shift)
+    quant = {"y_zero": y_zero, "qmin": qmin, "qmax": qmax}
 
     @T.macro
     def gemm(x, wt, trained, bias, mult, shift, y):
@@ -87,9 +85,10 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         col = T.alloc_buffer((2, groups * 2), "int32", scope="global")  # [pixel][pair]: (4g, 4g+2), (4g+1, 4g+3)
         acc = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + pixel]
         pairs = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + k]: weight pairs (4g+k, 4g+k+2)
-        # The channel pair's bias, multiplier and shift in locals: loaded once for its four outputs (from the
-        # arguments the C compiler reloads them after every int8 store, which may alias them).
-        rq = T.alloc_buffer((2, 3), "int32", scope="global")
+        # Each channel of the pair's bias, multiplier and shift in locals (as :mod:`.tir_depthwise` does): loaded
+        # once for its outputs (from the arguments the C compiler reloads them after every int8 store).
+        params0 = T.alloc_buffer((3,), "int32", scope="global")
+        params1 = T.alloc_buffer((3,), "int32", scope="global")
         if staged:
             for o, r in T.grid(oc, groups * 4):
                 rows[o * groups * 4 + r] = T.if_then_else(r < taps, flat[o * taps + T.min(r, taps - 1)], T.int8(0))
@@ -111,15 +110,15 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                             pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
                     for t in T.unroll(4):
                         acc[t] = dsp.smlad(pairs[t // 2 * 2 + 1], col[t % 2, 2 * g + 1], dsp.smlad(pairs[t // 2 * 2], col[t % 2, 2 * g], acc[t]))
-                for c in T.unroll(2):
-                    rq[c, 0] = bias[2 * o2 + c]
-                    rq[c, 1] = mult[2 * o2 + c]
-                    rq[c, 2] = shift[2 * o2 + c]
+                tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2)
+                tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1)
                 if n_trained > 0:  # before any int8 store, which the C compiler must assume may alias x and the weights
                     for t in T.unroll(4):  # so the four sums share their loads and weight differences
                         acc[t] = corrected(acc[t], 2 * o2 + t // 2, x, wt, trained, oh, 2 * cp + t % 2)
-                for t in T.unroll(4):
-                    y[0, 2 * o2 + t // 2, oh, 2 * cp + t % 2] = output(acc[t], t // 2, rq)
+                for j in T.unroll(2):
+                    y[0, 2 * o2, oh, 2 * cp + j] = tir_depthwise.requantized(acc[j], params0, quant, wide_shift)
+                for j in T.unroll(2):
+                    y[0, 2 * o2 + 1, oh, 2 * cp + j] = tir_depthwise.requantized(acc[2 + j], params1, quant, wide_shift)
 
     if n_trained:
         @T.prim_func(private=True)
