@@ -63,8 +63,8 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
     The group's real weights (``w_proj * s_proj``) are computed again for each few pixels, in registers: no
     buffer of them (they were the kernel's largest C local), and the same products.
 
-    ``finish(c, f, mask, b_scale, g_b, gi, out, border, y)`` then masks ``out[f]`` (channel ``c``) in place by the
-    bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), by the int8 outputs ``y[0, 0]`` of
+    ``finish(c, f, mask, b_scale, g_b, gi, out, border, y, yc)`` then masks ``out[f]`` (channel ``c``) in place by the
+    bit-packed ``mask``, or, with ``recomputed`` (that conv's quantization), by the int8 outputs ``y[0, yc]`` of
     channel ``c``, and sets ``g_b[gi] = b_scale[c] * sum(plane)``."""
     pixels = ho * wo
     px = _front_pixels(pixels)
@@ -93,11 +93,11 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
                     out[f, (q * px + u) // wo + border, (q * px + u) % wo + border] = proj_acc[f, u]
 
     @T.macro
-    def finish(c, f, mask, b_scale, g_b, gi, out, border, y):
+    def finish(c, f, mask, b_scale, g_b, gi, out, border, y, yc):
         g_b[gi] = T.float32(0.0)
         for i, j in T.grid(ho, wo):
             if recompute:
-                out[f, i + border, j + border] = T.Select(_unsaturated(y[0, 0, i, j], recomputed), out[f, i + border, j + border],
+                out[f, i + border, j + border] = T.Select(_unsaturated(y[0, yc, i, j], recomputed), out[f, i + border, j + border],
                                                           T.float32(0.0))
             else:
                 out[f, i + border, j + border] = T.Select(_bit(mask, (c * ho + i) * wo + j), out[f, i + border, j + border],
@@ -128,7 +128,7 @@ def projection_bias_grad(channels: int, projection: int, h: int, w: int, masked_
         for c0 in range(channels // group):
             sum_group(c0 * group, g_out, g_mask, w_proj, s_proj, planes, 0)
             for f in range(group):
-                finish(c0 * group + f, f, mask, b_scale, g_b, c0 * group + f, planes, 0, None)
+                finish(c0 * group + f, f, mask, b_scale, g_b, c0 * group + f, planes, 0, None, 0)
 
     return _signature(kernel, ["g_out", *(["g_mask"] if masked_input else []), "w_proj", "s_proj", "mask", "b_scale", "g_b"])
 
@@ -227,30 +227,34 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     expand_q, dw_q, wide_expand, wide_dw = recompute or ({}, {}, False, False)
     # The optimized variant recomputes the expanded plane on the DSP instructions where their shape allows.
     dsp_expand = recompute is not None and current_variant() == "optimized" and tir_expand_depthwise.fits(in_channels, 1, w)
-    expand_channel = tir_expand_depthwise.expansion_plane(in_channels, h, w, pad, expand_q, wide_expand) if dsp_expand else None
     dw_channel = tir_depthwise.plane_conv(k, stride, ho, wo, dw_q, wide_dw) if recompute else None
     recompute_masks = recompute is not None
-    plane_shape, dw_y_shape = ((h + 2 * pad, w + 2 * pad), (1, 1, ho, wo)) if recompute_masks else ((1, 1), (1, 1, 1, 1))
 
     # Channels whose projection fronts are summed together (one without a front: the kernel reads their gradient).
     group = front_group(ho * wo, tile, rows * cols * 4) if projection is not None else 1
     sum_group, finish = projection_front(projection or 1, ho, wo, group, dw_q if recompute_masks else None, masked_front)
+    # Channels of the group recomputed together, sharing the expansion input's halfword pairs.
+    n_rec = tir_expand_depthwise.channels_per_pass(group, (h + 2 * pad) * (w + 2 * pad)) if dsp_expand else 1
+    expand_channels = tir_expand_depthwise.expansion_plane(in_channels, h, w, pad, expand_q, wide_expand, n_rec) if dsp_expand else None
+    plane_shape, dw_y_shape = ((n_rec, h + 2 * pad, w + 2 * pad), (1, n_rec, ho, wo)) if recompute_masks else ((1, 1, 1), (1, 1, 1, 1))
 
     @T.macro
-    def recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
-        """Channel ``c``'s expanded plane (inside the depthwise zero border) and depthwise output, as the forward."""
+    def recompute_channels(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
+        """Channels ``c .. c + n_rec``: expanded planes ``plane[f]`` (inside the depthwise zero border) and depthwise
+        outputs ``dw_y[0, f]``, as the forward."""
         if dsp_expand:
             pixels = T.decl_buffer((in_channels * h * w,), "int8", data=x.data)
             weight_rows = T.decl_buffer((channels * in_channels,), "int8", data=w_pw.data)
-            expand_channel(pixels, weight_rows, b1, m1, s1, c, r_start, r_pairs, r_lanes, r_params, r_acc, plane)
+            expand_channels(pixels, weight_rows, b1, m1, s1, c, r_start, r_pairs, r_lanes, r_params, r_acc, plane)
         else:
             for y, xx in T.grid(h, w):
                 r_acc[0] = 0
                 for i in range(in_channels):
                     r_acc[0] = r_acc[0] + (T.Cast("int32", x[0, i, y, xx]) - trained_x_zero) * T.Cast("int32", w_pw[c, i, 0, 0])
-                plane[y + pad, xx + pad] = requantize_value(r_acc[0], b1[c], m1[c], s1[c], expand_q["y_zero"], expand_q["qmin"],
-                                                            expand_q["qmax"], wide_expand)
-        dw_channel(plane, w_dw, b2, m2, s2, c, r_start, r_params, r_acc, dw_y, 0)
+                plane[0, y + pad, xx + pad] = requantize_value(r_acc[0], b1[c], m1[c], s1[c], expand_q["y_zero"], expand_q["qmin"],
+                                                               expand_q["qmax"], wide_expand)
+        for f in range(n_rec):
+            dw_channel(plane, f, w_dw, b2, m2, s2, c + f, r_start, r_params, r_acc, dw_y, f)
 
     @T.macro
     def plane_bias_grad(planes, t, b_scale, c, g_b, gi):
@@ -260,14 +264,15 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
             g_b[gi] = g_b[gi] + planes[t, y, xx]
         g_b[gi] = b_scale[c] * g_b[gi]
 
-    def masked_plane_value(c, y, xx, value, plane, mask):
-        """``value`` where the expansion's clamp passes pixel ``(y, xx)`` of channel ``c``, else 0."""
+    def masked_plane_value(c, y, xx, value, plane, pf, mask):
+        """``value`` where the expansion's clamp passes pixel ``(y, xx)`` of channel ``c`` (recomputed: ``plane[pf]``),
+        else 0."""
         if recompute_masks:
-            return T.Select(_unsaturated(plane[y + pad, xx + pad], expand_q), value, T.float32(0.0))
+            return T.Select(_unsaturated(plane[pf, y + pad, xx + pad], expand_q), value, T.float32(0.0))
         return T.Select(_bit(mask, (c * h + y) * w + xx), value, T.float32(0.0))
 
     @T.macro
-    def parity_class(ry, rx, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask):
+    def parity_class(ry, rx, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask):
         """Plane ``t`` (channel ``c``) at the pixels ``y % stride == ry``, ``xx % stride == rx``: the taps
         kh = (y + pad) % stride + stride * jh < k, in increasing order (kw likewise), read output row
         (y + pad) // stride - jh of ``g_pad[f]``, whose border stands for the rows outside the output.  Within a class
@@ -284,33 +289,30 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                             * dw_real[(ry + pad) % stride + stride * jh, (rx + pad) % stride + stride * jw])
             for u in T.unroll(parity_pixels(rx)):
                 planes[t, yy * stride + ry, (xq * parity_pixels(rx) + u) * stride + rx] = masked_plane_value(
-                    c, yy * stride + ry, (xq * parity_pixels(rx) + u) * stride + rx, dw_acc[u], plane, mask)
+                    c, yy * stride + ry, (xq * parity_pixels(rx) + u) * stride + rx, dw_acc[u], plane, pf, mask)
 
     @T.macro
-    def channel_backward(c, t, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2,
-                         s2, b1_new, b2_new, planes, g_pad, dw_real, dw_acc, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes,
-                         g_bias):
+    def channel_backward(c, t, f, pf, g, w_dw, s_dw, mask, b_scale, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, b2, b1_new, b2_new,
+                         planes, g_pad, dw_real, dw_acc, plane, dw_y, g_bias):
         """Channel ``c``'s masked depthwise input gradient into ``planes[t]`` from its output gradient ``g_pad[f]``
-        (the projection's front summed there already), and the bias gradients (or steps) this yields."""
-        if recompute_masks:
-            recompute_channel(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs,
-                              r_lanes)
+        (the projection's front summed there already), and the bias gradients (or steps) this yields; a recomputed
+        mask reads ``plane[pf]`` and ``dw_y[0, pf]``."""
         for rh, rw in T.grid(k, k):
             dw_real[rh, rw] = T.Cast("float32", w_dw[c, 0, rh, rw]) * s_dw[c]
         if projection is None:
             for i, j in T.grid(ho, wo):
                 g_pad[0, i + taps - 1, j + taps - 1] = g[0, c, i, j]
         elif update_biases:  # masked by the depthwise clamp
-            finish(c, f, mask_dw, b_scale_dw, g_bias, 1, g_pad, taps - 1, dw_y)
+            finish(c, f, mask_dw, b_scale_dw, g_bias, 1, g_pad, taps - 1, dw_y, pf)
             b2_new[c] = int32_step(b2[c], lr, g_bias[1])
         else:
-            finish(c, f, mask_dw, b_scale_dw, g_b_dw, c, g_pad, taps - 1, dw_y)
+            finish(c, f, mask_dw, b_scale_dw, g_b_dw, c, g_pad, taps - 1, dw_y, pf)
         if stride <= 2:  # each stride parity class of pixels on its own: its taps are constants (below)
-            parity_class(0, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+            parity_class(0, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask)
             if stride == 2:
-                parity_class(0, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
-                parity_class(1, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
-                parity_class(1, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, mask)
+                parity_class(0, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask)
+                parity_class(1, 0, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask)
+                parity_class(1, 1, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask)
         else:
             for y, xx in T.grid(h, w):
                 dw_acc[0] = T.float32(0.0)
@@ -318,7 +320,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                     for jw in range((k - (xx + pad) % stride + stride - 1) // stride):
                         dw_acc[0] = dw_acc[0] + (g_pad[f, (y + pad) // stride - jh + taps - 1, (xx + pad) // stride - jw + taps - 1]
                                                  * dw_real[(y + pad) % stride + stride * jh, (xx + pad) % stride + stride * jw])
-                planes[t, y, xx] = masked_plane_value(c, y, xx, dw_acc[0], plane, mask)
+                planes[t, y, xx] = masked_plane_value(c, y, xx, dw_acc[0], plane, pf, mask)
         if update_biases:
             plane_bias_grad(planes, t, b_scale, c, g_bias, 0)
             b1_new[c] = int32_step(b1[c], lr, g_bias[0])
@@ -338,11 +340,11 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         # Recomputed masks: channel c's expanded plane in the depthwise zero border, and its depthwise output.
         plane = T.alloc_buffer(plane_shape, "int8", scope="global")
         dw_y = T.alloc_buffer(dw_y_shape, "int8", scope="global")
-        r_acc = T.alloc_buffer((4,), "int32", scope="global")
-        r_start = T.alloc_buffer((1,), "int32", scope="global")
-        r_params = T.alloc_buffer((3,), "int32", scope="global")
-        r_pairs = T.alloc_buffer((2,), "int32", scope="global")
-        r_lanes = T.alloc_buffer((4,), "int32", scope="global")
+        r_acc = T.alloc_buffer((4 * n_rec,), "int32", scope="global")
+        r_start = T.alloc_buffer((n_rec,), "int32", scope="global")
+        r_params = T.alloc_buffer((3 * n_rec,), "int32", scope="global")
+        r_pairs = T.alloc_buffer((2 * n_rec,), "int32", scope="global")
+        r_lanes = T.alloc_buffer((8,), "int32", scope="global")
         g_bias = T.alloc_buffer((2,), "float32", scope="global")  # update_biases: channel c's two bias gradients
         column = T.alloc_buffer((pair,), "int32", scope="global")
         if input_grad:
@@ -351,16 +353,20 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         for f, i, j in T.grid(group, rows, cols):  # the border; each channel overwrites the inside
             g_pad[f, i, j] = T.float32(0.0)
         if recompute_masks:
-            for i, j in T.grid(h + 2 * pad, w + 2 * pad):
-                plane[i, j] = T.int8(dw_q["x_zero"])
+            for f, i, j in T.grid(n_rec, h + 2 * pad, w + 2 * pad):
+                plane[f, i, j] = T.int8(dw_q["x_zero"])
         for c0 in range(channels // tile):
             for t0 in range(tile // group):
                 if projection is not None:  # g is the projection's output gradient: the group's input gradients
                     sum_group(c0 * tile + t0 * group, g, g_mask, w_proj, s_proj, g_pad, taps - 1)
-                for f in range(group):  # the depthwise input gradient of channel c, masked by the expansion's clamp
-                    channel_backward(c0 * tile + t0 * group + f, t0 * group + f, f, g, w_dw, s_dw, mask, b_scale, x, w_pw, lr, g_b,
-                                     mask_dw, b_scale_dw, g_b_dw, b1, m1, s1, b2, m2, s2, b1_new, b2_new, planes, g_pad, dw_real,
-                                     dw_acc, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, g_bias)
+                for f2 in range(group // n_rec):
+                    if recompute_masks:
+                        recompute_channels(c0 * tile + t0 * group + f2 * n_rec, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y,
+                                           r_acc, r_start, r_params, r_pairs, r_lanes)
+                    for pf in range(n_rec):  # the depthwise input gradient of channel c, masked by the expansion's clamp
+                        channel_backward(c0 * tile + t0 * group + f2 * n_rec + pf, t0 * group + f2 * n_rec + pf, f2 * n_rec + pf, pf,
+                                         g, w_dw, s_dw, mask, b_scale, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, b2, b1_new, b2_new,
+                                         planes, g_pad, dw_real, dw_acc, plane, dw_y, g_bias)
             if input_grad:
                 for ci2 in range(in_channels // pair):
                     if merged is not None:  # each input channel's column in the trained slice, looked up once for the tile

@@ -4,13 +4,15 @@ A conv is ``y[oc, p] = requant(sum_r w[oc, r] * col[r, p])`` over the ``R = ic *
 of output pixel ``p``, ``col`` being the input under the tap minus the zero point (0 in the padding).  ``SMLAD``
 does two of those multiply-adds in one instruction on pairs of halfwords taken along ``r``.  A weight row gives
 its pairs straight from memory: one 32-bit load of ``w[oc, 4g:4g+4]`` and two ``SXTB16`` give
-``(w[4g], w[4g+2])`` and ``(w[4g+1], w[4g+3])``.  For each pair of output pixels the kernel first stages their
-columns as halfword pairs in that same order (``4 * R`` bytes of its workspace, written once and read by every
-output channel); it then computes 2 output channels x 2 pixels at a time, four accumulators in registers, two
-``SMLAD`` per accumulator per four taps.  When ``R`` is not a multiple of four (the first conv: 3 channels x
-3 x 3) the weight rows are first copied, zero-padded to whole groups, to the stack.  A 1x1 conv's taps are
-its input channels and its columns need no bounds checks.  The schedule TE would give cannot express the
-staging's pair order or the 32-bit weight loads, hence TIR.
+``(w[4g], w[4g+2])`` and ``(w[4g+1], w[4g+3])``.  For each tile of four output pixels along a row (two where
+the row or the staged bytes do not allow four) the kernel first stages their columns as halfword pairs in that
+same order (``2 * R`` bytes per pixel, written once and read by every output channel); it then computes 2 output
+channels x the tile's pixels at a time, up to eight accumulators in registers, two ``SMLAD`` per accumulator per
+four taps: each weight pair loaded, and each channel's requantization parameters, serve the whole tile.  When
+``R`` is not a multiple of four (the first conv: 3 channels x 3 x 3) the weight rows are first copied,
+zero-padded to whole groups, to the stack.  A 1x1 conv's taps are its input channels and its columns need no
+bounds checks.  The schedule TE would give cannot express the staging's pair order or the 32-bit weight loads,
+hence TIR.
 
 The sums are integer and do not overflow (``|w * (x - x_zero)| <= 128 * 255``), so the order of the terms
 does not matter: the outputs are the bits of :func:`.te_kernels.conv2d_acc` then
@@ -26,6 +28,7 @@ from . import dsp, tir_depthwise
 from .schedule import cached_kernel
 
 MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
+FOUR_PIXEL_COLUMN_BYTES = 1024  # the most staged columns that take four pixels at a time (beyond: two, half the bytes)
 
 
 def fits(in_channels: int, out_channels: int, batch: int, out_width: int, k: int = 1, merged: bool = False) -> bool:
@@ -69,6 +72,9 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     # A short staging loop is unrolled, so each tap's (channel, kh, kw) is a constant: no divisions per pixel.
     staging_loop = T.unroll if k > 1 and groups <= 16 else T.serial
     group_loop = T.unroll if groups <= 4 else T.serial  # a short GEMM loop's set-up would cost as much as its body
+    # Output pixels per weight pair loaded: four share each weight load and channel's requantization set-up, but
+    # their columns take twice the bytes, which beyond a C local would be arena workspace.
+    px = 4 if wo % 4 == 0 and 4 * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES else 2
 
     def corrected(acc, c, x, frozen, trained, r, px):
         for j, ch in enumerate(trained_channels):
@@ -82,8 +88,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     def gemm(x, wt, trained, bias, mult, shift, y):
         flat = T.decl_buffer((oc * taps,), "int8", data=wt.data)
         rows = T.alloc_buffer((oc * groups * 4 if staged else 1,), "int8", scope="global")  # the staged weight rows
-        col = T.alloc_buffer((2, groups * 2), "int32", scope="global")  # [pixel][pair]: (4g, 4g+2), (4g+1, 4g+3)
-        acc = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + pixel]
+        col = T.alloc_buffer((px, groups * 2), "int32", scope="global")  # [pixel][pair]: (4g, 4g+2), (4g+1, 4g+3)
+        acc = T.alloc_buffer((2 * px,), "int32", scope="global")  # [channel * px + pixel]
         pairs = T.alloc_buffer((4,), "int32", scope="global")  # [channel * 2 + k]: weight pairs (4g+k, 4g+k+2)
         # Each channel of the pair's bias, multiplier and shift in locals (as :mod:`.tir_depthwise` does): loaded
         # once for its outputs (from the arguments the C compiler reloads them after every int8 store).
@@ -92,13 +98,13 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         if staged:
             for o, r in T.grid(oc, groups * 4):
                 rows[o * groups * 4 + r] = T.if_then_else(r < taps, flat[o * taps + T.min(r, taps - 1)], T.int8(0))
-        for oh, cp in T.grid(ho, wo // 2):
+        for oh, cp in T.grid(ho, wo // px):
             for g in staging_loop(groups):
-                for j in T.unroll(2):
+                for j in T.unroll(px):
                     for half in T.unroll(2):
-                        col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, 2 * cp + j), column(x, 4 * g + half + 2, oh, 2 * cp + j))
+                        col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, px * cp + j), column(x, 4 * g + half + 2, oh, px * cp + j))
             for o2 in range(oc // 2):
-                for t in T.unroll(4):
+                for t in T.unroll(2 * px):
                     acc[t] = 0
                 for g in group_loop(groups):
                     for c in T.unroll(2):  # the C compiler merges each row's two loads into one
@@ -108,17 +114,17 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                         else:
                             pairs[2 * c] = dsp.sxtb16(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
                             pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
-                    for t in T.unroll(4):
-                        acc[t] = dsp.smlad(pairs[t // 2 * 2 + 1], col[t % 2, 2 * g + 1], dsp.smlad(pairs[t // 2 * 2], col[t % 2, 2 * g], acc[t]))
+                    for t in T.unroll(2 * px):
+                        acc[t] = dsp.smlad(pairs[t // px * 2 + 1], col[t % px, 2 * g + 1], dsp.smlad(pairs[t // px * 2], col[t % px, 2 * g], acc[t]))
                 tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2)
                 tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1)
                 if n_trained > 0:  # before any int8 store, which the C compiler must assume may alias x and the weights
-                    for t in T.unroll(4):  # so the four sums share their loads and weight differences
-                        acc[t] = corrected(acc[t], 2 * o2 + t // 2, x, wt, trained, oh, 2 * cp + t % 2)
-                for j in T.unroll(2):
-                    y[0, 2 * o2, oh, 2 * cp + j] = tir_depthwise.requantized(acc[j], params0, quant, wide_shift)
-                for j in T.unroll(2):
-                    y[0, 2 * o2 + 1, oh, 2 * cp + j] = tir_depthwise.requantized(acc[2 + j], params1, quant, wide_shift)
+                    for t in T.unroll(2 * px):  # so the sums share their loads and weight differences
+                        acc[t] = corrected(acc[t], 2 * o2 + t // px, x, wt, trained, oh, px * cp + t % px)
+                for j in T.unroll(px):
+                    y[0, 2 * o2, oh, px * cp + j] = tir_depthwise.requantized(acc[j], params0, quant, wide_shift)
+                for j in T.unroll(px):
+                    y[0, 2 * o2 + 1, oh, px * cp + j] = tir_depthwise.requantized(acc[px + j], params1, quant, wide_shift)
 
     if n_trained:
         @T.prim_func(private=True)

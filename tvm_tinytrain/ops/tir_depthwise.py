@@ -39,13 +39,13 @@ def copy_channel_params(params, b, m, s, c):
 
 
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
-    """A macro ``(plane, w, b, m, s, c, start, params, acc, y, yc)``: output channel ``c`` of the conv over ``plane``
-    (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch arrays of 1,
+    """A macro ``(plane, pc, w, b, m, s, c, start, params, acc, y, yc)``: output channel ``c`` of the conv over
+    ``plane[pc]`` (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch arrays of 1,
     3 and 4 int32)."""
     tile = tile_width(wo)
 
     @T.macro
-    def conv_channel(plane, w, b, m, s, c, start, params, acc, y, yc):
+    def conv_channel(plane, pc, w, b, m, s, c, start, params, acc, y, yc):
         copy_channel_params(params, b, m, s, c)
         start[0] = 0
         for kh, kw in T.grid(k, k):
@@ -56,7 +56,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
             for kh in range(k):
                 for kw in T.unroll(k):
                     for t in T.unroll(tile):
-                        acc[t] = acc[t] + T.Cast("int32", plane[oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w[c, 0, kh, kw])
+                        acc[t] = acc[t] + T.Cast("int32", plane[pc, oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w[c, 0, kh, kw])
             for t in T.unroll(tile):
                 y[0, yc, oh, q * tile + t] = requantized(acc[t], params, conv, wide_shift)
 
@@ -76,15 +76,15 @@ def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, c
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((1, channels, h, w), "int8"), wt: T.Buffer((channels, 1, k, k), "int8"), bias: T.Buffer((channels,), "int32"),
                mult: T.Buffer((channels,), "int32"), shift: T.Buffer((channels,), "int32"), y: T.Buffer((1, channels, ho, wo), "int8")):
-        plane = T.alloc_buffer((h + 2 * pad_h, w + 2 * pad), "int8", scope="global")
+        plane = T.alloc_buffer((1, h + 2 * pad_h, w + 2 * pad), "int8", scope="global")
         start = T.alloc_buffer((1,), "int32", scope="global")
         params = T.alloc_buffer((3,), "int32", scope="global")
         acc = T.alloc_buffer((4,), "int32", scope="global")
         for i, j in T.grid(h + 2 * pad_h, w + 2 * pad):  # the border; each channel overwrites the inside
-            plane[i, j] = T.int8(conv["x_zero"])
+            plane[0, i, j] = T.int8(conv["x_zero"])
         for c in range(channels):
             for i, j in T.grid(h, w):
-                plane[i + pad_h, j + pad] = x[0, c, i, j]
-            conv_channel(plane, wt, bias, mult, shift, c, start, params, acc, y, c)
+                plane[0, i + pad_h, j + pad] = x[0, c, i, j]
+            conv_channel(plane, 0, wt, bias, mult, shift, c, start, params, acc, y, c)
 
     return kernel
