@@ -72,6 +72,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     # A short staging loop is unrolled, so each tap's (channel, kh, kw) is a constant: no divisions per pixel.
     staging_loop = T.unroll if k > 1 and groups <= 16 else T.serial
     group_loop = T.unroll if groups <= 4 else T.serial  # a short GEMM loop's set-up would cost as much as its body
+    # A long GEMM loop takes up to four groups per iteration: its counter and branch cost a tenth of one group's body.
+    step = next(s for s in (4, 2, 1) if groups % s == 0) if groups > 4 else 1
     # Output pixels per weight pair loaded: four share each weight load and channel's requantization set-up, but
     # their columns take twice the bytes, which beyond a C local would be arena workspace.
     px = 4 if wo % 4 == 0 and 4 * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES else 2
@@ -106,16 +108,18 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
             for o2 in range(oc // 2):
                 for t in T.unroll(2 * px):
                     acc[t] = 0
-                for g in group_loop(groups):
-                    for c in T.unroll(2):  # the C compiler merges each row's two loads into one
-                        if staged:
-                            pairs[2 * c] = dsp.sxtb16(dsp.load_i32(rows[((2 * o2 + c) * groups + g) * 4]))
-                            pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(rows[((2 * o2 + c) * groups + g) * 4]))
-                        else:
-                            pairs[2 * c] = dsp.sxtb16(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
-                            pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * g]))
-                    for t in T.unroll(2 * px):
-                        acc[t] = dsp.smlad(pairs[t // px * 2 + 1], col[t % px, 2 * g + 1], dsp.smlad(pairs[t // px * 2], col[t % px, 2 * g], acc[t]))
+                for g_step in group_loop(groups // step):
+                    for g_in in T.unroll(step):
+                        for c in T.unroll(2):  # the C compiler merges each row's two loads into one
+                            if staged:
+                                pairs[2 * c] = dsp.sxtb16(dsp.load_i32(rows[((2 * o2 + c) * groups + g_step * step + g_in) * 4]))
+                                pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(rows[((2 * o2 + c) * groups + g_step * step + g_in) * 4]))
+                            else:
+                                pairs[2 * c] = dsp.sxtb16(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * (g_step * step + g_in)]))
+                                pairs[2 * c + 1] = dsp.sxtb16_ror8(dsp.load_i32(flat[(2 * o2 + c) * taps + 4 * (g_step * step + g_in)]))
+                        for t in T.unroll(2 * px):
+                            acc[t] = dsp.smlad(pairs[t // px * 2 + 1], col[t % px, 2 * (g_step * step + g_in) + 1],
+                                               dsp.smlad(pairs[t // px * 2], col[t % px, 2 * (g_step * step + g_in)], acc[t]))
                 tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2)
                 tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1)
                 if n_trained > 0:  # before any int8 store, which the C compiler must assume may alias x and the weights
