@@ -252,17 +252,28 @@ def test_expand_depthwise_matches_reference_convs(case):
     np.testing.assert_array_equal(out.numpy(), want)
 
 
-@given(block_cases())
-@settings(max_examples=15, deadline=None)
-def test_depthwise_conv_matches_reference(case):
-    """The depthwise half of the block cases, alone (its input staged from memory, as DepthwiseInPlace runs it)."""
+@given(block_cases(), st.booleans(), st.integers(0, 3))
+@settings(max_examples=20, deadline=None)
+def test_depthwise_conv_matches_reference(case, band, extra_rows):
+    """The depthwise half of the block cases, alone: its input staged from memory, as DepthwiseInPlace runs it, or,
+    as a band kernel (``pad_h=0``), read in place from a window of ``k`` rows or a few more, with no top or bottom
+    padding; each of its output rows is then the padded conv's row centred on the window's middle row."""
     x, w_pw, w_dw, ((b1, rq1), (b2, rq2)), x_zero, k, stride, wide = case
-    planes = np.repeat(x[:, :1], w_dw.shape[0], axis=1)  # as many channels as the depthwise weight
-    want = reference.requantize(reference.conv2d_acc(planes, w_dw, x_zero, stride, w_dw.shape[0]), b2, rq2)
+    c = w_dw.shape[0]
+    if band:  # a window of k + extra_rows rows: enough for (extra_rows // stride) + 1 output rows
+        x = np.random.default_rng(int(x[0, 0, 0, 0]) + 128).integers(-128, 128, (1, 1, k + extra_rows, x.shape[3])).astype(np.int8)
+    planes = np.repeat(x[:, :1], c, axis=1)  # as many channels as the depthwise weight
+    if band:
+        pad, ho = (k - 1) // 2, extra_rows // stride + 1
+        full = reference.conv2d_acc(planes, w_dw, x_zero, 1, c)  # stride 1, centred on each input pixel
+        acc = full[:, :, pad + stride * np.arange(ho)][:, :, :, ::stride]
+    else:
+        acc = reference.conv2d_acc(planes, w_dw, x_zero, stride, c)
+    want = reference.requantize(acc, b2, rq2)
     _, c, h, w = planes.shape
     conv = {"x_zero": x_zero, "y_zero": rq2.y_zero, "qmin": rq2.qmin, "qmax": rq2.qmax}
     with kernel_variant("optimized"):
-        func = tir_depthwise.depthwise_conv_requant(c, h, w, k, stride, conv, wide[1])
+        func = tir_depthwise.depthwise_conv_requant(c, h, w, k, stride, conv, wide[1], 0 if band else None)
     fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target="llvm")
     out = tvm.runtime.empty(want.shape, "int8")
     fn(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (planes, w_dw, b2, rq2.mult, rq2.shift)], out)

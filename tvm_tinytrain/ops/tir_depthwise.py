@@ -15,6 +15,7 @@ tensor-expression kernels.
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .schedule import cached_kernel
@@ -38,11 +39,39 @@ def copy_channel_params(params, b, m, s, c):
     params[2] = s[c]
 
 
-def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool):
+def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool, width: int | None = None):
     """A macro ``(plane, pc, w, b, m, s, c, start, params, acc, y, yc)``: output channel ``c`` of the conv over
-    ``plane[pc]`` (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch arrays of 1,
-    3 and 4 int32)."""
-    tile = tile_width(wo)
+    ``plane[pc]`` (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch
+    arrays of 1, 3 and 4 int32).
+
+    With ``width`` the plane has no left and right border: its ``width`` columns are read where they are (a band
+    kernel's window, not copied), and the tiles of output pixels whose taps reach past either side read the zero
+    point there instead, the rest without a test."""
+    tile, pad = tile_width(wo), (k - 1) // 2
+    n_tiles, col0 = wo // tile, 0 if width is None else -pad
+    inside = [q for q in range(n_tiles) if width is None
+              or (q * tile * stride - pad >= 0 and ((q + 1) * tile - 1) * stride + k - 1 - pad <= width - 1)]
+    first, last = (inside[0], inside[-1] + 1) if inside else (n_tiles, n_tiles)
+
+    def tap(plane, pc, row, col, checked: bool):
+        if not checked:
+            return T.Cast("int32", plane[pc, row, col])
+        # The index clamped too: llvm may load both sides of the select.
+        return T.Cast("int32", T.if_then_else(tirx.all(col >= 0, col < width), plane[pc, row, T.max(T.min(col, width - 1), 0)],
+                                              T.int8(conv["x_zero"])))
+
+    @T.macro
+    def tiles(plane, pc, w, c, start, params, acc, y, yc, q0, n_q, checked):
+        for oh, q in T.grid(ho, n_q):
+            for t in T.unroll(tile):
+                acc[t] = start[0]
+            for kh in range(k):
+                for kw in T.unroll(k):
+                    for t in T.unroll(tile):
+                        acc[t] = acc[t] + tap(plane, pc, oh * stride + kh, ((q0 + q) * tile + t) * stride + kw + col0, checked) * T.Cast(
+                            "int32", w[c, 0, kh, kw])
+            for t in T.unroll(tile):
+                y[0, yc, oh, (q0 + q) * tile + t] = requantized(acc[t], params, conv, wide_shift)
 
     @T.macro
     def conv_channel(plane, pc, w, b, m, s, c, start, params, acc, y, yc):
@@ -50,15 +79,12 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
         start[0] = 0
         for kh, kw in T.grid(k, k):
             start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])
-        for oh, q in T.grid(ho, wo // tile):
-            for t in T.unroll(tile):
-                acc[t] = start[0]
-            for kh in range(k):
-                for kw in T.unroll(k):
-                    for t in T.unroll(tile):
-                        acc[t] = acc[t] + T.Cast("int32", plane[pc, oh * stride + kh, (q * tile + t) * stride + kw]) * T.Cast("int32", w[c, 0, kh, kw])
-            for t in T.unroll(tile):
-                y[0, yc, oh, q * tile + t] = requantized(acc[t], params, conv, wide_shift)
+        if first > 0:
+            tiles(plane, pc, w, c, start, params, acc, y, yc, 0, first, True)
+        if last > first:
+            tiles(plane, pc, w, c, start, params, acc, y, yc, first, last - first, False)
+        if n_tiles > last:
+            tiles(plane, pc, w, c, start, params, acc, y, yc, last, n_tiles - last, True)
 
     return conv_channel
 
@@ -67,24 +93,32 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
 def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, conv: dict, wide_shift: bool, pad_h: int | None = None):
     """PrimFunc ``(x, w, bias, mult, shift) -> y`` of a depthwise conv (padding ``(k-1)//2``, rows ``pad_h`` when
     given: 0 for StreamInputRows' band kernel, whose window of ``k`` rows gives one output row) then requantize;
-    ``conv`` holds its ``x_zero``, ``y_zero``, ``qmin``, ``qmax``.  The output may share the input's storage."""
+    ``conv`` holds its ``x_zero``, ``y_zero``, ``qmin``, ``qmax``.  Without ``pad_h`` each input plane is staged
+    inside its border first, so the output may share the input's storage; a band kernel reads its window where it
+    is (:func:`plane_conv` with ``width``), and its output must not."""
     pad = (k - 1) // 2
     pad_h = pad if pad_h is None else pad_h
     ho, wo = (h + 2 * pad_h - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    conv_channel = plane_conv(k, stride, ho, wo, conv, wide_shift)
+    band = pad_h == 0
+    conv_channel = plane_conv(k, stride, ho, wo, conv, wide_shift, w if band else None)
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((1, channels, h, w), "int8"), wt: T.Buffer((channels, 1, k, k), "int8"), bias: T.Buffer((channels,), "int32"),
                mult: T.Buffer((channels,), "int32"), shift: T.Buffer((channels,), "int32"), y: T.Buffer((1, channels, ho, wo), "int8")):
-        plane = T.alloc_buffer((1, h + 2 * pad_h, w + 2 * pad), "int8", scope="global")
+        window = T.decl_buffer((channels, h, w), "int8", data=x.data)
+        plane = T.alloc_buffer((1, h + 2 * pad_h, w + 2 * pad) if not band else (1, 1, 1), "int8", scope="global")
         start = T.alloc_buffer((1,), "int32", scope="global")
         params = T.alloc_buffer((3,), "int32", scope="global")
         acc = T.alloc_buffer((4,), "int32", scope="global")
-        for i, j in T.grid(h + 2 * pad_h, w + 2 * pad):  # the border; each channel overwrites the inside
-            plane[0, i, j] = T.int8(conv["x_zero"])
-        for c in range(channels):
-            for i, j in T.grid(h, w):
-                plane[0, i + pad_h, j + pad] = x[0, c, i, j]
-            conv_channel(plane, 0, wt, bias, mult, shift, c, start, params, acc, y, c)
+        if band:
+            for c in range(channels):
+                conv_channel(window, c, wt, bias, mult, shift, c, start, params, acc, y, c)
+        else:
+            for i, j in T.grid(h + 2 * pad_h, w + 2 * pad):  # the border; each channel overwrites the inside
+                plane[0, i, j] = T.int8(conv["x_zero"])
+            for c in range(channels):
+                for i, j in T.grid(h, w):
+                    plane[0, i + pad_h, j + pad] = x[0, c, i, j]
+                conv_channel(plane, 0, wt, bias, mult, shift, c, start, params, acc, y, c)
 
     return kernel
