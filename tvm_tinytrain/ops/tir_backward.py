@@ -178,9 +178,10 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     it has for the weight gradient anyway.  Channel ``c``'s expanded plane and depthwise output are the forward's
     (the same integer sums and requantization, ``expand`` and ``depthwise`` holding each conv's ``x_zero``,
     ``y_zero``, ``qmin``, ``qmax``, and the wide flags their :func:`.te_kernels.scale_shift` modes), from the old
-    weight row ``c`` and the biases, which the step updates only after this kernel; ``mask`` and ``mask_dw`` give way
-    to ``(b1, m1, s1, b2, m2, s2)`` after ``lr``, the bias, multiplier and shift of the expansion and the depthwise
-    conv.
+    weight row ``c`` and the biases, which the step updates only after this kernel (the optimized variant makes two
+    channels of a front group at a time, :func:`.tir_expand_depthwise.expansion_plane`, before either's bias step);
+    ``mask`` and ``mask_dw`` give way to ``(b1, m1, s1, b2, m2, s2)`` after ``lr``, the bias, multiplier and shift of
+    the expansion and the depthwise conv.
 
     Without ``input_grad`` (the block where the backward stops) there is no ``g_x``, nor the expansion's ``s_pw``,
     and an untrained expansion's ``w_pw``; a trained slice is then just the weight (give no ``merged``).
