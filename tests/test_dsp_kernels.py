@@ -56,12 +56,16 @@ def numpy_helper(name, a, b, c):
         return _pack(a, b)
     if name == dsp.PACK16_HI:
         return _pack(_lanes(a)[1], _lanes(b)[1])
+    if name == dsp.SSUB16:
+        (alo, ahi), (blo, bhi) = _lanes(a), _lanes(b)
+        return _pack(alo - blo, ahi - bhi)  # each halfword wraps
     if name == dsp.SSAT8:
         return np.clip(np.asarray(a, np.int64), -128, 127)
     return np.clip(np.asarray(a, np.int64) + b, -(2**31), 2**31 - 1)  # QADD
 
 
-ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.PACK16_HI: 2, dsp.QADD: 2, dsp.SSAT8: 1}
+ARITY = {dsp.SMLAD: 3, dsp.SXTB16: 1, dsp.SXTB16_ROR8: 1, dsp.PACK16: 2, dsp.PACK16_HI: 2, dsp.SSUB16: 2, dsp.QADD: 2,
+         dsp.SSAT8: 1}
 int32s = st.integers(-(2**31), 2**31 - 1)
 int16s = st.integers(-(2**15), 2**15 - 1)
 
@@ -77,7 +81,7 @@ def _operands(name, data):
 
 def _tir_helper(name):
     fn = {dsp.SMLAD: dsp.smlad, dsp.SXTB16: dsp.sxtb16, dsp.SXTB16_ROR8: dsp.sxtb16_ror8, dsp.PACK16: dsp.pack16,
-          dsp.PACK16_HI: dsp.pack16_hi, dsp.QADD: dsp.qadd, dsp.SSAT8: dsp.ssat8}[name]
+          dsp.PACK16_HI: dsp.pack16_hi, dsp.SSUB16: dsp.ssub16, dsp.QADD: dsp.qadd, dsp.SSAT8: dsp.ssat8}[name]
     n = ARITY[name]
 
     @T.prim_func

@@ -32,11 +32,12 @@ SXTB16 = "tinytrain_sxtb16"  # (sext(byte 0), sext(byte 2)) as two halfwords
 SXTB16_ROR8 = "tinytrain_sxtb16_ror8"  # (sext(byte 1), sext(byte 3))
 PACK16 = "tinytrain_pack16"  # (lo(a), lo(b)): PKHBT
 PACK16_HI = "tinytrain_pack16_hi"  # (hi(a), hi(b)): PKHTB
+SSUB16 = "tinytrain_ssub16"  # (lo(a) - lo(b), hi(a) - hi(b)), each halfword wrapping
 QADD = "tinytrain_qadd"  # int32 add, saturated
 SSAT8 = "tinytrain_ssat8"  # int32 clamped to [-128, 127]
 LOAD32 = "tinytrain_load_i32"  # four int8 bytes of a 1-D buffer, little-endian, at any alignment
 FMLA = "tinytrain_fmla"  # float32 acc + a * b with the product rounded first: VMLA.F32, not a fused multiply-add
-NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, QADD, SSAT8, LOAD32, FMLA)
+NAMES = (SMLAD, SXTB16, SXTB16_ROR8, PACK16, PACK16_HI, SSUB16, QADD, SSAT8, LOAD32, FMLA)
 
 C_SOURCE = """\
 /* DSP helpers of the optimized int8 kernels (tvm_tinytrain/ops/dsp.py): one instruction each on a Cortex-M
@@ -61,6 +62,7 @@ static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) { retur
 static inline int32_t tinytrain_sxtb16(int32_t a) { return (int32_t)__sxtb16((uint32_t)a); }
 static inline int32_t tinytrain_qadd(int32_t a, int32_t b) { return __qadd(a, b); }
 static inline int32_t tinytrain_ssat8(int32_t a) { return __ssat(a, 8); }
+static inline int32_t tinytrain_ssub16(int32_t a, int32_t b) { return (int32_t)__ssub16((uint32_t)a, (uint32_t)b); }
 /* ACLE has no PKHBT/PKHTB and no SXTB16 with its rotation, and gcc builds each from two or three instructions. */
 static inline int32_t tinytrain_sxtb16_ror8(int32_t a) {
   int32_t r;
@@ -89,6 +91,9 @@ static inline int32_t tinytrain_smlad(int32_t a, int32_t b, int32_t acc) {
   return (int32_t)(uint32_t)(uint64_t)sum;
 }
 static inline int32_t tinytrain_sxtb16(int32_t a) { return tinytrain_pack16((int8_t)a, (int8_t)(a >> 16)); }
+static inline int32_t tinytrain_ssub16(int32_t a, int32_t b) {
+  return tinytrain_pack16((int16_t)a - (int16_t)b, (a >> 16) - (b >> 16));
+}
 static inline int32_t tinytrain_sxtb16_ror8(int32_t a) { return tinytrain_pack16((int8_t)(a >> 8), (int8_t)(a >> 24)); }
 static inline int32_t tinytrain_ssat8(int32_t a) { return a > 127 ? 127 : a < -128 ? -128 : a; }
 static inline int32_t tinytrain_qadd(int32_t a, int32_t b) {
@@ -124,6 +129,10 @@ def pack16_hi(lo, hi):
     return _call(PACK16_HI, lo, hi)
 
 
+def ssub16(a, b):
+    return _call(SSUB16, a, b)
+
+
 def qadd(a, b):
     return _call(QADD, a, b)
 
@@ -148,6 +157,9 @@ def saturating_add(a, b):
 
 
 def _sext(v, bits: int):
+    if isinstance(v, tirx.IntImm):  # a constant operand (a packed zero point): TVM rejects narrowing its literal
+        low = v.value & ((1 << bits) - 1)
+        return tirx.const(low - (1 << bits) if low >> (bits - 1) else low, "int32")
     return v.astype(f"int{bits}").astype("int32")
 
 
@@ -188,6 +200,7 @@ _LOWERINGS = {
     SXTB16_ROR8: lambda a: _pack16_tir(_byte(a, 1), _byte(a, 3)),
     PACK16: _pack16_tir,
     PACK16_HI: _pack16_hi_tir,
+    SSUB16: lambda a, b: _pack16_tir(_lo(a) - _lo(b), _hi(a) - _hi(b)),
     QADD: saturating_add,
     SSAT8: lambda a: tirx.max(tirx.min(a, 127), -128),
     LOAD32: _load_i32_tir,

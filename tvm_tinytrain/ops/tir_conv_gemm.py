@@ -77,6 +77,11 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     # Output pixels per weight pair loaded: four share each weight load and channel's requantization set-up, but
     # their columns take twice the bytes, which beyond a C local would be arena workspace.
     px = 4 if wo % 4 == 0 and 4 * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES else 2
+    # A 1x1 conv's four pixels of a channel are one 32-bit load: two rows' loads give the four pixels' pairs (as in
+    # :mod:`.tir_expand_depthwise`), and one SSUB16 subtracts the zero point from both halves of a pair.
+    packed_staging = k == 1 and stride == 1 and px == 4
+    zero_pair = (x_zero & 0xFFFF) | ((x_zero & 0xFFFF) << 16)
+    zero_pair = zero_pair - (1 << 32) if zero_pair >= 1 << 31 else zero_pair
 
     def corrected(acc, c, x, frozen, trained, r, px):
         for j, ch in enumerate(trained_channels):
@@ -97,14 +102,28 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         # once for its outputs (from the arguments the C compiler reloads them after every int8 store).
         params0 = T.alloc_buffer((3,), "int32", scope="global")
         params1 = T.alloc_buffer((3,), "int32", scope="global")
+        two = T.alloc_buffer((2,), "int32", scope="global")  # packed staging: two rows' halfwords side by side
+        pixels = T.decl_buffer((ic * h * w,), "int8", data=x.data)
         if staged:
             for o, r in T.grid(oc, groups * 4):
                 rows[o * groups * 4 + r] = T.if_then_else(r < taps, flat[o * taps + T.min(r, taps - 1)], T.int8(0))
         for oh, cp in T.grid(ho, wo // px):
             for g in staging_loop(groups):
-                for j in T.unroll(px):
+                if packed_staging:
                     for half in T.unroll(2):
-                        col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, px * cp + j), column(x, 4 * g + half + 2, oh, px * cp + j))
+                        two[0] = dsp.pack16(dsp.load_i32(pixels[((4 * g + half) * h + oh) * w + 4 * cp]),
+                                            dsp.load_i32(pixels[((4 * g + half + 2) * h + oh) * w + 4 * cp]))
+                        two[1] = dsp.pack16_hi(dsp.load_i32(pixels[((4 * g + half) * h + oh) * w + 4 * cp]),
+                                               dsp.load_i32(pixels[((4 * g + half + 2) * h + oh) * w + 4 * cp]))
+                        col[0, 2 * g + half] = dsp.ssub16(dsp.sxtb16(two[0]), zero_pair)
+                        col[1, 2 * g + half] = dsp.ssub16(dsp.sxtb16_ror8(two[0]), zero_pair)
+                        col[2, 2 * g + half] = dsp.ssub16(dsp.sxtb16(two[1]), zero_pair)
+                        col[3, 2 * g + half] = dsp.ssub16(dsp.sxtb16_ror8(two[1]), zero_pair)
+                else:
+                    for j in T.unroll(px):
+                        for half in T.unroll(2):
+                            col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, px * cp + j),
+                                                              column(x, 4 * g + half + 2, oh, px * cp + j))
             for o2 in range(oc // 2):
                 for t in T.unroll(2 * px):
                     acc[t] = 0

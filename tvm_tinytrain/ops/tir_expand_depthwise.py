@@ -3,9 +3,11 @@
 The kernel of ``FuseExpandDepthwise`` (optimized variant): for each expanded channel it computes the
 channel's plane, requantized, into a stack buffer bordered by the depthwise conv's zero point, then
 the depthwise conv over that plane.  The expansion is where the multiply-adds are; it takes its pairs for
-``SMLAD`` from four input planes at once: 32-bit loads of four pixels of channels ``4g..4g+3``, ``SXTB16``
-and ``PKHBT``/``PKHTB`` give the halfword pairs ``(x[4g], x[4g+2])`` and ``(x[4g+1], x[4g+3])`` of each
-pixel, which meet the weight pairs of one 32-bit weight load (see :mod:`.tir_conv_gemm`).  No staging, so
+``SMLAD`` from four input planes at once: 32-bit loads of four pixels of channels ``4g..4g+3``; ``PKHBT`` and
+``PKHTB`` put the halfwords of two of them side by side (pixels 0-1 of both, then 2-3), and ``SXTB16`` (plain
+and rotated) gives the halfword pairs ``(x[4g], x[4g+2])`` and ``(x[4g+1], x[4g+3])`` of each pixel, which meet
+the weight pairs of one 32-bit weight load (see :mod:`.tir_conv_gemm`): two loads, two packs and four
+extractions per four pairs.  No staging, so
 it suits a kernel that reads the input once per expanded channel, or per two: where two channels' planes fit a
 small C local, each input pair made serves both (:func:`channels_per_pass`; four more accumulators, fewer than
 the repacking saves, on a Cortex-M's 13 registers).  Both zero points are folded into the
@@ -41,7 +43,7 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
     """A macro ``(pixels, rows, b, m, s, c, start, pairs, lanes, params, acc, plane)``: expanded channels ``c .. c + n``,
     requantized, into ``plane[0 .. n]`` inside a border of ``pad``.  ``pixels`` and ``rows`` are the input ``(ic, h, w)``
     and the weight ``(channels, ic)`` as flat int8 buffers; the rest are the caller's int32 scratch arrays of ``n``,
-    ``2n``, ``8``, ``3n`` and ``4n`` elements.  The input's halfword pairs, the costly part (four loads, four
+    ``2n``, ``6``, ``3n`` and ``4n`` elements.  The input's halfword pairs, the costly part (four loads, four
     ``SXTB16`` and four ``PKHBT``/``PKHTB`` per four channels of four pixels), serve all ``n`` channels.  Needs
     :func:`fits`."""
     # A few groups of four input channels are unrolled: the loop's set-up would cost as much as its body.
@@ -65,17 +67,18 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
                     pairs[2 * f] = dsp.sxtb16(dsp.load_i32(rows[(c + f) * ic + 4 * g]))
                     pairs[2 * f + 1] = dsp.sxtb16_ror8(dsp.load_i32(rows[(c + f) * ic + 4 * g]))
                 for odd in T.unroll(2):  # channels (4g, 4g+2), then (4g+1, 4g+3)
-                    lanes[0] = dsp.sxtb16(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]))
-                    lanes[1] = dsp.sxtb16_ror8(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]))
-                    lanes[2] = dsp.sxtb16(dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]))
-                    lanes[3] = dsp.sxtb16_ror8(dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]))
-                    lanes[4] = dsp.pack16(lanes[0], lanes[2])  # pixel 0's pair; then pixels 1, 2, 3
-                    lanes[5] = dsp.pack16(lanes[1], lanes[3])
-                    lanes[6] = dsp.pack16_hi(lanes[0], lanes[2])
-                    lanes[7] = dsp.pack16_hi(lanes[1], lanes[3])
+                    # The two rows' halfwords side by side (pixels 0-1, then 2-3), then SXTB16: each pixel's pair.
+                    lanes[0] = dsp.pack16(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]),
+                                          dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]))
+                    lanes[1] = dsp.pack16_hi(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]),
+                                             dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]))
+                    lanes[2] = dsp.sxtb16(lanes[0])
+                    lanes[3] = dsp.sxtb16_ror8(lanes[0])
+                    lanes[4] = dsp.sxtb16(lanes[1])
+                    lanes[5] = dsp.sxtb16_ror8(lanes[1])
                     for f in T.unroll(n):
                         for t in T.unroll(4):
-                            acc[4 * f + t] = dsp.smlad(pairs[2 * f + odd], lanes[4 + t], acc[4 * f + t])
+                            acc[4 * f + t] = dsp.smlad(pairs[2 * f + odd], lanes[2 + t], acc[4 * f + t])
             for f in T.unroll(n):
                 for t in T.unroll(4):
                     plane[f, r + pad, 4 * q + t + pad] = requantize_value(acc[4 * f + t], params[3 * f], params[3 * f + 1],
@@ -109,7 +112,7 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         acc = T.alloc_buffer((4 * n,), "int32", scope="global")
         start = T.alloc_buffer((n,), "int32", scope="global")  # a folded zero point per channel
         pairs = T.alloc_buffer((2 * n,), "int32", scope="global")  # weight pairs (4g, 4g+2), (4g+1, 4g+3) per channel
-        lanes = T.alloc_buffer((8,), "int32", scope="global")  # SXTB16 of two input rows, then each pixel's pair
+        lanes = T.alloc_buffer((6,), "int32", scope="global")  # two input rows' halfwords side by side, each pixel's pair
         params = T.alloc_buffer((3 * n,), "int32", scope="global")  # bias, multiplier, shift per channel
         for f, i, j in T.grid(n, h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[f, i, j] = T.int8(plane_zero)
