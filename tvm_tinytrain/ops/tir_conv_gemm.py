@@ -80,7 +80,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     # A 1x1 conv's four pixels of a channel are one 32-bit load: two rows' loads give the four pixels' pairs (as in
     # :mod:`.tir_expand_depthwise`), and one SSUB16 subtracts the zero point from both halves of a pair.
     packed_staging = k == 1 and stride == 1 and px == 4
-    zero_pair = (x_zero & 0xFFFF) | ((x_zero & 0xFFFF) << 16)
+    zero_pair = (x_zero & 0xFFFF) | ((x_zero & 0xFFFF) << 16)  # (x_zero, x_zero) as halfwords of one int32
     zero_pair = zero_pair - (1 << 32) if zero_pair >= 1 << 31 else zero_pair
 
     def corrected(acc, c, x, frozen, trained, r, px):
