@@ -59,7 +59,8 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
     ``sum_group(c, g, g_mask, w_proj, s_proj, out, border)`` writes the unmasked sums of channels ``c .. c + group``
     into ``out[f]`` inside a border of ``border``, a few pixels at a time: each output gradient value loaded serves
     the whole group.  With ``masked_input`` ``g`` is read through the projection's own packed clamp mask ``g_mask``
-    (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no masked copy of ``g``.
+    (:func:`.te_backward.apply_mask`'s select, element by element): the same terms, with no masked copy of ``g``; a
+    mask byte whose 8 pixels all pass, the usual case (a projection rarely saturates), is read without a test each.
     The group's real weights (``w_proj * s_proj``) are computed again for each few pixels, in registers: no
     buffer of them (they were the kernel's largest C local), and the same products.
 
@@ -80,11 +81,20 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
                 for u in T.unroll(px):
                     proj_acc[f, u] = T.float32(0.0)
             for o in range(projection):
-                for u in T.unroll(px):
-                    if masked_input:
-                        g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u], T.float32(0.0))
+                if masked_input and px == 8:  # the 8 pixels' bits are one mask byte: all set (usual), no test each
+                    if g_mask[(o * pixels + q * px) // 8] == T.uint8(255):
+                        for u in T.unroll(px):
+                            g_px[u] = g_flat[o * pixels + q * px + u]
                     else:
-                        g_px[u] = g_flat[o * pixels + q * px + u]
+                        for u in T.unroll(px):
+                            g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u], T.float32(0.0))
+                else:
+                    for u in T.unroll(px):
+                        if masked_input:
+                            g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u],
+                                               T.float32(0.0))
+                        else:
+                            g_px[u] = g_flat[o * pixels + q * px + u]
                 for f in T.unroll(group):
                     for u in T.unroll(px):
                         proj_acc[f, u] = proj_acc[f, u] + g_px[u] * (T.Cast("float32", w_proj[o, c + f, 0, 0]) * s_proj[o])
