@@ -26,6 +26,11 @@ def _bit(mask, index):
     return T.bitwise_and(T.shift_right(mask[index // 8], T.Cast("uint8", index % 8)), T.uint8(1)) != T.uint8(0)
 
 
+def _bit_select(mask, index, value):
+    """``value`` where bit ``index`` of the packed clamp ``mask`` is set, else ``+0.0`` (:func:`.te_backward.apply_mask`)."""
+    return T.Select(_bit(mask, index), value, T.float32(0.0))
+
+
 def _unsaturated(v, conv: dict):
     """The clamp mask's condition on an int8 output ``v`` of ``conv``: strictly inside ``(qmin, qmax)``."""
     # Compared in int32: TVM's simplifier rewrites ``int8 < 127`` into a floor division, a division per test in C.
@@ -87,12 +92,11 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
                             g_px[u] = g_flat[o * pixels + q * px + u]
                     else:
                         for u in T.unroll(px):
-                            g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u], T.float32(0.0))
+                            g_px[u] = _bit_select(g_mask, o * pixels + q * px + u, g_flat[o * pixels + q * px + u])
                 else:
                     for u in T.unroll(px):
                         if masked_input:
-                            g_px[u] = T.Select(_bit(g_mask, o * pixels + q * px + u), g_flat[o * pixels + q * px + u],
-                                               T.float32(0.0))
+                            g_px[u] = _bit_select(g_mask, o * pixels + q * px + u, g_flat[o * pixels + q * px + u])
                         else:
                             g_px[u] = g_flat[o * pixels + q * px + u]
                 for f in T.unroll(group):
@@ -110,8 +114,7 @@ def projection_front(projection: int, ho: int, wo: int, group: int = 1, recomput
                 out[f, i + border, j + border] = T.Select(_unsaturated(y[0, yc, i, j], recomputed), out[f, i + border, j + border],
                                                           T.float32(0.0))
             else:
-                out[f, i + border, j + border] = T.Select(_bit(mask, (c * ho + i) * wo + j), out[f, i + border, j + border],
-                                                          T.float32(0.0))
+                out[f, i + border, j + border] = _bit_select(mask, (c * ho + i) * wo + j, out[f, i + border, j + border])
             g_b[gi] = g_b[gi] + out[f, i + border, j + border]
         g_b[gi] = b_scale[c] * g_b[gi]
 
@@ -280,7 +283,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         else 0."""
         if recompute_masks:
             return T.Select(_unsaturated(plane[pf, y + pad, xx + pad], expand_q), value, T.float32(0.0))
-        return T.Select(_bit(mask, (c * h + y) * w + xx), value, T.float32(0.0))
+        return _bit_select(mask, (c * h + y) * w + xx, value)
 
     @T.macro
     def parity_class(ry, rx, c, t, f, planes, g_pad, dw_real, dw_acc, plane, pf, mask):

@@ -139,8 +139,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                         for t in T.unroll(2 * px):
                             acc[t] = dsp.smlad(pairs[t // px * 2 + 1], col[t % px, 2 * (g_step * step + g_in) + 1],
                                                dsp.smlad(pairs[t // px * 2], col[t % px, 2 * (g_step * step + g_in)], acc[t]))
-                tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2)
-                tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1)
+                tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2, 0)
+                tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1, 0)
                 if n_trained > 0:  # before any int8 store, which the C compiler must assume may alias x and the weights
                     for t in T.unroll(2 * px):  # so the sums share their loads and weight differences
                         acc[t] = corrected(acc[t], 2 * o2 + t // px, x, wt, trained, oh, px * cp + t % px)

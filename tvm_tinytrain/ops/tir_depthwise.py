@@ -26,17 +26,18 @@ def tile_width(out_width: int) -> int:
     return next(t for t in (4, 2, 1) if out_width % t == 0)
 
 
-def requantized(acc, params, conv: dict, wide_shift: bool):
-    """``acc`` requantized with ``params[0:3]`` = the channel's bias, multiplier and shift."""
-    return requantize_value(acc, params[0], params[1], params[2], conv["y_zero"], conv["qmin"], conv["qmax"], wide_shift)
+def requantized(acc, params, conv: dict, wide_shift: bool, at: int = 0):
+    """``acc`` requantized with ``params[at:at + 3]`` = the channel's bias, multiplier and shift."""
+    return requantize_value(acc, params[at], params[at + 1], params[at + 2], conv["y_zero"], conv["qmin"], conv["qmax"],
+                            wide_shift)
 
 
 @T.macro
-def copy_channel_params(params, b, m, s, c):
-    """``params[0:3]`` = channel ``c``'s bias, multiplier and shift (see the module doc)."""
-    params[0] = b[c]
-    params[1] = m[c]
-    params[2] = s[c]
+def copy_channel_params(params, b, m, s, c, at):
+    """``params[at:at + 3]`` = channel ``c``'s bias, multiplier and shift (see the module doc)."""
+    params[at] = b[c]
+    params[at + 1] = m[c]
+    params[at + 2] = s[c]
 
 
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool, width: int | None = None):
@@ -75,7 +76,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
 
     @T.macro
     def conv_channel(plane, pc, w, b, m, s, c, start, params, acc, y, yc):
-        copy_channel_params(params, b, m, s, c)
+        copy_channel_params(params, b, m, s, c, 0)
         start[0] = 0
         for kh, kw in T.grid(k, k):
             start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])

@@ -23,7 +23,6 @@ from tvm.script import tirx as T
 
 from . import dsp, tir_depthwise
 from .schedule import cached_kernel
-from .te_kernels import requantize_value
 
 PAIRED_PLANES_BYTES = 1024  # two channels' bordered planes made together stay one C local (kernel_local_bytes)
 
@@ -44,7 +43,7 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
     requantized, into ``plane[0 .. n]`` inside a border of ``pad``.  ``pixels`` and ``rows`` are the input ``(ic, h, w)``
     and the weight ``(channels, ic)`` as flat int8 buffers; the rest are the caller's int32 scratch arrays of ``n``,
     ``2n``, ``6``, ``3n`` and ``4n`` elements.  The input's halfword pairs, the costly part (four loads, four
-    ``SXTB16`` and four ``PKHBT``/``PKHTB`` per four channels of four pixels), serve all ``n`` channels.  Needs
+    ``PKHBT``/``PKHTB`` and eight ``SXTB16`` per four channels of four pixels), serve all ``n`` channels.  Needs
     :func:`fits`."""
     # A few groups of four input channels are unrolled: the loop's set-up would cost as much as its body.
     group_loop = T.unroll if ic <= 16 else T.serial
@@ -52,9 +51,7 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
     @T.macro
     def expand_channels(pixels, rows, b, m, s, c, start, pairs, lanes, params, acc, plane):
         for f in T.unroll(n):
-            params[3 * f] = b[c + f]
-            params[3 * f + 1] = m[c + f]
-            params[3 * f + 2] = s[c + f]
+            tir_depthwise.copy_channel_params(params, b, m, s, c + f, 3 * f)
             start[f] = 0
             for i in range(ic):
                 start[f] = start[f] - expand["x_zero"] * T.Cast("int32", rows[(c + f) * ic + i])
@@ -81,9 +78,7 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
                             acc[4 * f + t] = dsp.smlad(pairs[2 * f + odd], lanes[2 + t], acc[4 * f + t])
             for f in T.unroll(n):
                 for t in T.unroll(4):
-                    plane[f, r + pad, 4 * q + t + pad] = requantize_value(acc[4 * f + t], params[3 * f], params[3 * f + 1],
-                                                                          params[3 * f + 2], expand["y_zero"], expand["qmin"],
-                                                                          expand["qmax"], wide_shift)
+                    plane[f, r + pad, 4 * q + t + pad] = tir_depthwise.requantized(acc[4 * f + t], params, expand, wide_shift, 3 * f)
 
     return expand_channels
 
