@@ -221,7 +221,7 @@ def test_conv_gemm_takes_only_the_shapes_it_fits():
 def block_cases(draw):
     ic, c = 4 * draw(st.integers(1, 3)), draw(st.integers(1, 4))
     h, w = draw(st.integers(1, 5)), 4 * draw(st.integers(1, 3))
-    k, stride = draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2]))
+    k, stride = draw(st.sampled_from([3, 5, 7])), draw(st.sampled_from([1, 2]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     x = rng.integers(-128, 128, (1, ic, h, w)).astype(np.int8)
     w_pw = rng.integers(-128, 128, (c, ic, 1, 1)).astype(np.int8)

@@ -142,7 +142,7 @@ def ssat8(a):
 
 
 def load_i32(element):
-    """The int32 made of ``element`` (a load from a 1-D int8 buffer) and the three bytes after it.
+    """The int32 made of ``element`` (a load from an int8 buffer) and the three bytes after it along the last axis.
 
     A memory read, hence not pure: use it inline, not in a ``let``."""
     return tirx.call_extern("int32", LOAD32, tirx.address_of(element))
@@ -185,10 +185,10 @@ def _byte(v, k: int):
 
 def _load_i32_tir(address):
     load = address.args[0]
-    if not isinstance(load, tvm.ir.expr.TensorLoad) or len(load.indices) != 1 or str(load.source.dtype) != "int8":
-        raise TinyTrainError(f"LowerDSPIntrinsics: {LOAD32} takes the address of an element of a 1-D int8 buffer, got {address}")
-    i = load.indices[0]
-    byte = [tirx.BufferLoad(load.source, [i + k]) for k in range(4)]
+    if not isinstance(load, tvm.ir.expr.TensorLoad) or str(load.source.dtype) != "int8":
+        raise TinyTrainError(f"LowerDSPIntrinsics: {LOAD32} takes the address of an element of an int8 buffer, got {address}")
+    *outer, i = load.indices
+    byte = [tirx.BufferLoad(load.source, [*outer, i + k]) for k in range(4)]
     low = [b.astype("uint8").astype("int32") for b in byte[:3]]
     return (low[0] | tirx.shift_left(low[1], tirx.const(8, "int32")) | tirx.shift_left(low[2], tirx.const(16, "int32"))
             | tirx.shift_left(byte[3].astype("int32"), tirx.const(24, "int32")))

@@ -253,7 +253,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     plane_shape, dw_y_shape = ((n_rec, h + 2 * pad, w + 2 * pad), (1, n_rec, ho, wo)) if recompute_masks else ((1, 1, 1), (1, 1, 1, 1))
 
     @T.macro
-    def recompute_channels(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes):
+    def recompute_channels(c, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y, r_acc, r_start, r_params, r_pairs, r_lanes, r_taps):
         """Channels ``c .. c + n_rec``: expanded planes ``plane[f]`` (inside the depthwise zero border) and depthwise
         outputs ``dw_y[0, f]``, as the forward."""
         if dsp_expand:
@@ -268,7 +268,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                 plane[0, y + pad, xx + pad] = requantize_value(r_acc[0], b1[c], m1[c], s1[c], expand_q["y_zero"], expand_q["qmin"],
                                                                expand_q["qmax"], wide_expand)
         for f in range(n_rec):
-            dw_channel(plane, f, w_dw, b2, m2, s2, c + f, r_start, r_params, r_acc, dw_y, f)
+            dw_channel(plane, f, w_dw, b2, m2, s2, c + f, r_start, r_params, r_acc, r_taps, dw_y, f)
 
     @T.macro
     def plane_bias_grad(planes, t, b_scale, c, g_b, gi):
@@ -359,6 +359,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         r_params = T.alloc_buffer((3 * n_rec,), "int32", scope="global")
         r_pairs = T.alloc_buffer((2 * n_rec,), "int32", scope="global")
         r_lanes = T.alloc_buffer((6,), "int32", scope="global")
+        r_taps = T.alloc_buffer((tir_depthwise.tap_scratch(k, stride, wo) if recompute_masks else 1,), "int32", scope="global")
         g_bias = T.alloc_buffer((2,), "float32", scope="global")  # update_biases: channel c's two bias gradients
         column = T.alloc_buffer((pair,), "int32", scope="global")
         if input_grad:
@@ -376,7 +377,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
                 for f2 in range(group // n_rec):
                     if recompute_masks:
                         recompute_channels(c0 * tile + t0 * group + f2 * n_rec, x, w_pw, w_dw, b1, m1, s1, b2, m2, s2, plane, dw_y,
-                                           r_acc, r_start, r_params, r_pairs, r_lanes)
+                                           r_acc, r_start, r_params, r_pairs, r_lanes, r_taps)
                     for pf in range(n_rec):  # the depthwise input gradient of channel c, masked by the expansion's clamp
                         channel_backward(c0 * tile + t0 * group + f2 * n_rec + pf, t0 * group + f2 * n_rec + pf, f2 * n_rec + pf, pf,
                                          g, w_dw, s_dw, mask, b_scale, lr, g_b, mask_dw, b_scale_dw, g_b_dw, b1, b2, b1_new, b2_new,

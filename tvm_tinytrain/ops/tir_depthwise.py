@@ -3,9 +3,9 @@
 Each channel's input plane sits in a stack buffer bordered by the conv's input zero point (the padding), so the
 taps need no bounds checks.  The zero point is folded into the accumulators' start, ``-x_zero * sum(w)``, so
 the inner loop multiplies raw int8 values (the border then contributes nothing), and a tile of output pixels
-along a row shares each weight and, unrolled along the kernel row, each loaded input byte.  The channel's
-bias, multiplier and shift are copied to a local array first, so the C compiler knows no output store
-changes them and computes their shift amounts once per channel.
+along a row shares each weight and each loaded input; two kernel rows at a time go through ``SMLAD`` (see
+:func:`plane_conv`).  The channel's bias, multiplier and shift are copied to a local array first, so the C
+compiler knows no output store changes them and computes their shift amounts once per channel.
 
 :func:`depthwise_conv_requant` stages every input channel before writing that channel's outputs, so its
 output may overwrite its input (``DepthwiseInPlace``); ``FuseExpandDepthwise``'s kernel
@@ -18,6 +18,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from . import dsp
 from .schedule import cached_kernel
 from .te_kernels import requantize_value
 
@@ -40,19 +41,41 @@ def copy_channel_params(params, b, m, s, c, at):
     params[at + 2] = s[c]
 
 
+def _paired_columns(k: int, stride: int, tile: int) -> int:
+    """Columns of a kernel row pair that a tile of ``tile`` output pixels reads as ``SMLAD`` pairs, 0 where the
+    tile reads fewer than four (a 32-bit load would pass them)."""
+    n = (tile - 1) * stride + k
+    return n if k >= 2 and n >= 4 else 0
+
+
+def tap_scratch(k: int, stride: int, wo: int) -> int:
+    """int32 elements of :func:`plane_conv`'s ``taps`` scratch: the channel's weight pairs, then a row pair's columns."""
+    return max(1, (k // 2) * k + _paired_columns(k, stride, tile_width(wo)))
+
+
 def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bool, width: int | None = None):
-    """A macro ``(plane, pc, w, b, m, s, c, start, params, acc, y, yc)``: output channel ``c`` of the conv over
-    ``plane[pc]`` (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``: the caller's local scratch
-    arrays of 1, 3 and 4 int32).
+    """A macro ``(plane, pc, w, b, m, s, c, start, params, acc, taps, y, yc)``: output channel ``c`` of the conv over
+    ``plane[pc]`` (padded), into channel ``yc`` of ``y`` (``start``, ``params``, ``acc``, ``taps``: the caller's local
+    scratch arrays of 1, 3, 4 and :func:`tap_scratch` int32).
+
+    Two kernel rows are taken together on ``SMLAD``: each 32-bit load of four pixels of one row, ``PKHBT``/``PKHTB``ed
+    with the same pixels of the next row and sign-extended by ``SXTB16`` (plain and rotated), gives each column's
+    pair ``(x[row], x[row + 1])``, which meets the channel's weight pair ``(w[kh], w[kh + 1])`` of its tap: one
+    instruction per two multiply-adds, and one load per four columns of two rows instead of eight.  An odd last
+    kernel row multiplies byte by byte.
 
     With ``width`` the plane has no left and right border: its ``width`` columns are read where they are (a band
     kernel's window, not copied), and the tiles of output pixels whose taps reach past either side read the zero
-    point there instead, the rest without a test."""
+    point there instead, byte by byte; the rest without a test."""
     tile, pad = tile_width(wo), (k - 1) // 2
     n_tiles, col0 = wo // tile, 0 if width is None else -pad
     inside = [q for q in range(n_tiles) if width is None
               or (q * tile * stride - pad >= 0 and ((q + 1) * tile - 1) * stride + k - 1 - pad <= width - 1)]
     first, last = (inside[0], inside[-1] + 1) if inside else (n_tiles, n_tiles)
+    n_cols = _paired_columns(k, stride, tile)
+    n_pairs = k // 2 if n_cols else 0
+    # The columns in 32-bit loads: whole groups of four, then the last two or four (ending at the last column).
+    n_quads, rest = divmod(n_cols, 4)
 
     def tap(plane, pc, row, col, checked: bool):
         if not checked:
@@ -62,30 +85,67 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
                                               T.int8(conv["x_zero"])))
 
     @T.macro
-    def tiles(plane, pc, w, c, start, params, acc, y, yc, q0, n_q, checked):
+    def row_pair_columns(plane, pc, row, col, taps, at):
+        """``taps[at + j]``: the pair ``(plane[pc, row, col + j], plane[pc, row + 1, col + j])`` of each paired column j."""
+        for quad in T.unroll(n_quads):
+            taps[at + 4 * quad] = dsp.sxtb16(dsp.pack16(dsp.load_i32(plane[pc, row, col + 4 * quad]),
+                                                        dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
+            taps[at + 4 * quad + 1] = dsp.sxtb16_ror8(dsp.pack16(dsp.load_i32(plane[pc, row, col + 4 * quad]),
+                                                                 dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
+            taps[at + 4 * quad + 2] = dsp.sxtb16(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + 4 * quad]),
+                                                               dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
+            taps[at + 4 * quad + 3] = dsp.sxtb16_ror8(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + 4 * quad]),
+                                                                    dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
+        if rest == 3:  # the last four columns: one of them again
+            taps[at + n_cols - 4] = dsp.sxtb16(dsp.pack16(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
+                                                          dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+            taps[at + n_cols - 3] = dsp.sxtb16_ror8(dsp.pack16(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
+                                                               dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+        if rest > 0:  # the last two columns, from a load ending at the last
+            taps[at + n_cols - 2] = dsp.sxtb16(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
+                                                             dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+            taps[at + n_cols - 1] = dsp.sxtb16_ror8(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
+                                                                  dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+
+    @T.macro
+    def tiles(plane, pc, w, c, start, params, acc, taps, y, yc, q0, n_q, checked):
         for oh, q in T.grid(ho, n_q):
             for t in T.unroll(tile):
                 acc[t] = start[0]
-            for kh in range(k):
-                for kw in T.unroll(k):
-                    for t in T.unroll(tile):
-                        acc[t] = acc[t] + tap(plane, pc, oh * stride + kh, ((q0 + q) * tile + t) * stride + kw + col0, checked) * T.Cast(
-                            "int32", w[c, 0, kh, kw])
+            if checked or n_pairs == 0:
+                for kh in range(k):
+                    for kw in T.unroll(k):
+                        for t in T.unroll(tile):
+                            acc[t] = acc[t] + tap(plane, pc, oh * stride + kh, ((q0 + q) * tile + t) * stride + kw + col0, checked) * T.Cast(
+                                "int32", w[c, 0, kh, kw])
+            else:
+                for i in range(n_pairs):
+                    row_pair_columns(plane, pc, oh * stride + 2 * i, (q0 + q) * tile * stride + col0, taps, n_pairs * k)
+                    for kw in T.unroll(k):
+                        for t in T.unroll(tile):
+                            acc[t] = dsp.smlad(taps[n_pairs * k + t * stride + kw], taps[i * k + kw], acc[t])
+                if k % 2 == 1:
+                    for kw in T.unroll(k):
+                        for t in T.unroll(tile):
+                            acc[t] = acc[t] + tap(plane, pc, oh * stride + k - 1, ((q0 + q) * tile + t) * stride + kw + col0, False) * T.Cast(
+                                "int32", w[c, 0, k - 1, kw])
             for t in T.unroll(tile):
                 y[0, yc, oh, (q0 + q) * tile + t] = requantized(acc[t], params, conv, wide_shift)
 
     @T.macro
-    def conv_channel(plane, pc, w, b, m, s, c, start, params, acc, y, yc):
+    def conv_channel(plane, pc, w, b, m, s, c, start, params, acc, taps, y, yc):
         copy_channel_params(params, b, m, s, c, 0)
         start[0] = 0
         for kh, kw in T.grid(k, k):
             start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])
+        for i, kw in T.grid(n_pairs, k):  # the weight pairs (w[2i], w[2i + 1]) of each tap column
+            taps[i * k + kw] = dsp.pack16(T.Cast("int32", w[c, 0, 2 * i, kw]), T.Cast("int32", w[c, 0, 2 * i + 1, kw]))
         if first > 0:
-            tiles(plane, pc, w, c, start, params, acc, y, yc, 0, first, True)
+            tiles(plane, pc, w, c, start, params, acc, taps, y, yc, 0, first, True)
         if last > first:
-            tiles(plane, pc, w, c, start, params, acc, y, yc, first, last - first, False)
+            tiles(plane, pc, w, c, start, params, acc, taps, y, yc, first, last - first, False)
         if n_tiles > last:
-            tiles(plane, pc, w, c, start, params, acc, y, yc, last, n_tiles - last, True)
+            tiles(plane, pc, w, c, start, params, acc, taps, y, yc, last, n_tiles - last, True)
 
     return conv_channel
 
@@ -111,15 +171,16 @@ def depthwise_conv_requant(channels: int, h: int, w: int, k: int, stride: int, c
         start = T.alloc_buffer((1,), "int32", scope="global")
         params = T.alloc_buffer((3,), "int32", scope="global")
         acc = T.alloc_buffer((4,), "int32", scope="global")
+        taps = T.alloc_buffer((tap_scratch(k, stride, wo),), "int32", scope="global")
         if band:
             for c in range(channels):
-                conv_channel(window, c, wt, bias, mult, shift, c, start, params, acc, y, c)
+                conv_channel(window, c, wt, bias, mult, shift, c, start, params, acc, taps, y, c)
         else:
             for i, j in T.grid(h + 2 * pad_h, w + 2 * pad):  # the border; each channel overwrites the inside
                 plane[0, i, j] = T.int8(conv["x_zero"])
             for c in range(channels):
                 for i, j in T.grid(h, w):
                     plane[0, i + pad_h, j + pad] = x[0, c, i, j]
-                conv_channel(plane, 0, wt, bias, mult, shift, c, start, params, acc, y, c)
+                conv_channel(plane, 0, wt, bias, mult, shift, c, start, params, acc, taps, y, c)
 
     return kernel

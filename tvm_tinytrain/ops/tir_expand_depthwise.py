@@ -109,11 +109,12 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         pairs = T.alloc_buffer((2 * n,), "int32", scope="global")  # weight pairs (4g, 4g+2), (4g+1, 4g+3) per channel
         lanes = T.alloc_buffer((6,), "int32", scope="global")  # two input rows' halfwords side by side, each pixel's pair
         params = T.alloc_buffer((3 * n,), "int32", scope="global")  # bias, multiplier, shift per channel
+        taps = T.alloc_buffer((tir_depthwise.tap_scratch(k, stride, wo),), "int32", scope="global")
         for f, i, j in T.grid(n, h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
             plane[f, i, j] = T.int8(plane_zero)
         for c2 in range(c_out // n):
             expand_channels(pixels, rows, b1, m1, s1, c2 * n, start, pairs, lanes, params, acc, plane)
             for f in range(n):
-                conv_channel(plane, f, w_dw, b2, m2, s2, c2 * n + f, start, params, acc, y, c2 * n + f)
+                conv_channel(plane, f, w_dw, b2, m2, s2, c2 * n + f, start, params, acc, taps, y, c2 * n + f)
 
     return kernel
