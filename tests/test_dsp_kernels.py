@@ -182,7 +182,8 @@ def gemm_cases(draw):
     mult, shift = quantize_multipliers(scales)
     qmin = draw(st.one_of(st.just(-128), st.integers(-128, 0)))  # often the whole int8 range (one SSAT)
     rq = Requant(mult, shift, draw(st.integers(-128, 127)), qmin, draw(st.one_of(st.just(127), st.integers(qmin, 127))))
-    channels = tuple(draw(st.permutations(range(ic)))[:draw(st.integers(0, ic))]) if k == 1 else ()
+    # often none merged: a 1x1 conv of up to 8 input channels then holds its weights (the weight-stationary loop)
+    channels = tuple(draw(st.permutations(range(ic)))[:draw(st.one_of(st.just(0), st.integers(0, ic)))]) if k == 1 else ()
     trained = rng.integers(-128, 128, (oc, len(channels), 1, 1)).astype(np.int8)
     return x, wt, trained, channels, bias, rq, draw(st.integers(-128, 127)), stride, wide and int(shift.min()) >= 33
 
