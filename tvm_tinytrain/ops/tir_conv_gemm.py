@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 from . import dsp, tir_depthwise
 from .schedule import cached_kernel
+from .te_backward import static_index
 
 MAX_STAGED_WEIGHT_BYTES = 2048  # weight rows copied to the stack when R is not a multiple of 4
 FOUR_PIXEL_COLUMN_BYTES = 1024  # the most staged columns that take four pixels at a time (beyond: two, half the bytes)
@@ -50,7 +51,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     ``(x, frozen, trained, bias, mult, shift) -> y``: ``trained[:, j]`` replaces input channel
     ``trained_channels[j]`` of ``frozen``.  The GEMM runs on ``frozen`` whole, and each accumulator then gets
     ``(trained[o, j] - frozen[o, c_j]) * (x[c_j] - x_zero)``: the same integer sum, without a per-weight choice
-    between the two tensors in the inner loop.
+    between the two tensors in the inner loop.  Both factors fit a halfword, so two trained columns take one
+    ``SMLAD``, against their input pairs staged once per tile of pixels (``px`` x half the trained columns, int32).
     """
     ic, oc, n_trained = in_channels, out_channels, len(trained_channels)
     pad = (k - 1) // 2
@@ -88,12 +90,17 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     zero_pair = (x_zero & 0xFFFF) | ((x_zero & 0xFFFF) << 16)  # (x_zero, x_zero) as halfwords of one int32
     zero_pair = zero_pair - (1 << 32) if zero_pair >= 1 << 31 else zero_pair
 
-    def corrected(acc, c, x, frozen, trained, r, px):
-        """``frozen``: the flat weight (1x1: ``taps == ic``)."""
-        for j, ch in enumerate(trained_channels):
-            acc = acc + ((T.Cast("int32", trained[c, j, 0, 0]) - T.Cast("int32", frozen[c * taps + ch]))
-                         * (T.Cast("int32", x[0, ch, r, px]) - x_zero))
-        return acc
+    def trained_x(x, j, oh, p):
+        """``x - x_zero`` of pixel ``(oh, p)`` at trained column ``j`` (a constant once unrolled)."""
+        return T.Cast("int32", x[0, static_index(j, trained_channels), oh, p]) - x_zero
+
+    def weight_change(flat, trained, o, j):
+        """``trained - frozen`` of output channel ``o`` at trained column ``j``: within [-255, 255], one halfword."""
+        return T.Cast("int32", trained[o, j, 0, 0]) - T.Cast("int32", flat[o * taps + static_index(j, trained_channels)])
+
+    n_trained_pairs = n_trained // 2
+    # Unrolled, each trained column's input channel is a constant; a long loop looks it up (static_index's few tests).
+    trained_loop = T.unroll if n_trained_pairs <= 16 else T.serial
 
     quant = {"y_zero": y_zero, "qmin": qmin, "qmax": qmax}
 
@@ -134,7 +141,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                     y[0, o, oh, p] = tir_depthwise.requantized(acc[0], params, quant, wide_shift)
 
     @T.macro
-    def pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two):
+    def pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two, trained_col):
         """Tiles of 2 output channels x ``px`` pixels: the tile's columns staged, then every channel pair over them."""
         for oh, cp in T.grid(ho, wo // px):
             for g in staging_loop(groups):
@@ -145,6 +152,10 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                         for half in T.unroll(2):
                             col[j, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, px * cp + j),
                                                               column(x, 4 * g + half + 2, oh, px * cp + j))
+            if n_trained_pairs > 0:
+                for j in T.unroll(px):  # the trained columns' input pairs, for every channel pair
+                    for i in trained_loop(n_trained_pairs):
+                        trained_col[j, i] = dsp.pack16(trained_x(x, 2 * i, oh, px * cp + j), trained_x(x, 2 * i + 1, oh, px * cp + j))
             for o2 in range(oc // 2):
                 for t in T.unroll(2 * px):
                     acc[t] = 0
@@ -162,9 +173,17 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                                                dsp.smlad(pairs[t // px * 2], col[t % px, 2 * (g_step * step + g_in)], acc[t]))
                 tir_depthwise.copy_channel_params(params0, bias, mult, shift, 2 * o2, 0)
                 tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1, 0)
-                if n_trained > 0:  # before any int8 store, which the C compiler must assume may alias x and the weights
-                    for t in T.unroll(2 * px):  # so the sums share their loads and weight differences
-                        acc[t] = corrected(acc[t], 2 * o2 + t // px, x, flat, trained, oh, px * cp + t % px)
+                # The merge: (trained - frozen) * (x - x_zero) added for each trained column, two columns per SMLAD.
+                if n_trained_pairs > 0:
+                    for i in trained_loop(n_trained_pairs):
+                        for c in T.unroll(2):
+                            pairs[c] = dsp.pack16(weight_change(flat, trained, 2 * o2 + c, 2 * i),
+                                                  weight_change(flat, trained, 2 * o2 + c, 2 * i + 1))
+                        for t in T.unroll(2 * px):
+                            acc[t] = dsp.smlad(pairs[t // px], trained_col[t % px, i], acc[t])
+                if n_trained % 2 == 1:
+                    for t in T.unroll(2 * px):
+                        acc[t] = acc[t] + weight_change(flat, trained, 2 * o2 + t // px, n_trained - 1) * trained_x(x, n_trained - 1, oh, px * cp + t % px)
                 for j in T.unroll(px):
                     y[0, 2 * o2, oh, px * cp + j] = tir_depthwise.requantized(acc[j], params0, quant, wide_shift)
                 for j in T.unroll(px):
@@ -184,6 +203,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         params0 = T.alloc_buffer((3,), "int32", scope="global")
         params1 = T.alloc_buffer((3,), "int32", scope="global")
         two = T.alloc_buffer((2,), "int32", scope="global")  # packed staging: two rows' halfwords side by side
+        trained_col = T.alloc_buffer((px, max(1, n_trained_pairs)), "int32", scope="global")  # [pixel][trained column pair]
         pixels = T.decl_buffer((ic * h * w,), "int8", data=x.data)
         if staged:
             for o, r in T.grid(oc, groups * 4):
@@ -191,7 +211,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         if stationary:
             weight_stationary(x, flat, bias, mult, shift, y, pixels, col, acc, pairs, params0, two)
         else:
-            pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two)
+            pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two, trained_col)
 
     if n_trained:
         @T.prim_func(private=True)
