@@ -19,7 +19,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import dsp
-from .schedule import cached_kernel
+from .schedule import cached_kernel, current_variant
 from .te_kernels import requantize_value
 
 
@@ -43,9 +43,10 @@ def copy_channel_params(params, b, m, s, c, at):
 
 def _paired_columns(k: int, stride: int, tile: int) -> int:
     """Columns of a kernel row pair that a tile of ``tile`` output pixels reads as ``SMLAD`` pairs, 0 where the
-    tile reads fewer than four (a 32-bit load would pass them)."""
+    tile reads fewer than four (a 32-bit load would pass them) and in the reference variant (the fused block
+    backward's recomputed masks, plain C there)."""
     n = (tile - 1) * stride + k
-    return n if k >= 2 and n >= 4 else 0
+    return n if k >= 2 and n >= 4 and current_variant() == "optimized" else 0
 
 
 def tap_scratch(k: int, stride: int, wo: int) -> int:
@@ -138,8 +139,9 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
         start[0] = 0
         for kh, kw in T.grid(k, k):
             start[0] = start[0] - conv["x_zero"] * T.Cast("int32", w[c, 0, kh, kw])
-        for i, kw in T.grid(n_pairs, k):  # the weight pairs (w[2i], w[2i + 1]) of each tap column
-            taps[i * k + kw] = dsp.pack16(T.Cast("int32", w[c, 0, 2 * i, kw]), T.Cast("int32", w[c, 0, 2 * i + 1, kw]))
+        if n_pairs > 0:
+            for i, kw in T.grid(n_pairs, k):  # the weight pairs (w[2i], w[2i + 1]) of each tap column
+                taps[i * k + kw] = dsp.pack16(T.Cast("int32", w[c, 0, 2 * i, kw]), T.Cast("int32", w[c, 0, 2 * i + 1, kw]))
         if first > 0:
             tiles(plane, pc, w, c, start, params, acc, taps, y, yc, 0, first, True)
         if last > first:
