@@ -99,8 +99,6 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         return T.Cast("int32", trained[o, j, 0, 0]) - T.Cast("int32", flat[o * taps + static_index(j, trained_channels)])
 
     n_trained_pairs = n_trained // 2
-    # Unrolled, each trained column's input channel is a constant; a long loop looks it up (static_index's few tests).
-    trained_loop = T.unroll if n_trained_pairs <= 16 else T.serial
 
     quant = {"y_zero": y_zero, "qmin": qmin, "qmax": qmax}
 
@@ -154,7 +152,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                                                               column(x, 4 * g + half + 2, oh, px * cp + j))
             if n_trained_pairs > 0:
                 for j in T.unroll(px):  # the trained columns' input pairs, for every channel pair
-                    for i in trained_loop(n_trained_pairs):
+                    for i in T.unroll(n_trained_pairs):
                         trained_col[j, i] = dsp.pack16(trained_x(x, 2 * i, oh, px * cp + j), trained_x(x, 2 * i + 1, oh, px * cp + j))
             for o2 in range(oc // 2):
                 for t in T.unroll(2 * px):
@@ -175,7 +173,8 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                 tir_depthwise.copy_channel_params(params1, bias, mult, shift, 2 * o2 + 1, 0)
                 # The merge: (trained - frozen) * (x - x_zero) added for each trained column, two columns per SMLAD.
                 if n_trained_pairs > 0:
-                    for i in trained_loop(n_trained_pairs):
+                    # unrolled: each trained column's input channel a constant (a loop would look it up per channel pair)
+                    for i in T.unroll(n_trained_pairs):
                         for c in T.unroll(2):
                             pairs[c] = dsp.pack16(weight_change(flat, trained, 2 * o2 + c, 2 * i),
                                                   weight_change(flat, trained, 2 * o2 + c, 2 * i + 1))
