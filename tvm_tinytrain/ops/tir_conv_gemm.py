@@ -64,7 +64,7 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
 
     def column(x, r, oh, ow):
         """Tap ``r`` of output pixel ``(oh, ow)``: ``x - x_zero`` under it, 0 in the padding and past the last tap."""
-        if k == 1 and stride == 1:
+        if k == 1 and stride == 1 and not staged:
             return x[0, r, oh, ow].astype("int32") - x_zero
         c, kh, kw = r // (k * k), r // k % k, r % k
         ih, iw = oh * stride + kh - pad_h, ow * stride + kw - pad
@@ -81,12 +81,13 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
     px = 4 if wo % 4 == 0 and 4 * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES else 2
     # A 1x1 conv's four pixels of a channel are one 32-bit load: two rows' loads give the four pixels' pairs (as in
     # :mod:`.tir_expand_depthwise`), and one SSUB16 subtracts the zero point from both halves of a pair.
-    packed_staging = k == 1 and stride == 1 and px == 4
+    packed_staging = k == 1 and stride == 1 and not staged and px == 4  # whole groups: no load past the last channel
     # A 1x1 conv of at most 8 input channels holds each output channel's weight pairs in registers instead, across a
     # whole row of staged columns: a tile's 8 accumulators, 4 weight pairs and the requantization would leave its
     # columns to be reloaded from the stack for each use, and few taps share that set-up (measured: 13 % fewer
     # instructions for MCUNet's 8 -> 32 expansion at 64x64; none for 16 input channels, whose weights spill).
-    stationary = k == 1 and stride == 1 and n_trained == 0 and groups <= 2 and wo * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES
+    stationary = (k == 1 and stride == 1 and not staged and n_trained == 0 and groups <= 2
+                  and wo * groups * 8 <= FOUR_PIXEL_COLUMN_BYTES)
     zero_pair = (x_zero & 0xFFFF) | ((x_zero & 0xFFFF) << 16)  # (x_zero, x_zero) as halfwords of one int32
     zero_pair = zero_pair - (1 << 32) if zero_pair >= 1 << 31 else zero_pair
 
