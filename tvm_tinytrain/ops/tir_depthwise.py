@@ -85,28 +85,26 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
         return T.Cast("int32", T.if_then_else(tirx.all(col >= 0, col < width), plane[pc, row, T.max(T.min(col, width - 1), 0)],
                                               T.int8(conv["x_zero"])))
 
+    def column_pair(plane, pc, row, col, j: int):
+        """``(plane[pc, row, col + j], plane[pc, row + 1, col + j])`` from a 32-bit load of four columns of each row."""
+        words = (dsp.load_i32(plane[pc, row, col]), dsp.load_i32(plane[pc, row + 1, col]))
+        halves = dsp.pack16(*words) if j < 2 else dsp.pack16_hi(*words)  # bytes (j, j + 1) of both rows, j even
+        return dsp.sxtb16(halves) if j % 2 == 0 else dsp.sxtb16_ror8(halves)
+
     @T.macro
     def row_pair_columns(plane, pc, row, col, taps, at):
         """``taps[at + j]``: the pair ``(plane[pc, row, col + j], plane[pc, row + 1, col + j])`` of each paired column j."""
         for quad in T.unroll(n_quads):
-            taps[at + 4 * quad] = dsp.sxtb16(dsp.pack16(dsp.load_i32(plane[pc, row, col + 4 * quad]),
-                                                        dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
-            taps[at + 4 * quad + 1] = dsp.sxtb16_ror8(dsp.pack16(dsp.load_i32(plane[pc, row, col + 4 * quad]),
-                                                                 dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
-            taps[at + 4 * quad + 2] = dsp.sxtb16(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + 4 * quad]),
-                                                               dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
-            taps[at + 4 * quad + 3] = dsp.sxtb16_ror8(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + 4 * quad]),
-                                                                    dsp.load_i32(plane[pc, row + 1, col + 4 * quad])))
+            taps[at + 4 * quad] = column_pair(plane, pc, row, col + 4 * quad, 0)
+            taps[at + 4 * quad + 1] = column_pair(plane, pc, row, col + 4 * quad, 1)
+            taps[at + 4 * quad + 2] = column_pair(plane, pc, row, col + 4 * quad, 2)
+            taps[at + 4 * quad + 3] = column_pair(plane, pc, row, col + 4 * quad, 3)
         if rest == 3:  # the last four columns: one of them again
-            taps[at + n_cols - 4] = dsp.sxtb16(dsp.pack16(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
-                                                          dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
-            taps[at + n_cols - 3] = dsp.sxtb16_ror8(dsp.pack16(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
-                                                               dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+            taps[at + n_cols - 4] = column_pair(plane, pc, row, col + n_cols - 4, 0)
+            taps[at + n_cols - 3] = column_pair(plane, pc, row, col + n_cols - 4, 1)
         if rest > 0:  # the last two columns, from a load ending at the last
-            taps[at + n_cols - 2] = dsp.sxtb16(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
-                                                             dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
-            taps[at + n_cols - 1] = dsp.sxtb16_ror8(dsp.pack16_hi(dsp.load_i32(plane[pc, row, col + n_cols - 4]),
-                                                                  dsp.load_i32(plane[pc, row + 1, col + n_cols - 4])))
+            taps[at + n_cols - 2] = column_pair(plane, pc, row, col + n_cols - 4, 2)
+            taps[at + n_cols - 1] = column_pair(plane, pc, row, col + n_cols - 4, 3)
 
     @T.macro
     def tiles(plane, pc, w, c, start, params, acc, taps, y, yc, q0, n_q, checked):
