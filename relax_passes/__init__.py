@@ -7,20 +7,22 @@ why not ``PassContext(config=...)``)::
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
         SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(),
-        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), RecomputeStreamedExpansion(),
-        PlanMemory(),
+        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), CheckpointMasks(),
+        NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
 
 from .accumulate_gradients import AccumulateGradients
 from .append_loss import AppendLoss
+from .checkpoint_masks import CheckpointMasks
 from .config import pass_config
 from .depthwise_in_place import DepthwiseInPlace
 from .fuse_conv_requant import FuseConvRequant
 from .fuse_depthwise_backward import FuseDepthwiseBackward
 from .fuse_expand_depthwise import FuseExpandDepthwise
 from .fuse_weight_update import FuseWeightUpdate
+from .narrow_peak_tiles import NarrowPeakTiles
 from .plan_memory import MemoryPlan, PlanMemory, memory_plan
 from .pointwise_in_place import PointwiseInPlace
 from .quantized_gradient import QuantizedGradient
@@ -32,5 +34,5 @@ from .stream_input_rows import StreamInputRows
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
     "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "RecomputeStreamedExpansion",
-    "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "CheckpointMasks", "NarrowPeakTiles", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

@@ -111,11 +111,13 @@ with ``g_b_dw = R.call_tir(cls.bias_grad, (g_acc, b_scale_dw), ...)``::
 
 from __future__ import annotations
 
+import json
+
 import tvm
 from tvm import relax
 
 from tvm_tinytrain.ops import te_backward
-from tvm_tinytrain.ops.schedule import current_variant
+from tvm_tinytrain.ops.schedule import current_variant, kernel_variant
 from tvm_tinytrain.ops.tir_backward import depthwise_block_backward, projection_bias_grad
 from tvm_tinytrain.relax_build import emit_kernel, kernel_attrs
 
@@ -290,17 +292,29 @@ def _kernel(front, d, b, p, u, forward, source, updates, max_plane: int) -> tvm.
     _, _, ho, wo = shape_of(d.args[0])
     # Where the backward stops there is no input gradient: the kernel sees a trained slice as the whole weight.
     in_channels = shape_of(p.var)[1] if p is not None else shape_of(u.args[0])[1] if u is not None else 1
-    x_zero = None if u is None else u.attrs["x_zero"]
-    projection = None if front is None else shape_of(front[0].args[0])[1]
-    merged = tuple(int(c) for c in p.attrs["merged_channels"]) if p is not None and len(p.args) == 4 else None
-    recompute = None if forward is None else (*(conv_quant(c) for c in forward), *(wide_shift(c.args[4]) for c in forward))
-    prim = depthwise_block_backward(channels, in_channels, h, w, ho, wo, shape_of(d.args[1])[2], d.attrs["stride"], x_zero,
-                                    planes_per_tile(channels, h * w * 4, max_plane), projection, merged, recompute, p is not None,
-                                    source is not None, updates is not None)
+    merged = [int(c) for c in p.attrs["merged_channels"]] if p is not None and len(p.args) == 4 else None
+    recompute = None if forward is None else [*(conv_quant(c) for c in forward), *(wide_shift(c.args[4]) for c in forward)]
+    form = {"channels": channels, "in_channels": in_channels, "h": h, "w": w, "ho": ho, "wo": wo, "k": shape_of(d.args[1])[2],
+            "stride": d.attrs["stride"], "trained_x_zero": None if u is None else u.attrs["x_zero"],
+            "projection": None if front is None else shape_of(front[0].args[0])[1], "merged": merged, "recompute": recompute,
+            "input_grad": p is not None, "masked_front": source is not None, "update_biases": updates is not None}
     node = "+".join(c.node for c in (*(front[:1] if front else ()), d, p if p is not None else b))
-    if u is None:
-        return prim.with_attrs(kernel_attrs(OP, node, stride=d.attrs["stride"]))
-    return prim.with_attrs(kernel_attrs(TRAINED_OP, node, stride=d.attrs["stride"], param=u.attrs["param"]))
+    static = {"stride": d.attrs["stride"], **({} if u is None else {"param": u.attrs["param"]}), "form": json.dumps(form)}
+    return _build(form, planes_per_tile(channels, h * w * 4, max_plane), kernel_attrs(OP if u is None else TRAINED_OP, node, **static))
+
+
+def _build(form: dict, tile: int, attrs: dict) -> tvm.tirx.PrimFunc:
+    args = {**form, "merged": None if form["merged"] is None else tuple(form["merged"]),
+            "recompute": None if form["recompute"] is None else tuple(form["recompute"])}
+    return depthwise_block_backward(**args, tile=tile).with_attrs({**attrs, "tinytrain.tile": tile})
+
+
+def retiled(prim: tvm.tirx.PrimFunc, tile: int) -> tvm.tirx.PrimFunc:
+    """A fused block backward kernel of this pass built again with ``tile`` planes at a time (same bits: the tile
+    only orders the planes' work).  A tile over one is the optimized variant's, so the kernel is rebuilt in it."""
+    attrs = {k: v for k, v in prim.attrs.items() if k.startswith("tinytrain.") and k not in ("tinytrain.tile", "tinytrain.in_place")}
+    with kernel_variant("optimized" if tile > 1 or int(prim.attrs["tinytrain.tile"]) > 1 else current_variant()):
+        return _build(json.loads(str(prim.attrs["tinytrain.form"])), tile, attrs)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDepthwiseBackward")

@@ -139,6 +139,11 @@ def live_floor(buffers: list[Buffer]) -> int:
     return max(live_floor_timeline(buffers).values(), default=0)
 
 
+def function_live_floor(mod: tvm.IRModule, name: str) -> int:
+    """:func:`live_floor` of function ``name``'s buffers: what the passes that trade instructions for memory lower."""
+    return live_floor(analyze(mod, mod[name]).buffers)
+
+
 SEARCH_PATIENCE = 600  # swaps without a smaller arena before the local search gives up
 
 

@@ -48,12 +48,11 @@ from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.ops import tir_conv_gemm
 from tvm_tinytrain.ops.schedule import current_variant
 
-from ._buffers import analyze
 from ._fusion import reemit, relax_function_names
 from ._ir import decode, shape_of
 from ._row_pipeline import IMAGE, RowPipeline, RowStage, row_pipelines
 from .config import option
-from .plan_memory import live_floor
+from .plan_memory import function_live_floor
 from .stream_input_rows import ROW_KERNEL, band_kernel
 
 POLICIES = ("at-peak", "always", "never")
@@ -85,11 +84,6 @@ def channel_group(expansion: RowStage, reader: RowStage, window_bytes: int) -> i
     fast = [g for g in range(2, c + 1) if c % g == 0 and g * rows * width <= window_bytes
             and tir_conv_gemm.fits(shape_of(expansion.call.args[0])[1], g, 1, width)]
     return max(fast, default=reader.group)
-
-
-def _peak(mod: tvm.IRModule, name: str) -> int:
-    """The most bytes alive at once in function ``name``, as PlanMemory's lower bound counts them."""
-    return live_floor(analyze(mod, mod[name]).buffers)
 
 
 def _widest_first(mod: tvm.IRModule, name: str) -> list[tuple[RowStage, RowStage]]:
@@ -140,11 +134,11 @@ class RecomputeStreamedExpansion:
                     mod = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
             return mod
         while True:  # the C step functions share one arena: lower the function that peaks highest, while that saves enough
-            peaks = {name: _peak(mod, name) for name in names}
+            peaks = {name: function_live_floor(mod, name) for name in names}
             name = max(names, key=peaks.__getitem__)
             for e, r in _widest_first(mod, name):
                 trial = _recompute(mod, name, e.call.var, r.call.var, channel_group(e, r, window_bytes))
-                if peaks[name] - _peak(trial, name) >= min_saving:
+                if peaks[name] - function_live_floor(trial, name) >= min_saving:
                     mod = trial
                     break
             else:

@@ -81,6 +81,15 @@ def test_memory_with_the_streamed_expansion_recomputed(capsys):
     assert default["peak_op"]["op"] == "add_int8_rows"
 
 
+def test_memory_with_masks_checkpointed(capsys):
+    """The pass option checkpoint_masks: with the full update the default model holds its clamp masks from the
+    forward through its backward; at its default (at-peak) the pass makes some of them again from checkpoints where
+    that lowers the peak, "never" keeps them all."""
+    default, never = _memory_with_and_without(capsys, "full", "--checkpoint-masks=never")
+    assert default["peak_sram_bytes"] <= never["peak_sram_bytes"] - 1024
+    assert default["parts"]["peak_mask_bytes"] < never["parts"]["peak_mask_bytes"]
+
+
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 24)

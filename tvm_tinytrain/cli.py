@@ -309,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="pass option: when a streamed 1x1 expansion keeps no ring of rows and its depthwise reader "
                                  "makes them per channel group (less SRAM, more instructions); at-peak: where that lowers "
                                  "the step's peak by 1 KB or more")
+            sp.add_argument("--no-narrow-peak-tiles", dest="narrow_peak_tiles", action="store_false",
+                            help="pass option: keep the optimized fused block backward's planes per tile where it is the "
+                                 "step's peak (a little faster, more SRAM)")
+            sp.add_argument("--checkpoint-masks", choices=["at-peak", "always", "never"], default="at-peak",
+                            help="pass option: when the clamp masks held from the forward to the backward are made again "
+                                 "there from one checkpointed activation (less SRAM, more instructions); at-peak: where "
+                                 "that lowers the step's peak by 1 KB or more")
         if with_scheme:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
@@ -389,7 +396,9 @@ def main(argv=None) -> int:
         with pass_config(fuse_trained_expansion=getattr(args, "fuse_trained_expansion", True),
                          recompute_masks=getattr(args, "recompute_masks", True), masked_reads=getattr(args, "masked_reads", True),
                          stream_layers=getattr(args, "stream_layers", True),
-                         recompute_streamed_expansion=getattr(args, "recompute_streamed_expansion", "at-peak")):
+                         recompute_streamed_expansion=getattr(args, "recompute_streamed_expansion", "at-peak"),
+                         checkpoint_masks=getattr(args, "checkpoint_masks", "at-peak"),
+                         narrow_peak_tiles=getattr(args, "narrow_peak_tiles", True)):
             return args.func(args)
     except TinyTrainError as err:
         print(f"tinytrain: error: {err}", file=sys.stderr)

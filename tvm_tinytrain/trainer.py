@@ -36,11 +36,13 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
     from relax_passes import (
         AccumulateGradients,
         AppendLoss,
+        CheckpointMasks,
         DepthwiseInPlace,
         FuseConvRequant,
         FuseDepthwiseBackward,
         FuseExpandDepthwise,
         FuseWeightUpdate,
+        NarrowPeakTiles,
         PlanMemory,
         PointwiseInPlace,
         QuantizedGradient,
@@ -56,7 +58,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
             FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(), FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(),
-            PointwiseInPlace(), RecomputeStreamedExpansion(), PlanMemory(),
+            PointwiseInPlace(), NarrowPeakTiles(), CheckpointMasks(), NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)
