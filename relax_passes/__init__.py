@@ -7,8 +7,8 @@ why not ``PassContext(config=...)``)::
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
         SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(),
-        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), CheckpointMasks(),
-        NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
+        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), NarrowPeakTiles(),
+        CheckpointMasks(), NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
