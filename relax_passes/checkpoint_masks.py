@@ -61,10 +61,9 @@ from ._buffers import IN_PLACE_OPS, OVERWRITING_OPS, analyze, in_place_fields, s
 from ._fusion import reader_positions, reemit, relax_function_names
 from ._ir import decode
 from ._row_pipeline import ROW_OPS, row_pipelines
-from .config import option
+from .config import option, policy_option
 from .plan_memory import live_floor, live_floor_timeline
 
-POLICIES = ("at-peak", "always", "never")
 # Forward kernels that are pure functions of their operands: what a recomputed slice may re-emit.
 RECOMPUTABLE_OPS = ("conv2d_requant", "depthwise_in_place", "pointwise_in_place", "expand_depthwise", "add_int8", "clamp_mask")
 # Segments rewritten and measured per step, the best estimated first: the estimate misses in-place reuse, a trial
@@ -243,9 +242,7 @@ class CheckpointMasks:
         self.policy, self.min_saving = policy, min_saving
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        policy = option("checkpoint_masks", self.policy)
-        if policy not in POLICIES:
-            raise TinyTrainError(f"CheckpointMasks: option checkpoint_masks is {policy!r}, not one of {POLICIES}")
+        policy = policy_option("CheckpointMasks", "checkpoint_masks", self.policy)
         if policy == "never":
             return mod
         names = relax_function_names(mod)

@@ -68,3 +68,14 @@ def pass_config(**options):
 def option(name: str, given=None):
     """``given`` when not None, else the innermost :func:`pass_config` value."""
     return given if given is not None else _stack()[-1][name]
+
+
+POLICIES = ("at-peak", "always", "never")  # of the passes that trade instructions for memory
+
+
+def policy_option(pass_name: str, name: str, given=None) -> str:
+    """:func:`option` ``name``, one of :data:`POLICIES`, else an error naming the pass and the option."""
+    policy = option(name, given)
+    if policy not in POLICIES:
+        raise TinyTrainError(f"{pass_name}: option {name} is {policy!r}, not one of {POLICIES}")
+    return policy

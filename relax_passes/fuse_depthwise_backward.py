@@ -310,10 +310,10 @@ def _build(form: dict, tile: int, attrs: dict) -> tvm.tirx.PrimFunc:
 
 
 def retiled(prim: tvm.tirx.PrimFunc, tile: int) -> tvm.tirx.PrimFunc:
-    """A fused block backward kernel of this pass built again with ``tile`` planes at a time (same bits: the tile
-    only orders the planes' work).  A tile over one is the optimized variant's, so the kernel is rebuilt in it."""
+    """An optimized fused block backward kernel of this pass (only that variant builds more than one plane at a time)
+    built again with ``tile`` planes at a time (same bits: the tile only orders the planes' work)."""
     attrs = {k: v for k, v in prim.attrs.items() if k.startswith("tinytrain.") and k not in ("tinytrain.tile", "tinytrain.in_place")}
-    with kernel_variant("optimized" if tile > 1 or int(prim.attrs["tinytrain.tile"]) > 1 else current_variant()):
+    with kernel_variant("optimized"):
         return _build(json.loads(str(prim.attrs["tinytrain.form"])), tile, attrs)
 
 

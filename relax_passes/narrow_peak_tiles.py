@@ -96,13 +96,12 @@ class NarrowPeakTiles:
             if not tiles:
                 return mod
             # the least this kernel can leave (one plane at a time), then the widest tile that leaves no more
-            trials = {tiles[-1]: _retile(mod, name, peaks[name][1], tiles[-1])}
-            floor = _peak(trials[tiles[-1]], name)
+            narrowest = _retile(mod, name, peaks[name][1], tiles[-1])
+            floor = _peak(narrowest, name)
             if peaks[name][0] - floor[0] < min_saving:
                 return mod
-            for tile in tiles[:-1]:
-                trial = _retile(mod, name, peaks[name][1], tile)
-                if (peak := _peak(trial, name))[0] <= floor[0]:
-                    trials[tile], floor = trial, peak
+            for tile in tiles:
+                trial = narrowest if tile == tiles[-1] else _retile(mod, name, peaks[name][1], tile)
+                if (peak := floor if trial is narrowest else _peak(trial, name))[0] <= floor[0]:
                     break
-            mod, peaks[name] = trials[max(trials)], floor
+            mod, peaks[name] = trial, peak

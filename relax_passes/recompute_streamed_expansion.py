@@ -44,18 +44,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.ops import tir_conv_gemm
 from tvm_tinytrain.ops.schedule import current_variant
 
 from ._fusion import reemit, relax_function_names
 from ._ir import decode, shape_of
 from ._row_pipeline import IMAGE, RowPipeline, RowStage, row_pipelines
-from .config import option
+from .config import option, policy_option
 from .plan_memory import function_live_floor
 from .stream_input_rows import ROW_KERNEL, band_kernel
-
-POLICIES = ("at-peak", "always", "never")
 
 
 def candidates(pipe: RowPipeline) -> list[tuple[int, int]]:
@@ -119,9 +116,7 @@ class RecomputeStreamedExpansion:
         self.policy, self.min_saving = policy, min_saving
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        policy = option("recompute_streamed_expansion", self.policy)
-        if policy not in POLICIES:
-            raise TinyTrainError(f"RecomputeStreamedExpansion: option recompute_streamed_expansion is {policy!r}, not one of {POLICIES}")
+        policy = policy_option("RecomputeStreamedExpansion", "recompute_streamed_expansion", self.policy)
         if policy == "never":
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
