@@ -128,6 +128,26 @@ def test_helper_llvm_and_host_c_match_the_instruction(name, data, host_c):
     np.testing.assert_array_equal(got_c, want)
 
 
+@given(a=st.lists(int32s, min_size=8, max_size=8), b=st.lists(int32s, min_size=8, max_size=8))
+@settings(max_examples=10, deadline=None)
+def test_column_pair_is_byte_j_of_both_words(a, b):
+    """The pair the depthwise, GEMM and expansion kernels stage: column j of two rows' four-column loads."""
+
+    @T.prim_func
+    def main(x: T.Buffer((8,), "int32"), z: T.Buffer((8,), "int32"), y: T.Buffer((4, 8), "int32")):
+        for i in range(8):
+            y[0, i] = dsp.column_pair(x[i], z[i], 0)
+            y[1, i] = dsp.column_pair(x[i], z[i], 1)
+            y[2, i] = dsp.column_pair(x[i], z[i], 2)
+            y[3, i] = dsp.column_pair(x[i], z[i], 3)
+
+    out = tvm.runtime.empty((4, 8), "int32")
+    words = [np.array(v, np.int64) for v in (a, b)]
+    tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": main})), target="llvm")(
+        *[tvm.runtime.tensor(v.astype(np.int32)) for v in words], out)
+    np.testing.assert_array_equal(out.numpy(), [_pack(_byte(words[0], j), _byte(words[1], j)) for j in range(4)])
+
+
 def test_load_i32_is_little_endian_at_any_offset(host_c):
     data = np.array([0x01, 0x82, 0x7F, 0xFE, 0x10, 0x80], np.uint8).view(np.int8)
 

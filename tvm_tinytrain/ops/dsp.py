@@ -133,6 +133,15 @@ def ssub16(a, b):
     return _call(SSUB16, a, b)
 
 
+def column_pair(a, b, j: int):
+    """``(byte j of a, byte j of b)`` as sign-extended halfwords, for ``j`` in 0..3: given two rows' 32-bit loads of
+    the same four columns, column ``j``'s pair of rows, the operand ``SMLAD`` takes.  ``PKHBT`` (``PKHTB`` for columns
+    2-3) puts the two rows' halfwords side by side, ``SXTB16`` (rotated for odd columns) extends the pair; the C
+    compiler makes each pack once for the two columns that share it."""
+    halves = pack16_hi(a, b) if j >= 2 else pack16(a, b)
+    return sxtb16_ror8(halves) if j % 2 else sxtb16(halves)
+
+
 def qadd(a, b):
     return _call(QADD, a, b)
 

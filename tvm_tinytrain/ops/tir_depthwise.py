@@ -87,9 +87,7 @@ def plane_conv(k: int, stride: int, ho: int, wo: int, conv: dict, wide_shift: bo
 
     def column_pair(plane, pc, row, col, j: int):
         """``(plane[pc, row, col + j], plane[pc, row + 1, col + j])`` from a 32-bit load of four columns of each row."""
-        words = (dsp.load_i32(plane[pc, row, col]), dsp.load_i32(plane[pc, row + 1, col]))
-        halves = dsp.pack16(*words) if j < 2 else dsp.pack16_hi(*words)  # bytes (j, j + 1) of both rows, j even
-        return dsp.sxtb16(halves) if j % 2 == 0 else dsp.sxtb16_ror8(halves)
+        return dsp.column_pair(dsp.load_i32(plane[pc, row, col]), dsp.load_i32(plane[pc, row + 1, col]), j)
 
     @T.macro
     def row_pair_columns(plane, pc, row, col, taps, at):
