@@ -286,9 +286,10 @@ def test_depthwise_conv_matches_reference(case, band, extra_rows):
     padding; each of its output rows is then the padded conv's row centred on the window's middle row."""
     x, w_pw, w_dw, ((b1, rq1), (b2, rq2)), x_zero, k, stride, wide = case
     c = w_dw.shape[0]
-    if band:  # a window of k + extra_rows rows: enough for (extra_rows // stride) + 1 output rows
-        x = np.random.default_rng(int(x[0, 0, 0, 0]) + 128).integers(-128, 128, (1, 1, k + extra_rows, x.shape[3])).astype(np.int8)
-    planes = np.repeat(x[:, :1], c, axis=1)  # as many channels as the depthwise weight
+    # A plane of its own for each channel of the depthwise weight: a kernel reading another channel's plane fails.
+    # A band's window has k + extra_rows rows: enough for (extra_rows // stride) + 1 output rows.
+    rows = k + extra_rows if band else x.shape[2]
+    planes = np.random.default_rng(int(x[0, 0, 0, 0]) + 128).integers(-128, 128, (1, c, rows, x.shape[3])).astype(np.int8)
     if band:
         pad, ho = (k - 1) // 2, extra_rows // stride + 1
         full = reference.conv2d_acc(planes, w_dw, x_zero, 1, c)  # stride 1, centred on each input pixel

@@ -17,7 +17,7 @@ We run TVM's default TIR pipeline ourselves (not ``tvm.tirx.build``) because
   are counted once, in the arena; the smaller ones stay C locals (registers,
   stack), which the planner leaves out of the arena;
 * the printer writes float constants with 7 significant digits (``%.6e``), which
-  does not round-trip float32 (``2147483520.0f`` prints as ``2.147484e+09f``);
+  does not round-trip float32 (``-FLT_MAX`` prints as ``-3.402823e+38f``);
   we need the lowered TIR to know each constant's exact value and print every
   float constant again with 9 significant digits (which round-trip float32).
 

@@ -133,7 +133,7 @@ def sgd_update_int8(w: np.ndarray, grad: np.ndarray, lr: np.ndarray, channel_axi
 
 
 def sgd_update_int32(b: np.ndarray, grad: np.ndarray, lr: np.ndarray) -> np.ndarray:
-    step = _sgd_step(lr, grad, -2147483648.0, 2147483520.0).astype(np.int64)
+    step = _sgd_step(lr, grad, -2.0**32, 2.0**32).astype(np.int64)  # any bias moved past a limit saturates there
     return np.clip(b.astype(np.int64) + step, INT32_MIN, INT32_MAX).astype(np.int32)
 
 

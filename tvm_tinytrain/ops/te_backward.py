@@ -263,10 +263,13 @@ def sgd_update_int8(w: te.Tensor, grad: te.Tensor, lr: te.Tensor, channel_axis: 
     return te.compute(w.shape, body, name="w_new")
 
 
+STEP_BOUND_INT32 = float(2**32)
+
+
 def int32_step(b, lr, g):
-    """The new int32 bias after SGD step ``-lr * g`` (``lr`` a one-element tensor or buffer); 2147483520 is the
-    largest float32 below 2**31."""
-    step = _sgd_step(lr, g, -2147483648.0, 2147483520.0).astype("int64")
+    """The new int32 bias after SGD step ``-lr * g`` (``lr`` a one-element tensor or buffer).  The step is clamped to
+    ``+-2**32`` (exact in float32 and int64): far enough that any bias it moves past a limit saturates there."""
+    step = _sgd_step(lr, g, -STEP_BOUND_INT32, STEP_BOUND_INT32).astype("int64")
     return tirx.max(tirx.min(b.astype("int64") + step, INT32_MAX), INT32_MIN).astype("int32")
 
 
