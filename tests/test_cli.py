@@ -83,6 +83,58 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_pkl, argv, message
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "{tiny}", "--epochs", "-1"], "argument --epochs: -1 must be in [1, 2147483647]"),
+    (["train", "{tiny}", "--lr", "nan"], "argument --lr: nan must be in"),
+    (["build", "{tiny}", "-o", "{tmp}/b", "--lr", "-0.1"], "argument --lr: -0.1 must be in"),
+    (["memory", "{tiny}", "--budget", "1e400"], "argument --budget: budget '1e400' must be at least 1 byte and finite"),
+    (["memory", "{tiny}", "--budget", "0.5"], "must be at least 1 byte"),
+    (["run", "{tmp}", "--steps", "0"], "argument --steps: 0 must be in [1, 2147483647]"),
+    (["run", "{tmp}", "--eval-count", "-1"], "argument --eval-count: -1 must be in [0, 2147483647]"),
+    (["run", "{tmp}", "--timeout", "0"], "argument --timeout: 0 must be in [0.001, 604800] (up to a week)"),
+    (["run", "{tmp}", "--timeout", "1e300"], "argument --timeout: 1e300 must be in"),
+    (["run", "{tmp}", "--steps", "5000000000"], "argument --steps: 5000000000 must be in [1, 2147483647]"),
+    (["run", "{tmp}", "--lr", "1e300"], "argument --lr: 1e300 must be in [1.17549e-38, 3.40282e+38] (a positive float32)"),
+    (["train", "{tiny}", "--seed", "-1"], "argument --seed: -1 must be in [0, 2147483647]"),
+    (["search", "{tiny}", "--budget", "9KB", "-o", "{tmp}/s.json", "--jobs", "0"], "argument --jobs: 0 must be in [1, 2147483647]"),
+])
+def test_bad_numbers_are_refused_naming_the_option(capsys, tmp_path, tiny_pkl, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main([a.format(tmp=tmp_path, tiny=tiny_pkl) for a in argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "{tiny}", "--save", "{tmp}/nowhere/w.npz"], "--save {tmp}/nowhere/w.npz: {tmp}/nowhere is not a folder"),
+    (["train", "{tiny}", "--save", "{tmp}"], "--save {tmp}: is a folder; give a file name"),
+    (["memory", "{tiny}", "--plot", "{tmp}/nowhere/t.png"], "--plot {tmp}/nowhere/t.png: {tmp}/nowhere is not a folder"),
+    (["memory", "{tiny}", "--plot", "{tmp}/t.txt"], "--plot {tmp}/t.txt: expected a file name ending in .png or .svg or .pdf"),
+    (["search", "{tiny}", "--budget", "9KB", "-o", "{tmp}"], "-o {tmp}: is a folder"),
+    (["export", "{tmp}/build", "--onnx", "{tmp}/a_file/m.onnx"], "--onnx {tmp}/a_file/m.onnx: {tmp}/a_file is not a folder"),
+    (["build", "{tiny}", "-o", "{tmp}/a_file"], "-o {tmp}/a_file: cannot be the build folder: {tmp}/a_file is a file"),
+    (["build", "{tiny}", "-o", "{tmp}/a_file/sub"], "-o {tmp}/a_file/sub: cannot be the build folder: {tmp}/a_file is a file"),
+    (["train", "{tiny}", "--num-classes", "3", "--data", "{tmp}/cut.npz"], "cut.npz: cannot read data (.npz)"),
+    (["train", "{tiny}", "--num-classes", "3", "--data", "{tmp}/objects.npz"], "objects.npz: cannot read data (.npz)"),
+    (["train", "{tiny}", "--num-classes", "3", "--data", "{tmp}/empty.npz"], "empty.npz: 'images' holds no images"),
+    (["run", "{tmp}/build", "--steps", "1"], "tinytrain_build.json: damaged"),
+    (["run", "{tmp}/build_no_classes", "--steps", "1"], "tinytrain_build.json: field 'num_classes' missing or not int"),
+])
+def test_bad_paths_and_files_fail_before_any_work(capsys, tmp_path, tiny_pkl, argv, message):
+    """Each a one-line error naming the option or file (output paths are checked before a minutes-long job)."""
+    (tmp_path / "a_file").write_text("")
+    images = np.zeros((4, 3, 16, 16), np.int8)
+    np.savez(tmp_path / "ok.npz", images=images, labels=np.arange(4) % 3)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:200])
+    np.savez(tmp_path / "objects.npz", images=np.array([images, None], dtype=object), labels=np.arange(2))
+    np.savez(tmp_path / "empty.npz", images=images[:0], labels=np.zeros(0, int))
+    for folder, text in (("build", "garbage{"), ("build_no_classes", json.dumps({"model_path": "m", "target": "host", "scheme": "full"}))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tinytrain_build.json").write_text(text)
+    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path, tiny=tiny_pkl) for a in argv])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err
+
+
 def test_inspect_paper_model_totals(capsys):
     code, out, _ = run_cli(capsys, "inspect", paper_model_path("mcunet-5fps"), "--json")
     totals = json.loads(out)["totals"]

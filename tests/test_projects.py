@@ -85,11 +85,16 @@ def test_host_sanitizers_agree(host_run, dataset, tmp_path):
     assert Path(result["weights"]).read_bytes() == Path(host_run["weights"]).read_bytes()
 
 
-def test_dataset_that_does_not_fit_the_model(host_project, tmp_path):
+def test_dataset_that_does_not_fit_the_model(host_project, dataset, tmp_path):
+    """The run fails, and the previous run's outputs in the same folder stay as they were."""
+    before = host.run(host_project, dataset, 2, tmp_path / "out", lr=LR)
+    kept = {name: (tmp_path / "out" / name).read_bytes() for name in ("log.json", "weights.bin")}
     data = driver.write_dataset(tmp_path / "wide.bin", np.zeros((2, 3, 8, 9), np.int8), [0, 1], num_classes=4)
     with pytest.raises(driver.RunError, match="216-byte images and 4 classes; the model takes 192-byte images") as error:
         host.run(host_project, data, 1, tmp_path / "out")
     assert error.value.returncode == 2
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in kept} == kept and len(before["losses"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.bin"]  # no staging folder left
 
 
 def test_unknown_option(tmp_path):

@@ -81,6 +81,9 @@ def test_bad_scheme_names(model, spec, message):
     ({"weight_idx": [], "weight_ratio": []}, "missing field 'n_bias_update'"),
     ({"n_bias_update": "3", "weight_idx": [], "weight_ratio": []}, "field 'n_bias_update' must be int"),
     ([1, 2], "must hold a JSON object"),
+    ({"n_bias_update": 1, "weight_idx": [2.7], "weight_ratio": [1]}, "field 'weight_idx' must hold integers, got 2.7"),
+    ({"n_bias_update": 1, "weight_idx": [float("nan")], "weight_ratio": [1]}, "field 'weight_idx' must hold integers, got nan"),
+    ({"n_bias_update": 1, "weight_idx": [2], "weight_ratios": [1]}, "unknown field 'weight_ratios'"),
 ])
 def test_bad_scheme_files(tmp_path, model, content, message):
     path = tmp_path / "bad.json"
@@ -89,8 +92,10 @@ def test_bad_scheme_files(tmp_path, model, content, message):
         parse_scheme(str(path), model)
 
 
-def test_scheme_file_not_json(tmp_path, model):
+@pytest.mark.parametrize("content", [b"{oops", bytes(range(128, 256)), b"[" * 100000 + b"]" * 100000])
+def test_scheme_file_not_json(tmp_path, model, content):
+    """Bad JSON, bytes that are not UTF-8, and nesting too deep for the parser."""
     path = tmp_path / "x.json"
-    path.write_text("{oops")
-    with pytest.raises(TinyTrainError, match="not valid JSON"):
+    path.write_bytes(content)
+    with pytest.raises(TinyTrainError, match="scheme file .*x.json: not valid JSON"):
         parse_scheme(str(path), model)

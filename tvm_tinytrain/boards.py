@@ -88,7 +88,18 @@ def read_build(build_dir) -> dict:
     path = Path(build_dir) / BUILD_JSON
     if not path.exists():
         raise TinyTrainError(f"{build_dir}: not a tinytrain build folder (no {BUILD_JSON}); run `tinytrain build` first")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TinyTrainError(f"{path}: damaged ({str(err)[:120]}); run `tinytrain build` again") from None
+    fields = {"model_path": str, "target": str, "scheme": str, "num_classes": int, "input_shape": list}
+    for key, typ in fields.items():
+        if not isinstance(record, dict) or not isinstance(record.get(key), typ):
+            raise TinyTrainError(f"{path}: field '{key}' missing or not {typ.__name__}; run `tinytrain build` again")
+    shape = record["input_shape"]
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise TinyTrainError(f"{path}: field 'input_shape' = {shape!r} must be three positive ints; run `tinytrain build` again")
+    return record
 
 
 def run_project(build_dir, data_file, steps: int, lr: float | None = None, eval_count: int = 0, timeout_s: float = 600.0) -> dict:
@@ -110,11 +121,11 @@ def trained_model(build_dir) -> Model:
     from .importers import load_model
 
     record = read_build(build_dir)
-    meta = json.loads((Path(build_dir) / "model" / "tinytrain_meta.json").read_text())
+    meta = _project_errors(load_board("host").driver.read_meta, Path(build_dir) / "model")
     weights_path = Path(build_dir) / "run" / "weights.bin"
     if not weights_path.exists():
         raise TinyTrainError(f"{build_dir}: no trained weights yet ({weights_path}); run `tinytrain run` first")
-    trained = load_board("host").driver.read_weights(meta, weights_path)
+    trained = _project_errors(load_board("host").driver.read_weights, meta, weights_path)
     model = copy.deepcopy(load_model(record["model_path"]))
     slices = meta.get("trained_slices", {})
     for conv in model.convs():

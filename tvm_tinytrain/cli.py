@@ -74,6 +74,8 @@ def cmd_predict(args) -> int:
 def cmd_memory(args) -> int:
     from .trainer import build_training_module
 
+    if args.plot:
+        _output_file(args.plot, "--plot", (".png", ".svg", ".pdf"))
     model = _load(args)
     from relax_passes import memory_plan
 
@@ -101,10 +103,12 @@ def cmd_train(args) -> int:
     from .data import load_data
     from .trainer import Int8Trainer
 
+    if args.save:
+        _output_file(args.save, "--save")
     model = _load(args)
+    train_x, train_y, test_x, test_y = load_data(args.data, model.input_info.shape, args.num_classes, args.seed)  # before compiling
     trainer = Int8Trainer(model, args.scheme, args.num_classes, lr=args.lr, qas=not args.no_qas, budget_bytes=args.budget,
                           accumulate=args.accumulate)
-    train_x, train_y, test_x, test_y = load_data(args.data, model.input_info.shape, args.num_classes, args.seed)
     if test_x is None:
         test_x, test_y = train_x, train_y
     log = {"model": model.name, "scheme": args.scheme, "epochs": [], "accuracy_before": trainer.evaluate(test_x, test_y)}
@@ -137,9 +141,54 @@ def parse_bytes(text: str) -> int:
         value = float(num) * units[t[len(num):]]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"budget {text!r}: expected bytes such as 262144, 256KB or 0.25MB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"budget {text!r} must be positive")
+    if not 1 <= value < 2**63:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"budget {text!r} must be at least 1 byte and finite")
     return int(value)
+
+
+INT32_LIMIT = 2**31 - 1  # the board program reads counts as int32
+
+
+def _count(minimum: int):
+    """An argparse type: an integer from ``minimum`` to :data:`INT32_LIMIT` (argparse names the option in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if not minimum <= value <= INT32_LIMIT:
+            raise argparse.ArgumentTypeError(f"{value} must be in [{minimum}, {INT32_LIMIT}]")
+        return value
+    return parse
+
+
+def _in_range(low: float, high: float, what: str):
+    """An argparse type: a number in ``[low, high]``; ``what`` says why those bounds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+        if not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be in [{low:g}, {high:g}] ({what})")
+        return value
+    return parse
+
+
+# The step computes in float32: a learning rate must be a positive normal float32.
+_learning_rate = _in_range(float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max), "a positive float32")
+_seconds = _in_range(0.001, 7 * 24 * 3600.0, "up to a week")
+
+
+def _output_file(path: str, option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Fail before any work where ``path`` cannot be written as a file: a folder, a missing folder, a wrong suffix."""
+    target = Path(path)
+    if target.is_dir():
+        raise TinyTrainError(f"{option} {path}: is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise TinyTrainError(f"{option} {path}: {target.parent} is not a folder")
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise TinyTrainError(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
 
 
 def _progress(label: str, done: int, total: int, note: str) -> None:
@@ -156,6 +205,7 @@ def cmd_search(args) -> int:
     from . import search
     from .trainer import build_training_module
 
+    _output_file(args.output, "-o")
     model = _load(args)
     settings = search.Finetune(args.data, args.num_classes, args.lr, args.epochs, args.repeats, args.val_fraction, args.seed)
     search.split(settings, tuple(model.input_info.shape))  # bad data fails here, before any process starts
@@ -213,6 +263,10 @@ def _ratios(text: str) -> list[float]:
 def cmd_build(args) -> int:
     from .boards import build_project
 
+    target = Path(args.output)
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise TinyTrainError(f"-o {args.output}: cannot be the build folder: {existing} is a file")
     model = _load(args)
     board_options = {}
     if args.target == "stm32f746":  # a real board has no files: the dataset is compiled into flash
@@ -266,6 +320,7 @@ def cmd_export(args) -> int:
     from .boards import trained_model
     from .importers.onnx_export import export_onnx
 
+    _output_file(args.onnx, "--onnx")
     export_onnx(trained_model(args.build_dir), args.onnx)
     print(f"wrote {args.onnx}")
     return 0
@@ -320,13 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--scheme", default="full", help="paper-<label>, full, bias-only:N, last-k:N or a .json file")
         sp.add_argument("--num-classes", type=int, default=10, help="classes of the new float32 head")
         if with_lr:
-            sp.add_argument("--lr", type=float, default=0.003, help="SGD learning rate (int8 weights with QAS and the float head)")
+            sp.add_argument("--lr", type=_learning_rate, default=0.003, help="SGD learning rate (int8 weights with QAS and the float head)")
         return sp
 
     model_cmd("inspect", "per-layer shapes, MACs, params and activation bytes").set_defaults(func=cmd_inspect)
     sp = model_cmd("predict", "classify images with TVM-compiled int8 inference")
     sp.add_argument("images", nargs="+", help="image files (RGB; centre-cropped and resized to the model input)")
-    sp.add_argument("--top", type=int, default=5, help="how many classes to report")
+    sp.add_argument("--top", type=_count(1), default=5, help="how many classes to report")
     sp.set_defaults(func=cmd_predict)
     sp = training_cmd("memory", "peak SRAM of one training step and its parts (static arena plan)")
     sp.add_argument("--no-reorder", action="store_true", help="run every update after the whole backward (the baseline)")
@@ -335,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_memory)
     sp = training_cmd("train", "train on the host with the TVM-compiled int8 step", with_lr=True)
     sp.add_argument("--data", default="digits", help=DATA_HELP)
-    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--epochs", type=_count(1), default=1)
     sp.add_argument("--no-qas", action="store_true", help="train without quantization-aware scaling")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=_count(0), default=0)
     sp.add_argument("--accumulate", type=int, default=1, help="images per update by gradient accumulation (batch 1 each)")
     sp.add_argument("--save", help="write all parameters to this .npz")
     sp.add_argument("--budget", type=parse_bytes, help="refuse a scheme that needs more SRAM than this (e.g. 256KB)")
@@ -352,19 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-fraction", type=float, default=0.2, help="share of the train data held out to score candidates")
     sp.add_argument("--weight-convs", type=int, help="weights of the last K convs are candidates (default: half of the convs)")
     sp.add_argument("--ratios", type=_ratios, default=[0.125, 0.25, 0.5, 1.0], help="channel ratios tried per weight")
-    sp.add_argument("--jobs", type=int, help="parallel fine-tuning processes (default: min(2, CPUs))")
+    sp.add_argument("--jobs", type=_count(1), help="parallel fine-tuning processes (default: min(2, CPUs))")
     sp.add_argument("--cache", help="folder of finished candidates, reused on rerun (default: <output>.cache)")
-    sp.add_argument("--max-plans", type=int, default=40, help="exact memory plans the search may make")
-    sp.add_argument("--verify", type=int, default=3, help="fine-tune the N fitting combinations of largest predicted gain "
+    sp.add_argument("--max-plans", type=_count(1), default=40, help="exact memory plans the search may make")
+    sp.add_argument("--verify", type=_count(0), default=3, help="fine-tune the N fitting combinations of largest predicted gain "
                     "and keep the best measured (gains do not quite add up); 0: trust the predicted gain")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=_count(0), default=0)
     sp.set_defaults(func=cmd_search)
     sp = training_cmd("build", "emit the training step as C and build it for a board", with_lr=True)
     sp.add_argument("--target", default="host", choices=["host", "qemu-m4", "qemu-m7", "stm32f746"])
     sp.add_argument("-o", "--output", required=True, help="build folder")
     sp.add_argument("--data", default="digits", help="stm32f746 only (no files on a board): dataset compiled in, as for `run`")
-    sp.add_argument("--steps", type=int, default=100, help="stm32f746 only: training steps the board runs")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--steps", type=_count(1), default=100, help="stm32f746 only: training steps the board runs")
+    sp.add_argument("--seed", type=_count(0), default=0)
     sp.add_argument("--kernels", default="optimized", choices=["optimized", "reference"],
                     help="kernel schedules: optimized (default) or the plain reference ones; both give the same bits")
     sp.add_argument("--profile", action="store_true", help="count the board's instructions per kernel kind (log.json 'profile')")
@@ -372,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="train on the built project (host or emulated board)")
     sp.add_argument("build_dir")
     sp.add_argument("--data", default="digits", help="a dataset .bin, 'digits', or a .npz with images/labels")
-    sp.add_argument("--steps", type=int, default=10)
-    sp.add_argument("--lr", type=float, help="override the built-in learning rate")
-    sp.add_argument("--eval-count", type=int, default=0, help="records to evaluate before and after training")
-    sp.add_argument("--timeout", type=float, default=600.0, help="seconds before a hung run is killed")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--steps", type=_count(1), default=10)
+    sp.add_argument("--lr", type=_learning_rate, help="override the built-in learning rate")
+    sp.add_argument("--eval-count", type=_count(0), default=0, help="records to evaluate before and after training")
+    sp.add_argument("--timeout", type=_seconds, default=600.0, help="seconds before a hung run is killed")
+    sp.add_argument("--seed", type=_count(0), default=0)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("export", help="write the trained weights of a build folder as a QDQ ONNX model")

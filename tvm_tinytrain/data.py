@@ -9,6 +9,7 @@ Images are returned as the model consumes them: int8 NCHW (``pixel - 128``).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,23 +56,29 @@ def _digit_classes(spec: str) -> tuple[int, ...]:
     return classes
 
 
+NPZ_ARRAYS = ("images", "labels", "test_images", "test_labels")
+
+
 def load_npz(path: str | Path, input_shape: tuple[int, ...], num_classes: int):
     """``images`` int8 (N, C, H, W) and ``labels`` (N,) from a .npz, checked against the model; optional ``test_*``."""
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise TinyTrainError(f"{path}: cannot read data (.npz): {err}") from None
+    try:  # the arrays are read when first indexed: a damaged member or an object array fails there
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files if key in NPZ_ARRAYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as err:
+        raise TinyTrainError(f"{path}: cannot read data (.npz): {str(err)[:200] or type(err).__name__}") from None
     out = []
     for prefix in ("", "test_"):
-        if f"{prefix}images" not in data and prefix:
+        if f"{prefix}images" not in arrays and prefix:
             out += [None, None]
             continue
         for key in (f"{prefix}images", f"{prefix}labels"):
-            if key not in data:
+            if key not in arrays:
                 raise TinyTrainError(f"{path}: missing array '{key}'")
-        x, y = data[f"{prefix}images"], data[f"{prefix}labels"]
+        x, y = arrays[f"{prefix}images"], arrays[f"{prefix}labels"]
         if x.dtype != np.int8 or x.shape[1:] != tuple(input_shape):
             raise ShapeError(f"{path}: '{prefix}images' must be int8 (N, {', '.join(map(str, input_shape))}), got {x.dtype} {x.shape}")
+        if len(x) == 0:
+            raise TinyTrainError(f"{path}: '{prefix}images' holds no images")
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
             raise ShapeError(f"{path}: '{prefix}labels' must be integers of shape ({len(x)},), got {y.dtype} {y.shape}")
         if len(y) and (y.min() < 0 or y.max() >= num_classes):

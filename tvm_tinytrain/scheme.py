@@ -103,24 +103,33 @@ def parse_scheme(spec: str, model: Model) -> SparseScheme:
     return scheme
 
 
+SCHEME_FIELDS = ("n_bias_update", "weight_idx", "weight_ratio")
+# What ``tinytrain search`` writes beside a scheme's fields, so its output is a scheme file too.
+SEARCH_RECORD_FIELDS = ("predicted_gain", "baseline_accuracy", "validation_accuracy", "peak_sram_bytes", "budget_bytes", "model",
+                        "settings", "measured", "contributions")
+
+
 def _scheme_from_json(path: str) -> SparseScheme:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise TinyTrainError(f"scheme file {path}: not found") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise TinyTrainError(f"scheme file {path}: not valid JSON: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise TinyTrainError(f"scheme file {path}: not valid JSON: {str(err)[:200]}") from None
     if not isinstance(data, dict):
         raise TinyTrainError(f"scheme file {path}: must hold a JSON object")
+    unknown = sorted(set(data) - set(SCHEME_FIELDS) - set(SEARCH_RECORD_FIELDS))
+    if unknown:
+        raise TinyTrainError(f"scheme file {path}: unknown field {unknown[0]!r}; a scheme has {', '.join(SCHEME_FIELDS)}")
     for key, typ in (("n_bias_update", int), ("weight_idx", list), ("weight_ratio", list)):
         if key not in data:
             raise TinyTrainError(f"scheme file {path}: missing field '{key}'")
         if not isinstance(data[key], typ) or isinstance(data[key], bool):
             raise TinyTrainError(f"scheme file {path}: field '{key}' must be {typ.__name__}")
-    for key in ("weight_idx", "weight_ratio"):
+    for key, types, what in (("weight_idx", int, "integers"), ("weight_ratio", (int, float), "numbers")):
         for v in data[key]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TinyTrainError(f"scheme file {path}: field '{key}' must hold numbers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, types):
+                raise TinyTrainError(f"scheme file {path}: field '{key}' must hold {what}, got {str(v)[:40]}")
     return SparseScheme(data["n_bias_update"], tuple(int(i) for i in data["weight_idx"]),
                         tuple(float(r) for r in data["weight_ratio"]), Path(path).stem)
 

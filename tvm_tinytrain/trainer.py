@@ -177,4 +177,5 @@ class Int8Trainer:
 
     def save(self, path: str | Path) -> None:
         """All parameters (trained and frozen) as a .npz, by Relax parameter name (see :meth:`weights`)."""
-        np.savez(path, **self.weights())
+        with open(path, "wb") as f:  # to a file object, np.savez appends no ".npz" to the name given
+            np.savez(f, **self.weights())

@@ -28,6 +28,7 @@ import numpy as np
 TEMPLATES = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("tinytrain_model.h", "tinytrain_model.c", "tinytrain_kernels.c", "tinytrain_meta.json")
 META_KEYS = ("model", "trainable", "arena_bytes", "trainable_bytes", "peak_sram_bytes")
+RUN_OUTPUTS = ("log.json", "weights.bin")  # what the training program writes into its out_dir
 DATASET_MAGIC = b"TTDS"
 DATASET_VERSION = 1
 DATASET_HEADER = struct.Struct("<4s4I")  # magic, version, count, image_bytes, num_classes
@@ -137,7 +138,12 @@ def define_flags(defines: dict) -> str:
 
 def read_meta(model_dir: Path) -> dict:
     path = Path(model_dir) / "tinytrain_meta.json"
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ProjectError(f"{path}: cannot be read ({str(err)[:120]}); generate the model again") from None
+    if not isinstance(meta, dict):
+        raise ProjectError(f"{path}: must hold a JSON object; generate the model again")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise ProjectError(f"{path}: missing field(s) {', '.join(missing)}")
@@ -240,22 +246,33 @@ def run(board: Board, project_dir, data_file, steps: int, out_dir, lr: float | N
     info = build(board, project_dir)
     meta = read_meta(project_dir / "model")
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("log.json", "weights.bin"):  # never read a previous run's outputs
-        (out_dir / name).unlink(missing_ok=True)
-    args = [str(Path(data_file).resolve()), str(int(steps)), str(out_dir), "-" if lr is None else repr(float(lr)), str(int(eval_count))]
-    returncode, output = run_with_timeout(board.command(info.executable, options, args), timeout_s, f"{board.name} {info.executable}")
-    if returncode != 0:
-        how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"code {returncode}"
-        raise RunError(f"{board.name}: tinytrain exited with {how}:\n{output[-OUTPUT_TAIL:]}", returncode, output)
-    log_path, weights_path = out_dir / "log.json", out_dir / "weights.bin"
-    if not log_path.is_file() or not weights_path.is_file():
-        raise RunError(f"{board.name}: tinytrain exited with 0 but wrote no log.json/weights.bin in {out_dir}:\n{output[-OUTPUT_TAIL:]}", 0, output)
-    log = json.loads(log_path.read_text())
-    if info.stack_reserved_bytes and log["stack_peak_bytes"] >= info.stack_reserved_bytes:
-        raise RunError(f"{board.name}: the stack used all of its {info.stack_reserved_bytes} bytes (it may have overflowed): raise option stack_bytes",
-                       0, output)
-    return summarize(board, meta, info, log, log_path, weights_path, output)
+    # The program writes into a fresh staging folder, moved into out_dir only once the run has succeeded: a failed
+    # run leaves the previous run's outputs as they were, and a successful one never shows a previous run's.
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        args = [str(Path(data_file).resolve()), str(int(steps)), str(staging), "-" if lr is None else repr(float(lr)), str(int(eval_count))]
+        returncode, output = run_with_timeout(board.command(info.executable, options, args), timeout_s, f"{board.name} {info.executable}")
+        if returncode != 0:
+            how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"code {returncode}"
+            raise RunError(f"{board.name}: tinytrain exited with {how}:\n{output[-OUTPUT_TAIL:]}", returncode, output)
+        if not all((staging / name).is_file() for name in RUN_OUTPUTS):
+            raise RunError(f"{board.name}: tinytrain exited with 0 but wrote no log.json/weights.bin in {staging}:\n{output[-OUTPUT_TAIL:]}",
+                           0, output)
+        try:
+            log = json.loads((staging / "log.json").read_text())
+        except ValueError as err:
+            raise RunError(f"{board.name}: log.json is not valid JSON ({err}):\n{output[-OUTPUT_TAIL:]}", 0, output) from None
+        if info.stack_reserved_bytes and log["stack_peak_bytes"] >= info.stack_reserved_bytes:
+            raise RunError(f"{board.name}: the stack used all of its {info.stack_reserved_bytes} bytes (it may have overflowed): raise option "
+                           "stack_bytes", 0, output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in RUN_OUTPUTS:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summarize(board, meta, info, log, out_dir / "log.json", out_dir / "weights.bin", output)
 
 
 def summarize(board: Board, meta: dict, info: BuildInfo, log: dict, log_path: Path, weights_path: Path, output: str) -> dict:

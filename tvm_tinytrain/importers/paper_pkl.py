@@ -20,6 +20,9 @@ from ..errors import ModelFormatError, TinyTrainError
 from ..model import Add, Conv2D, GlobalAvgPool, Linear, Model, QuantParams, TensorInfo, check_node, conv_out_hw
 from ..quant import activation_range
 
+# Larger images than this many pixels a side are no microcontroller model's: a typo, or a damaged file.
+MAX_INPUT_SIZE = 4096
+
 
 def _allowed_globals() -> dict:
     """The only globals the paper's pickles need: numpy array reconstruction."""
@@ -125,6 +128,8 @@ def load_paper_model(path: str | Path) -> Model:
     first = f.get(obj, "first_conv", "model", dict)
     fp = f.get(first, "params", "first_conv", dict)
     size = f.number(first, "in_shape", "first_conv", int)
+    if not 1 <= size <= MAX_INPUT_SIZE:
+        raise ModelFormatError(f"{path}: field 'first_conv.in_shape' = {size} must be in [1, {MAX_INPUT_SIZE}] (pixels a side)")
     in_ch = f.number(first, "in_channel", "first_conv", int)
     tensors["input"] = TensorInfo("input", (in_ch, size, size), "int8",
                                   QuantParams(f.number(fp, "x_scale", "first_conv.params"), f.number(fp, "x_zero", "first_conv.params", int)))
@@ -142,13 +147,19 @@ def load_paper_model(path: str | Path) -> Model:
         except ValueError as err:
             raise ModelFormatError(f"{path}: field '{where}.act': {err}") from None
         kernel = f.get(layer, "kernel_size", where, (tuple, list, int))
-        k = kernel if isinstance(kernel, int) else kernel[0]
+        sides = [kernel] if isinstance(kernel, int) else list(kernel)
+        if len(sides) not in (1, 2) or len(set(sides)) != 1 or not all(isinstance(s, int) and s >= 1 for s in sides):
+            raise ModelFormatError(f"{path}: field '{where}.kernel_size' = {kernel!r} must be one positive int or two equal ones")
+        k = sides[0]
+        stride = f.number(layer, "stride", where, int)
+        if stride < 1:
+            raise ModelFormatError(f"{path}: field '{where}.stride' = {stride} must be at least 1")
         node = Conv2D(
             name=where, input=inp, output=where,
             weight=f.array(p, "weight", pw, "int8", 4),
             bias=f.array(p, "bias", pw, "int32", 1),
             weight_scales=f.array(p, "w_scales", pw, "float32", 1),
-            stride=f.number(layer, "stride", where, int),
+            stride=stride,
             groups=f.number(layer, "groups", where, int),
             qmin=qmin, qmax=qmax,
         )

@@ -133,13 +133,22 @@ def ssub16(a, b):
     return _call(SSUB16, a, b)
 
 
-def column_pair(a, b, j: int):
-    """``(byte j of a, byte j of b)`` as sign-extended halfwords, for ``j`` in 0..3: given two rows' 32-bit loads of
-    the same four columns, column ``j``'s pair of rows, the operand ``SMLAD`` takes.  ``PKHBT`` (``PKHTB`` for columns
-    2-3) puts the two rows' halfwords side by side, ``SXTB16`` (rotated for odd columns) extends the pair; the C
-    compiler makes each pack once for the two columns that share it."""
-    halves = pack16_hi(a, b) if j >= 2 else pack16(a, b)
+def rows_side_by_side(a, b, j: int):
+    """Bytes ``j - j % 2`` and ``j - j % 2 + 1`` of words ``a`` and ``b`` (two rows' 32-bit loads of the same four
+    columns) side by side: ``PKHBT`` for columns 0-1, ``PKHTB`` for columns 2-3.  A kernel may keep the two packs in
+    locals for the four columns' :func:`column_of` (measured: gcc schedules the expansion's inner loop better so)."""
+    return pack16_hi(a, b) if j >= 2 else pack16(a, b)
+
+
+def column_of(halves, j: int):
+    """Column ``j``'s pair ``(byte j of a, byte j of b)``, sign-extended, from :func:`rows_side_by_side`'s pack:
+    ``SXTB16``, rotated for the odd columns.  The operand ``SMLAD`` takes against a weight pair."""
     return sxtb16_ror8(halves) if j % 2 else sxtb16(halves)
+
+
+def column_pair(a, b, j: int):
+    """:func:`column_of` of :func:`rows_side_by_side`: column ``j``'s pair of rows from the two rows' words."""
+    return column_of(rows_side_by_side(a, b, j), j)
 
 
 def qadd(a, b):

@@ -358,7 +358,7 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
         r_start = T.alloc_buffer((n_rec,), "int32", scope="global")
         r_params = T.alloc_buffer((3 * n_rec,), "int32", scope="global")
         r_pairs = T.alloc_buffer((2 * n_rec,), "int32", scope="global")
-        r_lanes = T.alloc_buffer((4,), "int32", scope="global")
+        r_lanes = T.alloc_buffer((6,), "int32", scope="global")
         r_taps = T.alloc_buffer((tir_depthwise.tap_scratch(k, stride, wo) if recompute_masks else 1,), "int32", scope="global")
         g_bias = T.alloc_buffer((2,), "float32", scope="global")  # update_biases: channel c's two bias gradients
         column = T.alloc_buffer((pair,), "int32", scope="global")

@@ -103,30 +103,31 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
 
     quant = {"y_zero": y_zero, "qmin": qmin, "qmax": qmax}
 
-    def quad_pair(pixels, oh, q, g, half, j: int):
-        """Pixel ``4q + j``'s pair (taps ``4g + half``, ``4g + half + 2``) minus the zero point (1x1, stride 1)."""
-        rows_of_pair = (dsp.load_i32(pixels[((4 * g + half) * h + oh) * w + 4 * q]),
-                        dsp.load_i32(pixels[((4 * g + half + 2) * h + oh) * w + 4 * q]))
-        return dsp.ssub16(dsp.column_pair(*rows_of_pair, j), zero_pair)
+    def taps_side_by_side(pixels, oh, q, g, half, j: int):
+        """Pixels ``4q + j - j % 2`` and the next of taps ``4g + half`` and ``4g + half + 2`` (1x1, stride 1)."""
+        return dsp.rows_side_by_side(dsp.load_i32(pixels[((4 * g + half) * h + oh) * w + 4 * q]),
+                                     dsp.load_i32(pixels[((4 * g + half + 2) * h + oh) * w + 4 * q]), j)
 
     @T.macro
-    def stage_quad(pixels, oh, q, g, out, at):
-        """``out[at + j, 2g + half]``: the pairs of pixels ``4q .. 4q + 3``, from one 32-bit load of four pixels per
-        input channel."""
+    def stage_quad(pixels, oh, q, g, out, at, two):
+        """``out[at + j, 2g + half]``: the pairs of pixels ``4q .. 4q + 3`` minus the zero point, from one 32-bit load of
+        four pixels per input channel."""
         for half in T.unroll(2):
-            out[at, 2 * g + half] = quad_pair(pixels, oh, q, g, half, 0)
-            out[at + 1, 2 * g + half] = quad_pair(pixels, oh, q, g, half, 1)
-            out[at + 2, 2 * g + half] = quad_pair(pixels, oh, q, g, half, 2)
-            out[at + 3, 2 * g + half] = quad_pair(pixels, oh, q, g, half, 3)
+            two[0] = taps_side_by_side(pixels, oh, q, g, half, 0)
+            two[1] = taps_side_by_side(pixels, oh, q, g, half, 2)
+            out[at, 2 * g + half] = dsp.ssub16(dsp.column_of(two[0], 0), zero_pair)
+            out[at + 1, 2 * g + half] = dsp.ssub16(dsp.column_of(two[0], 1), zero_pair)
+            out[at + 2, 2 * g + half] = dsp.ssub16(dsp.column_of(two[1], 2), zero_pair)
+            out[at + 3, 2 * g + half] = dsp.ssub16(dsp.column_of(two[1], 3), zero_pair)
 
     @T.macro
-    def weight_stationary(x, flat, bias, mult, shift, y, pixels, col, acc, pairs, params):
+    def weight_stationary(x, flat, bias, mult, shift, y, pixels, col, acc, pairs, params, two):
         """A row's columns staged, then one output channel at a time: its weight pairs loaded once for the row."""
         for oh in range(ho):
             for g in T.unroll(groups):
                 if wo % 4 == 0:
                     for q in range(wo // 4):
-                        stage_quad(pixels, oh, q, g, col, 4 * q)
+                        stage_quad(pixels, oh, q, g, col, 4 * q, two)
                 else:
                     for p, half in T.grid(wo, 2):
                         col[p, 2 * g + half] = dsp.pack16(column(x, 4 * g + half, oh, p), column(x, 4 * g + half + 2, oh, p))
@@ -142,12 +143,12 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
                     y[0, o, oh, p] = tir_depthwise.requantized(acc[0], params, quant, wide_shift)
 
     @T.macro
-    def pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, trained_col):
+    def pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two, trained_col):
         """Tiles of 2 output channels x ``px`` pixels: the tile's columns staged, then every channel pair over them."""
         for oh, cp in T.grid(ho, wo // px):
             for g in staging_loop(groups):
                 if packed_staging:
-                    stage_quad(pixels, oh, cp, g, col, 0)
+                    stage_quad(pixels, oh, cp, g, col, 0, two)
                 else:
                     for j in T.unroll(px):
                         for half in T.unroll(2):
@@ -204,15 +205,16 @@ def conv_requant(in_channels: int, out_channels: int, h: int, w: int, k: int, st
         # once for its outputs (from the arguments the C compiler reloads them after every int8 store).
         params0 = T.alloc_buffer((3,), "int32", scope="global")
         params1 = T.alloc_buffer((3,), "int32", scope="global")
+        two = T.alloc_buffer((2,), "int32", scope="global")  # packed staging: two rows' halfwords side by side
         trained_col = T.alloc_buffer((px, max(1, n_trained_pairs)), "int32", scope="global")  # [pixel][trained column pair]
         pixels = T.decl_buffer((ic * h * w,), "int8", data=x.data)
         if staged:
             for o, r in T.grid(oc, groups * 4):
                 rows[o * groups * 4 + r] = T.if_then_else(r < taps, flat[o * taps + T.min(r, taps - 1)], T.int8(0))
         if stationary:
-            weight_stationary(x, flat, bias, mult, shift, y, pixels, col, acc, pairs, params0)
+            weight_stationary(x, flat, bias, mult, shift, y, pixels, col, acc, pairs, params0, two)
         else:
-            pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, trained_col)
+            pixel_tiles(x, flat, rows, trained, bias, mult, shift, y, pixels, col, acc, pairs, params0, params1, two, trained_col)
 
     if n_trained:
         @T.prim_func(private=True)

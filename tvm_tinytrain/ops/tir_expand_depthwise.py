@@ -42,16 +42,16 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
     """A macro ``(pixels, rows, b, m, s, c, start, pairs, lanes, params, acc, plane)``: expanded channels ``c .. c + n``,
     requantized, into ``plane[0 .. n]`` inside a border of ``pad``.  ``pixels`` and ``rows`` are the input ``(ic, h, w)``
     and the weight ``(channels, ic)`` as flat int8 buffers; the rest are the caller's int32 scratch arrays of ``n``,
-    ``2n``, ``4``, ``3n`` and ``4n`` elements.  The input's halfword pairs, the costly part (four loads, four
+    ``2n``, ``6``, ``3n`` and ``4n`` elements.  The input's halfword pairs, the costly part (four loads, four
     ``PKHBT``/``PKHTB`` and eight ``SXTB16`` per four channels of four pixels), serve all ``n`` channels.  Needs
     :func:`fits`."""
     # A few groups of four input channels are unrolled: the loop's set-up would cost as much as its body.
     group_loop = T.unroll if ic <= 16 else T.serial
 
-    def pixel_pair(pixels, r, q, g, odd, j: int):
-        """Pixel ``4q + j``'s pair (channels ``4g + odd``, ``4g + odd + 2``) of row ``r``."""
-        return dsp.column_pair(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]),
-                               dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]), j)
+    def channels_side_by_side(pixels, r, q, g, odd, j: int):
+        """Pixels ``4q + j - j % 2`` and the next of channels ``4g + odd`` and ``4g + odd + 2``, row ``r``."""
+        return dsp.rows_side_by_side(dsp.load_i32(pixels[((4 * g + odd) * h + r) * w + 4 * q]),
+                                     dsp.load_i32(pixels[((4 * g + odd + 2) * h + r) * w + 4 * q]), j)
 
     @T.macro
     def expand_channels(pixels, rows, b, m, s, c, start, pairs, lanes, params, acc, plane):
@@ -69,13 +69,15 @@ def expansion_plane(ic: int, h: int, w: int, pad: int, expand: dict, wide_shift:
                     pairs[2 * f] = dsp.sxtb16(dsp.load_i32(rows[(c + f) * ic + 4 * g]))
                     pairs[2 * f + 1] = dsp.sxtb16_ror8(dsp.load_i32(rows[(c + f) * ic + 4 * g]))
                 for odd in T.unroll(2):  # channels (4g, 4g+2), then (4g+1, 4g+3)
-                    lanes[0] = pixel_pair(pixels, r, q, g, odd, 0)
-                    lanes[1] = pixel_pair(pixels, r, q, g, odd, 1)
-                    lanes[2] = pixel_pair(pixels, r, q, g, odd, 2)
-                    lanes[3] = pixel_pair(pixels, r, q, g, odd, 3)
+                    lanes[0] = channels_side_by_side(pixels, r, q, g, odd, 0)
+                    lanes[1] = channels_side_by_side(pixels, r, q, g, odd, 2)
+                    lanes[2] = dsp.column_of(lanes[0], 0)  # then each pixel's pair
+                    lanes[3] = dsp.column_of(lanes[0], 1)
+                    lanes[4] = dsp.column_of(lanes[1], 2)
+                    lanes[5] = dsp.column_of(lanes[1], 3)
                     for f in T.unroll(n):
                         for t in T.unroll(4):
-                            acc[4 * f + t] = dsp.smlad(pairs[2 * f + odd], lanes[t], acc[4 * f + t])
+                            acc[4 * f + t] = dsp.smlad(pairs[2 * f + odd], lanes[2 + t], acc[4 * f + t])
             for f in T.unroll(n):
                 for t in T.unroll(4):
                     plane[f, r + pad, 4 * q + t + pad] = tir_depthwise.requantized(acc[4 * f + t], params, expand, wide_shift, 3 * f)
@@ -107,7 +109,7 @@ def expand_depthwise(in_channels: int, channels: int, h: int, w: int, k: int, st
         acc = T.alloc_buffer((4 * n,), "int32", scope="global")
         start = T.alloc_buffer((n,), "int32", scope="global")  # a folded zero point per channel
         pairs = T.alloc_buffer((2 * n,), "int32", scope="global")  # weight pairs (4g, 4g+2), (4g+1, 4g+3) per channel
-        lanes = T.alloc_buffer((4,), "int32", scope="global")  # each of four pixels' pair of input channels
+        lanes = T.alloc_buffer((6,), "int32", scope="global")  # two input rows' halfwords side by side, each pixel's pair
         params = T.alloc_buffer((3 * n,), "int32", scope="global")  # bias, multiplier, shift per channel
         taps = T.alloc_buffer((tir_depthwise.tap_scratch(k, stride, wo),), "int32", scope="global")
         for f, i, j in T.grid(n, h + 2 * pad, w + 2 * pad):  # the border; each channel overwrites the inside
