@@ -256,7 +256,8 @@ def run(board: Board, project_dir, data_file, steps: int, out_dir, lr: float | N
         returncode, output = run_with_timeout(board.command(info.executable, options, args), timeout_s, f"{board.name} {info.executable}")
         if returncode != 0:
             how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"code {returncode}"
-            raise RunError(f"{board.name}: tinytrain exited with {how}:\n{output[-OUTPUT_TAIL:]}", returncode, output)
+            raise RunError(f"{board.name}: tinytrain exited with {how} (data {data_file}, {steps} steps):\n{output[-OUTPUT_TAIL:]}",
+                           returncode, output)
         if not all((staging / name).is_file() for name in RUN_OUTPUTS):
             raise RunError(f"{board.name}: tinytrain exited with 0 but wrote no log.json/weights.bin in {staging}:\n{output[-OUTPUT_TAIL:]}",
                            0, output)
