@@ -12,10 +12,11 @@ from typing import Callable
 import tvm
 from tvm import relax, te
 
+from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.ops import te_kernels
 from tvm_tinytrain.ops.schedule import current_variant
 
-from ._ir import KernelCall, builder_without, decode, shape_of
+from ._ir import KernelCall, builder_without, dataflow_bindings, decode, shape_of
 from .config import option
 
 
@@ -80,8 +81,21 @@ def reemit(mod: tvm.IRModule, name: str, emit: Callable[[relax.BlockBuilder, rel
     return relax.transform.DeadCodeElimination([name])(bb.get())
 
 
-def relax_function_names(mod: tvm.IRModule) -> list[str]:
-    return [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+def relax_function_names(mod: tvm.IRModule, pass_name: str | None = None, given=None) -> list[str]:
+    """The module's Relax functions, or the names ``given`` (checked to be among them).  With ``pass_name`` (a pass
+    about to rewrite them), each is checked to be one dataflow block, the shape the passes read and re-emit."""
+    names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+    if given is not None:
+        if isinstance(given, str) or not all(isinstance(n, str) for n in given):
+            raise TinyTrainError(f"{pass_name}: func_names must be a list of function names, got {given!r}")
+        missing = [n for n in given if n not in names]
+        if missing:
+            raise TinyTrainError(f"{pass_name}: the module has no Relax function {missing[0]!r}")
+        names = list(given)
+    if pass_name is not None:
+        for name in names:
+            dataflow_bindings(mod[name], f"{pass_name} ({name!r})")
+    return names
 
 
 def placeholders(args, first: int = 0) -> list[te.Tensor]:
@@ -105,7 +119,7 @@ class PlanePass:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         max_plane = int(option("max_plane_bytes", self.max_plane_bytes))
-        for name in relax_function_names(mod):
+        for name in relax_function_names(mod, type(self).__name__):
             mod = self._rewrite(mod, name, max_plane)
         return mod
 

@@ -62,8 +62,10 @@ def decode(mod: tvm.IRModule, binding) -> KernelCall | None:
 
 
 def get_function(mod: tvm.IRModule, name: str, pass_name: str) -> relax.Function:
-    if name not in [gv.name_hint for gv in mod.get_global_vars()]:
-        raise TinyTrainError(f"{pass_name}: the module has no function {name!r}")
+    """Function ``name`` of ``mod`` for pass ``pass_name`` to rewrite: a Relax function of one dataflow block."""
+    if name not in [gv.name_hint for gv in mod.get_global_vars()] or not isinstance(mod[name], relax.Function):
+        raise TinyTrainError(f"{pass_name}: the module has no Relax function {name!r}")
+    dataflow_bindings(mod[name], f"{pass_name} ({name!r})")
     return mod[name]
 
 

@@ -41,7 +41,7 @@ from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.ops import te_backward, te_kernels
 from tvm_tinytrain.relax_build import emit_kernel
 
-from ._ir import builder_without, decode, get_function, shape_of
+from ._ir import builder_without, dataflow_bindings, decode, get_function, shape_of
 from .config import option
 
 HEAD_PARAMS = ("classifier_weight", "classifier_bias")
@@ -60,7 +60,9 @@ class AppendLoss:
         if num_classes < 2:
             raise TinyTrainError(f"AppendLoss: num_classes must be >= 2, got {num_classes}")
         func = get_function(mod, "main", "AppendLoss")
-        bindings = list(func.body.blocks[0].bindings)
+        if "train_step" in [gv.name_hint for gv in mod.get_global_vars()] or (mod.attrs and "tinytrain.num_classes" in mod.attrs):
+            raise TinyTrainError("AppendLoss: the module has its loss already (run AppendLoss once, on the inference module)")
+        bindings = dataflow_bindings(func, "AppendLoss")
         head_at = _classifier_position(mod, bindings)
         head = decode(mod, bindings[head_at])
         pooled = head.args[0]

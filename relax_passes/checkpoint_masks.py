@@ -245,7 +245,9 @@ class CheckpointMasks:
         policy = policy_option("CheckpointMasks", "checkpoint_masks", self.policy)
         if policy == "never":
             return mod
-        names = relax_function_names(mod)
+        names = relax_function_names(mod, "CheckpointMasks")
+        if not names:
+            return mod
         if policy == "always":
             for name in names:
                 while found := segments(mod, name):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import numpy as np
+
 from tvm_tinytrain.errors import TinyTrainError
 
 DEFAULTS = {
@@ -42,7 +44,35 @@ DEFAULTS = {
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged in the kernel (64x64 + padding)
 }
 
+# The integer options' ranges (inclusive); every other integer option is at least 0.
+RANGES = {
+    "num_classes": (1, 65536),
+    "alignment": (1, 4096),
+    "recompute_min_saving": (1, None),  # 0 would take recomputations that save nothing, one after another
+    "row_window_bytes": (1, None),
+}
+
 _local = threading.local()
+
+
+def checked(name: str, value):
+    """``value`` if it suits option ``name`` (the type of its default, the range of :data:`RANGES`), else an error
+    naming the option: a string "False" must not read as true, nor a size of -1 reach a pass."""
+    default = DEFAULTS[name]
+    if isinstance(default, bool):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TinyTrainError(f"pass option {name} = {value!r} must be True or False")
+        return bool(value)
+    if isinstance(default, int):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TinyTrainError(f"pass option {name} = {value!r} must be an integer")
+        low, high = RANGES.get(name, (0, None))
+        if value < low or (high is not None and value > high):
+            raise TinyTrainError(f"pass option {name} = {value} must be in [{low}, {high if high is not None else 'inf'}]")
+        if name == "alignment" and value & (value - 1):
+            raise TinyTrainError(f"pass option alignment = {value} must be a power of two")
+        return int(value)
+    return value  # a policy (policy_option checks it) or a scheme (parse_scheme checks it)
 
 
 def _stack() -> list[dict]:
@@ -57,6 +87,7 @@ def pass_config(**options):
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TinyTrainError(f"unknown tinytrain pass option(s) {unknown}; known: {sorted(DEFAULTS)}")
+    options = {name: checked(name, value) for name, value in options.items()}
     stack = _stack()
     stack.append({**stack[-1], **options})
     try:
@@ -66,8 +97,8 @@ def pass_config(**options):
 
 
 def option(name: str, given=None):
-    """``given`` when not None, else the innermost :func:`pass_config` value."""
-    return given if given is not None else _stack()[-1][name]
+    """``given`` (a pass constructor's argument) when not None, else the innermost :func:`pass_config` value; checked."""
+    return checked(name, given) if given is not None else _stack()[-1][name]
 
 
 POLICIES = ("at-peak", "always", "never")  # of the passes that trade instructions for memory

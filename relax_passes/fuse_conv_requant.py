@@ -93,7 +93,7 @@ class FuseConvRequant:
         self.func_names = func_names
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        names = list(self.func_names or relax_function_names(mod))
+        names = relax_function_names(mod, "FuseConvRequant", self.func_names or None)
         mod = relax.transform.CanonicalizeBindings()(mod)  # an alias between the conv and its requantize would hide the pair
         for name in names:
             mod = fuse_pairs(mod, name, _pairs, _fused_kernel)

@@ -112,7 +112,7 @@ class FuseExpandDepthwise:
         self.min_plane = min_plane
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        names = relax_function_names(mod)
+        names = relax_function_names(mod, "FuseExpandDepthwise")
         min_plane = int(option("min_fused_plane", self.min_plane))
         for name in names:
             mod = fuse_pairs(mod, name, lambda calls, readers: _pairs(calls, readers, min_plane), _fused_kernel)

@@ -94,7 +94,7 @@ class FuseWeightUpdate:
         self.func_names = func_names
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        names = list(self.func_names or relax_function_names(mod))
+        names = relax_function_names(mod, "FuseWeightUpdate", self.func_names or None)
         for name in names:
             mod = fuse_pairs(mod, name, _pairs, _fused_kernel, _arguments)
         return relax.transform.DeadCodeElimination(names)(mod)

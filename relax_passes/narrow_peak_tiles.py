@@ -88,7 +88,9 @@ class NarrowPeakTiles:
         if not option("narrow_peak_tiles", self.enabled):
             return mod
         min_saving = 1 if self.min_saving is None else int(self.min_saving)
-        names = relax_function_names(mod)
+        names = relax_function_names(mod, "NarrowPeakTiles")
+        if not names:
+            return mod
         peaks = {name: _peak(mod, name) for name in names}
         while True:
             name = max(names, key=lambda n: peaks[n][0])

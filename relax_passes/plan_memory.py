@@ -30,6 +30,8 @@ import random
 from dataclasses import asdict, dataclass
 
 import tvm
+import tvm_ffi
+from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
 
@@ -236,12 +238,27 @@ def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16, 
                       dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers], int(option("kernel_local_bytes")))
 
 
+PLAN_ATTRS = ("tinytrain.memory_plan", "tinytrain.memory_plan_of")  # the plan, and the fingerprint of what it planned
+
+
+def _fingerprint(mod: tvm.IRModule, func_name: str) -> str:
+    """A hash of function ``func_name`` (its plan attributes left out) and the kernels it calls: what a plan depends on."""
+    func = mod[func_name]
+    for attr in PLAN_ATTRS:
+        func = func.without_attr(attr)
+    callees = sorted({gv.name_hint for gv in relax.analysis.all_global_vars(func)})
+    return str(tvm_ffi.structural_hash([func, *(mod[name] for name in callees)]))
+
+
 def memory_plan(mod: tvm.IRModule, func_name: str = "train_step") -> MemoryPlan:
-    """The plan PlanMemory attached to ``func_name``."""
+    """The plan PlanMemory attached to ``func_name``; an error if the function or its kernels changed since."""
     func = get_function(mod, func_name, "memory_plan")
-    if not func.attrs or "tinytrain.memory_plan" not in func.attrs:
+    if not func.attrs or PLAN_ATTRS[0] not in func.attrs:
         raise TinyTrainError(f"function {func_name!r} has no memory plan; run PlanMemory first")
-    return MemoryPlan(**json.loads(str(func.attrs["tinytrain.memory_plan"])))
+    if PLAN_ATTRS[1] not in func.attrs or str(func.attrs[PLAN_ATTRS[1]]) != _fingerprint(mod, func_name):
+        raise TinyTrainError(f"the memory plan of {func_name!r} is out of date: the function or its kernels changed after "
+                             "PlanMemory (run PlanMemory last)")
+    return MemoryPlan(**json.loads(str(func.attrs[PLAN_ATTRS[0]])))
 
 
 @tvm.transform.module_pass(opt_level=0, name="PlanMemory")
@@ -256,5 +273,5 @@ class PlanMemory:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         result = plan(mod, self.func_name, int(option("alignment", self.alignment)),
                       int(option("placement_search", self.placement_search)))
-        func = mod[self.func_name].with_attr("tinytrain.memory_plan", json.dumps(asdict(result)))
+        func = mod[self.func_name].with_attrs({PLAN_ATTRS[0]: json.dumps(asdict(result)), PLAN_ATTRS[1]: _fingerprint(mod, self.func_name)})
         return with_function(mod, self.func_name, func)

@@ -74,7 +74,7 @@ class PointwiseInPlace:
     """Re-emit every frozen 1x1 conv whose operand dies there, and which is no larger, as an in-place kernel."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        for name in relax_function_names(mod):
+        for name in relax_function_names(mod, "PointwiseInPlace"):
             func = mod[name]
             bindings = list(func.body.blocks[0].bindings)
             last, params = {v: p[-1] for v, p in reader_positions(func).items()}, set(func.params)

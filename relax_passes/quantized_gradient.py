@@ -171,6 +171,8 @@ class QuantizedGradient:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         qas = bool(option("qas", self.qas))
         get_function(mod, "main", "QuantizedGradient")
+        if "train_step" in [gv.name_hint for gv in mod.get_global_vars()]:
+            raise TinyTrainError("QuantizedGradient: the module has a train_step already (run QuantizedGradient once)")
         # Var-to-var aliases (e.g. an output var of the forward) would hide a tensor's producer.
         mod = relax.transform.CanonicalizeBindings()(mod)
         src = relax.utils.copy_with_new_vars(mod["main"])

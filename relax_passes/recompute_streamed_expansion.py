@@ -121,7 +121,9 @@ class RecomputeStreamedExpansion:
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
         window_bytes = int(option("row_window_bytes"))
-        names = relax_function_names(mod)
+        names = relax_function_names(mod, "RecomputeStreamedExpansion")
+        if not names:
+            return mod
         if policy == "always":
             for name in names:
                 while found := _widest_first(mod, name):

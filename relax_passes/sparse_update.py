@@ -100,8 +100,16 @@ class SparseUpdate:
         if init is None:
             raise TinyTrainError("SparseUpdate: the module has no 'tinytrain.param_init' (build it with tvm_tinytrain.relax_build)")
         fwd_convs = [c for c in calls if c is not None and c.op == "conv2d_acc"]
+        if not fwd_convs:
+            raise TinyTrainError(f"SparseUpdate: '{self.func_name}' has no conv2d_acc kernels: run it right after QuantizedGradient, "
+                                 "before the fusions")
         convs = [_ConvView(c.node, init[c.args[1].name].numpy(), c.attrs["groups"]) for c in fwd_convs]
         scheme = _resolve_scheme(option("scheme", self.scheme), mod, convs)
+        if func.attrs and "tinytrain.scheme_json" in func.attrs:  # pruned already: the same scheme again changes nothing
+            if json.loads(str(func.attrs["tinytrain.scheme_json"])) == scheme.to_json():
+                return mod
+            raise TinyTrainError(f"SparseUpdate: '{self.func_name}' is already pruned to scheme {str(func.attrs['tinytrain.scheme'])!r}; "
+                                 f"scheme {scheme.name!r} needs QuantizedGradient's whole training step")
 
         first_bias = len(convs) - scheme.n_bias_update
         keep = set(HEAD_PARAMS)

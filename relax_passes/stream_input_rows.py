@@ -198,7 +198,7 @@ class StreamInputRows:
         if not option("stream_input", self.enabled):
             return mod
         layers = option("stream_layers", self.layers)
-        for name in relax_function_names(mod):
+        for name in relax_function_names(mod, "StreamInputRows"):
             streamed = {c.var: rows_kernel(mod, c) for c in _chain(mod, mod[name], layers)}
             if not streamed:
                 continue
