@@ -8,8 +8,19 @@ import tvm
 from conftest import make_random_model
 from tvm import relax
 
-from relax_passes import (AppendLoss, CheckpointMasks, FuseConvRequant, NarrowPeakTiles, PlanMemory, QuantizedGradient,
-                          RecomputeStreamedExpansion, ReorderUpdates, SparseUpdate, memory_plan, pass_config)
+from relax_passes import (
+    AppendLoss,
+    CheckpointMasks,
+    FuseConvRequant,
+    NarrowPeakTiles,
+    PlanMemory,
+    QuantizedGradient,
+    RecomputeStreamedExpansion,
+    ReorderUpdates,
+    SparseUpdate,
+    memory_plan,
+    pass_config,
+)
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.relax_build import build_relax
 from tvm_tinytrain.scheme import SparseScheme
