@@ -60,7 +60,7 @@ class AppendLoss:
         if num_classes < 2:
             raise TinyTrainError(f"AppendLoss: num_classes must be >= 2, got {num_classes}")
         func = get_function(mod, "main", "AppendLoss")
-        if "train_step" in [gv.name_hint for gv in mod.get_global_vars()] or (mod.attrs and "tinytrain.num_classes" in mod.attrs):
+        if mod.attrs and "tinytrain.num_classes" in mod.attrs:  # AppendLoss's mark, kept by every later pass
             raise TinyTrainError("AppendLoss: the module has its loss already (run AppendLoss once, on the inference module)")
         bindings = dataflow_bindings(func, "AppendLoss")
         head_at = _classifier_position(mod, bindings)

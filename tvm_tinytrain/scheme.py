@@ -139,8 +139,8 @@ def validate_scheme(scheme: SparseScheme, model: Model) -> None:
     if not isinstance(scheme, SparseScheme):
         raise TinyTrainError(f"scheme {scheme!r}: expected a SparseScheme or a scheme spelling")
     for key, values, types in (("n_bias_update", [scheme.n_bias_update], (int, np.integer)),
-                                 ("weight_idx", list(scheme.weight_idx), (int, np.integer)),
-                                 ("weight_ratio", list(scheme.weight_ratio), (int, float, np.integer, np.floating))):
+                               ("weight_idx", list(scheme.weight_idx), (int, np.integer)),
+                               ("weight_ratio", list(scheme.weight_ratio), (int, float, np.integer, np.floating))):
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, types)]
         if bad:
             raise TinyTrainError(f"scheme {scheme.name!r}: field '{key}' has {bad[0]!r}, not {'a number' if key == 'weight_ratio' else 'an integer'}")
