@@ -85,16 +85,60 @@ def test_host_sanitizers_agree(host_run, dataset, tmp_path):
     assert Path(result["weights"]).read_bytes() == Path(host_run["weights"]).read_bytes()
 
 
+def _bad_datasets(folder: Path) -> dict[str, tuple[Path, str]]:
+    """TTDS files the stand-in model (3x8x8 images, 4 classes) cannot train on, each with the error that names its fault."""
+    images, labels = np.zeros((3, 3, 8, 8), np.int8), np.array([0, 1, 2])
+    good = driver.write_dataset(folder / "good.bin", images, labels, num_classes=4).read_bytes()
+
+    def raw(name, blob):
+        (folder / name).write_bytes(blob)
+        return folder / name
+
+    return {
+        "wide": (driver.write_dataset(folder / "wide.bin", np.zeros((2, 3, 8, 9), np.int8), [0, 1], num_classes=4),
+                 "wide.bin: field image_bytes is 216; the model takes 192-byte images [(]3x8x8[)]"),
+        "classes": (driver.write_dataset(folder / "classes.bin", images, labels, num_classes=5),
+                    "classes.bin: field num_classes is 5; the model has 4 classes"),
+        "label": (driver.write_dataset(folder / "label.bin", images, np.array([0, 9, -1]), num_classes=4),
+                  "label.bin: record 1: label 9 is not in 0..3 [(]2 records in all[)]"),
+        "short": (raw("short.bin", good[:-1]), "short.bin: 607 bytes, too short for the 3 records its header announces [(]608 bytes[)]"),
+        "empty": (raw("empty.bin", good[:8] + b"\0\0\0\0" + good[12:20]), "empty.bin: field count is 0"),
+        "magic": (raw("magic.bin", b"PK" + good[2:]), "magic.bin: not a TTDS dataset"),
+        "version": (raw("version.bin", good[:4] + b"\2" + good[5:]), "version.bin: TTDS version 2; this driver reads version 1"),
+        "missing": (folder / "missing.bin", "missing.bin: cannot read the dataset"),
+    }
+
+
 def test_dataset_that_does_not_fit_the_model(host_project, dataset, tmp_path):
-    """The run fails, and the previous run's outputs in the same folder stay as they were."""
+    """Each fault is one error naming the file and the field or record, before the program runs; the previous
+    run's outputs in the same folder stay as they were."""
     before = host.run(host_project, dataset, 2, tmp_path / "out", lr=LR)
     kept = {name: (tmp_path / "out" / name).read_bytes() for name in ("log.json", "weights.bin")}
-    data = driver.write_dataset(tmp_path / "wide.bin", np.zeros((2, 3, 8, 9), np.int8), [0, 1], num_classes=4)
-    with pytest.raises(driver.RunError, match="216-byte images and 4 classes; the model takes 192-byte images") as error:
-        host.run(host_project, data, 1, tmp_path / "out")
-    assert error.value.returncode == 2
+    for data, message in _bad_datasets(tmp_path).values():
+        with pytest.raises(driver.ProjectError, match=message) as error:
+            host.run(host_project, data, 1, tmp_path / "out")
+        assert not isinstance(error.value, driver.RunError), "checked before the program runs"
     assert {name: (tmp_path / "out" / name).read_bytes() for name in kept} == kept and len(before["losses"]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.bin"]  # no staging folder left
+    assert not list(tmp_path.glob(".out*")), "no staging folder left"
+
+
+@pytest.mark.parametrize("fault, message", [("wide", "216-byte images and 4 classes; the model takes 192-byte images"),
+                                            ("label", "record 1: label 9 is not in 0..3"),
+                                            ("short", "shorter than the 3 records its header announces"),
+                                            ("magic", "is not a TTDS version 1 dataset")])
+def test_program_refuses_the_dataset_itself(host_project, tmp_path, fault, message):
+    """The training program checks the file too (a real board's compiled-in dataset has no driver beside it)."""
+    data = _bad_datasets(tmp_path)[fault][0]
+    proc = subprocess.run([str(host_project / "build" / "tinytrain"), str(data), "2", str(tmp_path), "-", "0"], capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+@needs_arm
+def test_stm32_refuses_a_dataset_the_model_cannot_take(tmp_path):
+    data, message = _bad_datasets(tmp_path)["label"]
+    with pytest.raises(driver.ProjectError, match=message):
+        stm32.generate_project(STANDIN, tmp_path / "project", dataset=data)
+    assert not (tmp_path / "project").exists()
 
 
 def test_unknown_option(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 
 TEMPLATES = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("tinytrain_model.h", "tinytrain_model.c", "tinytrain_kernels.c", "tinytrain_meta.json")
-META_KEYS = ("model", "trainable", "arena_bytes", "trainable_bytes", "peak_sram_bytes")
+META_KEYS = ("model", "input_shape", "num_classes", "trainable", "arena_bytes", "trainable_bytes", "peak_sram_bytes")
 RUN_OUTPUTS = ("log.json", "weights.bin")  # what the training program writes into its out_dir
 DATASET_MAGIC = b"TTDS"
 DATASET_VERSION = 1
@@ -161,6 +161,8 @@ def generate_project(board: Board, model_dir, project_dir, options: dict) -> Pat
     if missing:
         raise ProjectError(f"{model_dir}: missing model file(s) {', '.join(missing)}")
     meta = read_meta(model_dir)
+    if options.get("dataset"):  # a board that compiles its dataset in
+        check_dataset(options["dataset"], meta)
     if project_dir.exists() and any(project_dir.iterdir()) and not (project_dir / "project.json").is_file():
         raise ProjectError(f"{project_dir} is not empty and holds no tinytrain project: not overwriting it")
     make_vars = board.make_vars(options)  # checks the options before anything is written
@@ -243,8 +245,9 @@ def run(board: Board, project_dir, data_file, steps: int, out_dir, lr: float | N
         raise ProjectError(f"{board.name}: not run by this driver: {board.not_run}")
     project_dir = Path(project_dir)
     options = project_options(board, project_dir)
-    info = build(board, project_dir)
     meta = read_meta(project_dir / "model")
+    check_dataset(data_file, meta)
+    info = build(board, project_dir)
     out_dir = Path(out_dir).resolve()
     # The program writes into a fresh staging folder, moved into out_dir only once the run has succeeded: a failed
     # run leaves the previous run's outputs as they were, and a successful one never shows a previous run's.
@@ -312,6 +315,42 @@ def write_dataset(path, images, labels, num_classes: int | None = None) -> Path:
     path = Path(path)
     path.write_bytes(DATASET_HEADER.pack(DATASET_MAGIC, DATASET_VERSION, len(images), image_bytes, classes) + records.tobytes())
     return path
+
+
+def check_dataset(path, meta: dict) -> None:
+    """Refuses a TTDS file the model in ``meta`` cannot train on, naming the file and the field or record at fault.
+
+    The training program checks the same before its first step; checking here first turns a failed run (whose
+    error is the program's output) into one line, and keeps a board build from compiling in a dataset it rejects."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(DATASET_HEADER.size)
+    except OSError as err:
+        raise ProjectError(f"{path}: cannot read the dataset ({err.strerror})") from None
+    if len(head) < DATASET_HEADER.size or head[:4] != DATASET_MAGIC:
+        raise ProjectError(f"{path}: not a TTDS dataset (write one with write_dataset)")
+    _, version, count, image_bytes, num_classes = DATASET_HEADER.unpack(head)
+    if version != DATASET_VERSION:
+        raise ProjectError(f"{path}: TTDS version {version}; this driver reads version {DATASET_VERSION}")
+    want_bytes, want_classes = int(np.prod(meta["input_shape"])), int(meta["num_classes"])
+    if image_bytes != want_bytes:
+        raise ProjectError(f"{path}: field image_bytes is {image_bytes}; the model takes {want_bytes}-byte images "
+                           f"({'x'.join(map(str, meta['input_shape']))})")
+    if num_classes != want_classes:
+        raise ProjectError(f"{path}: field num_classes is {num_classes}; the model has {want_classes} classes")
+    if count == 0:
+        raise ProjectError(f"{path}: field count is 0: the dataset has no records")
+    record = 4 + image_bytes
+    if size < DATASET_HEADER.size + count * record:
+        raise ProjectError(f"{path}: {size} bytes, too short for the {count} records its header announces "
+                           f"({DATASET_HEADER.size + count * record} bytes)")
+    labels = np.memmap(path, np.dtype([("label", "<i4"), ("image", f"V{image_bytes}")]), "r", DATASET_HEADER.size, (count,))["label"]
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ProjectError(f"{path}: record {bad[0]}: label {labels[bad[0]]} is not in 0..{num_classes - 1}"
+                           + (f" ({len(bad)} records in all)" if len(bad) > 1 else ""))
 
 
 def read_weights(meta: dict, path) -> dict[str, np.ndarray]:
