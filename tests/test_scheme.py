@@ -81,8 +81,10 @@ def test_bad_scheme_names(model, spec, message):
     ({"weight_idx": [], "weight_ratio": []}, "missing field 'n_bias_update'"),
     ({"n_bias_update": "3", "weight_idx": [], "weight_ratio": []}, "field 'n_bias_update' must be int"),
     ([1, 2], "must hold a JSON object"),
-    ({"n_bias_update": 1, "weight_idx": [2.7], "weight_ratio": [1]}, "field 'weight_idx' must hold integers, got 2.7"),
-    ({"n_bias_update": 1, "weight_idx": [float("nan")], "weight_ratio": [1]}, "field 'weight_idx' must hold integers, got nan"),
+    ({"n_bias_update": 1, "weight_idx": [2.7], "weight_ratio": [1]}, "field 'weight_idx' has 2.7, not an integer"),
+    ({"n_bias_update": 1, "weight_idx": [float("nan")], "weight_ratio": [1]}, "field 'weight_idx' has nan, not an integer"),
+    ({"n_bias_update": 1, "weight_idx": [2], "weight_ratio": ["1"]}, "field 'weight_ratio' has '1', not a number"),
+    ({"n_bias_update": 1, "weight_idx": [2], "weight_ratio": [True]}, "field 'weight_ratio' has True, not a number"),
     ({"n_bias_update": 1, "weight_idx": [2], "weight_ratios": [1]}, "unknown field 'weight_ratios'"),
 ])
 def test_bad_scheme_files(tmp_path, model, content, message):

@@ -109,6 +109,21 @@ SEARCH_RECORD_FIELDS = ("predicted_gain", "baseline_accuracy", "validation_accur
                         "settings", "measured", "contributions")
 
 
+# A scheme field's element types, and what to call them in an error.
+_ELEMENT_TYPES = {"n_bias_update": ((int, np.integer), "an integer"), "weight_idx": ((int, np.integer), "an integer"),
+                  "weight_ratio": ((int, float, np.integer, np.floating), "a number")}
+
+
+def _mistyped(fields: dict) -> str | None:
+    """What is wrong with the first element of ``fields`` (name -> values) of a type its field does not take."""
+    for key, values in fields.items():
+        types, what = _ELEMENT_TYPES[key]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, types):
+                return f"field '{key}' has {repr(v)[:40]}, not {what}"
+    return None
+
+
 def _scheme_from_json(path: str) -> SparseScheme:
     try:
         data = json.loads(Path(path).read_text())
@@ -126,10 +141,10 @@ def _scheme_from_json(path: str) -> SparseScheme:
             raise TinyTrainError(f"scheme file {path}: missing field '{key}'")
         if not isinstance(data[key], typ) or isinstance(data[key], bool):
             raise TinyTrainError(f"scheme file {path}: field '{key}' must be {typ.__name__}")
-    for key, types, what in (("weight_idx", int, "integers"), ("weight_ratio", (int, float), "numbers")):
-        for v in data[key]:
-            if isinstance(v, bool) or not isinstance(v, types):
-                raise TinyTrainError(f"scheme file {path}: field '{key}' must hold {what}, got {str(v)[:40]}")
+    # Checked before int() and float() build the scheme, which would cut 2.7 to 2.
+    bad = _mistyped({key: data[key] for key in ("weight_idx", "weight_ratio")})
+    if bad:
+        raise TinyTrainError(f"scheme file {path}: {bad}")
     return SparseScheme(data["n_bias_update"], tuple(int(i) for i in data["weight_idx"]),
                         tuple(float(r) for r in data["weight_ratio"]), Path(path).stem)
 
@@ -138,12 +153,9 @@ def validate_scheme(scheme: SparseScheme, model: Model) -> None:
     n_convs = len(model.convs())
     if not isinstance(scheme, SparseScheme):
         raise TinyTrainError(f"scheme {scheme!r}: expected a SparseScheme or a scheme spelling")
-    for key, values, types in (("n_bias_update", [scheme.n_bias_update], (int, np.integer)),
-                               ("weight_idx", list(scheme.weight_idx), (int, np.integer)),
-                               ("weight_ratio", list(scheme.weight_ratio), (int, float, np.integer, np.floating))):
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, types)]
-        if bad:
-            raise TinyTrainError(f"scheme {scheme.name!r}: field '{key}' has {bad[0]!r}, not {'a number' if key == 'weight_ratio' else 'an integer'}")
+    bad = _mistyped({"n_bias_update": [scheme.n_bias_update], "weight_idx": scheme.weight_idx, "weight_ratio": scheme.weight_ratio})
+    if bad:
+        raise TinyTrainError(f"scheme {scheme.name!r}: {bad}")
     if not 0 <= scheme.n_bias_update <= n_convs:
         raise TinyTrainError(f"scheme {scheme.name!r}: field 'n_bias_update' = {scheme.n_bias_update} must be in [0, {n_convs}] for {model.name}")
     if len(scheme.weight_idx) != len(scheme.weight_ratio):
