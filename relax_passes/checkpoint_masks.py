@@ -58,10 +58,10 @@ from tvm import relax
 from tvm_tinytrain.errors import TinyTrainError
 
 from ._buffers import IN_PLACE_OPS, OVERWRITING_OPS, analyze, in_place_fields, storage_buffers, type_bytes
-from ._fusion import reader_positions, reemit, relax_function_names
+from ._fusion import reader_positions, reemit
 from ._ir import decode
 from ._row_pipeline import ROW_OPS, row_pipelines
-from .config import option, policy_option
+from .config import option, policy_targets
 from .plan_memory import live_floor, live_floor_timeline
 
 # Forward kernels that are pure functions of their operands: what a recomputed slice may re-emit.
@@ -242,10 +242,7 @@ class CheckpointMasks:
         self.policy, self.min_saving = policy, min_saving
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        policy = policy_option("CheckpointMasks", "checkpoint_masks", self.policy)
-        if policy == "never":
-            return mod
-        names = relax_function_names(mod, "CheckpointMasks")
+        policy, names = policy_targets(mod, "CheckpointMasks", "checkpoint_masks", self.policy)
         if not names:
             return mod
         if policy == "always":

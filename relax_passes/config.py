@@ -110,3 +110,11 @@ def policy_option(pass_name: str, name: str, given=None) -> str:
     if policy not in POLICIES:
         raise TinyTrainError(f"{pass_name}: option {name} is {policy!r}, not one of {POLICIES}")
     return policy
+
+
+def policy_targets(mod, pass_name: str, name: str, given=None) -> tuple[str, list[str]]:
+    """A policy pass's :func:`policy_option` and the Relax functions it rewrites: none under ``never``."""
+    from ._fusion import relax_function_names
+
+    policy = policy_option(pass_name, name, given)
+    return policy, [] if policy == "never" else relax_function_names(mod, pass_name)

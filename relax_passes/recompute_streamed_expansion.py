@@ -47,10 +47,10 @@ from tvm import relax
 from tvm_tinytrain.ops import tir_conv_gemm
 from tvm_tinytrain.ops.schedule import current_variant
 
-from ._fusion import reemit, relax_function_names
+from ._fusion import reemit
 from ._ir import decode, shape_of
 from ._row_pipeline import IMAGE, RowPipeline, RowStage, row_pipelines
-from .config import option, policy_option
+from .config import option, policy_targets
 from .plan_memory import function_live_floor
 from .stream_input_rows import ROW_KERNEL, band_kernel
 
@@ -116,14 +116,11 @@ class RecomputeStreamedExpansion:
         self.policy, self.min_saving = policy, min_saving
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        policy = policy_option("RecomputeStreamedExpansion", "recompute_streamed_expansion", self.policy)
-        if policy == "never":
+        policy, names = policy_targets(mod, "RecomputeStreamedExpansion", "recompute_streamed_expansion", self.policy)
+        if not names:
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
         window_bytes = int(option("row_window_bytes"))
-        names = relax_function_names(mod, "RecomputeStreamedExpansion")
-        if not names:
-            return mod
         if policy == "always":
             for name in names:
                 while found := _widest_first(mod, name):
