@@ -235,12 +235,21 @@ def _workspace_bytes(prim_func, name: str) -> int:
     return workspace_bytes(prim_func, name, int(option("kernel_local_bytes")))
 
 
+def live_span(b: Buffer, buffers: list[Buffer], n: int) -> tuple[int, int] | None:
+    """The first and last of the ``n`` bindings at which ``b``'s own bytes are alive; None for a buffer without
+    storage of its own (an alias, the streamed image)."""
+    if b.alias is not None or b.streamed:
+        return None
+    first = b.start + 1 if b.in_place(buffers) else b.start  # at its kernel it is the operand's bytes
+    return max(first, 0), min(b.end, n - 1)
+
+
 def live_bytes_timeline(sb: StepBuffers) -> list[dict[str, int]]:
     """Per binding: bytes alive while it runs, by buffer kind."""
     n = len(sb.bindings)
     timeline = [dict.fromkeys(("input", "activation", "mask", "gradient", "weight_gradient", "workspace"), 0) for _ in range(n)]
     for b in storage_buffers(sb.buffers):
-        first = b.start + 1 if b.in_place(sb.buffers) else b.start  # at its kernel it is the operand's bytes
-        for t in range(max(first, 0), min(b.end, n - 1) + 1):
+        first, last = live_span(b, sb.buffers, n)
+        for t in range(first, last + 1):
             timeline[t][b.kind] += b.size
     return timeline

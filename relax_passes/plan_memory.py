@@ -35,7 +35,7 @@ from tvm import relax
 
 from tvm_tinytrain.errors import TinyTrainError
 
-from ._buffers import Buffer, analyze, live_bytes_timeline, storage_buffers
+from ._buffers import Buffer, analyze, live_bytes_timeline, live_span, storage_buffers
 from ._ir import get_function, with_function
 from .config import option
 
@@ -49,7 +49,7 @@ class MemoryPlan:
     peak_index: int
     peak_parts: dict[str, int]  # bytes by kind at the peak (masks, activations, gradients, ...)
     timeline: list[dict]  # per op: index, op, node, bytes by kind
-    buffers: list[dict]  # name, size, start, end, kind, offset
+    buffers: list[dict]  # name, size, start, end, kind, offset, ..., live: [first, last] op its own bytes are alive at (or None)
     kernel_local_bytes: int = 1024  # kernels' internal buffers this small are C locals, left out of the workspaces
 
     @property
@@ -69,6 +69,22 @@ class MemoryPlan:
             "frozen_param_bytes_flash": self.frozen_param_bytes,
             "peak_op": self.timeline[self.peak_index] if self.timeline else None,
         }
+
+    def live_at(self, index: int) -> list[dict]:
+        """The buffers whose bytes make up op ``index``'s row of the timeline, largest first: each buffer's name, kind,
+        size, offset, and the ops that write it and read it last (with their nodes: the model's layers)."""
+        if not 0 <= index < len(self.timeline):
+            raise TinyTrainError(f"op index {index} is out of range: the step has ops 0..{len(self.timeline) - 1}")
+
+        def node(i: int) -> str:
+            if not 0 <= i < len(self.timeline):
+                return "the function's inputs" if i < 0 else "the function's results"
+            return self.timeline[i]["node"] or "no kernel: a tuple or one of its fields"
+
+        rows = [{"name": b["name"], "kind": b["kind"], "size": b["size"], "offset": b["offset"], "written_at": b["start"],
+                 "written_by": node(b["start"]), "last_read_at": b["end"], "last_read_by": node(b["end"])}
+                for b in self.buffers if b["live"] is not None and b["live"][0] <= index <= b["live"][1]]
+        return sorted(rows, key=lambda r: (-r["size"], r["written_at"]))
 
 
 # Orders in which assign_offsets places buffers (by the buffer an overwriting chain starts from): greedy placement has
@@ -234,8 +250,9 @@ def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16, 
     totals = [sum(t.values()) for t in timeline]
     peak = max(range(len(totals)), key=totals.__getitem__) if totals else 0
     rows = [{"index": i, "op": sb.ops[i], "node": sb.nodes[i], **t} for i, t in enumerate(timeline)]
+    buffers = [{**asdict(b), "live": live_span(b, sb.buffers, len(timeline))} for b in sb.buffers]
     return MemoryPlan(arena, totals[peak] if totals else 0, sb.trainable_bytes, sb.frozen_bytes, peak,
-                      dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers], int(option("kernel_local_bytes")))
+                      dict(timeline[peak]) if timeline else {}, rows, buffers, int(option("kernel_local_bytes")))
 
 
 PLAN_ATTRS = ("tinytrain.memory_plan", "tinytrain.memory_plan_of")  # the plan, and the fingerprint of what it planned

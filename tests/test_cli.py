@@ -89,6 +89,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_pkl, argv, message
     (["build", "{tiny}", "-o", "{tmp}/b", "--lr", "-0.1"], "argument --lr: -0.1 must be in"),
     (["memory", "{tiny}", "--budget", "1e400"], "argument --budget: budget '1e400' must be at least 1 byte and finite"),
     (["memory", "{tiny}", "--budget", "0.5"], "must be at least 1 byte"),
+    (["memory", "{tiny}", "--live-at", "top"], "argument --live-at: 'top': expected 'peak' or an op index (0 or more)"),
+    (["memory", "{tiny}", "--live-at", "-3"], "argument --live-at: -3 must be in [0, 2147483647]"),
     (["run", "{tmp}", "--steps", "0"], "argument --steps: 0 must be in [1, 2147483647]"),
     (["run", "{tmp}", "--eval-count", "-1"], "argument --eval-count: -1 must be in [0, 2147483647]"),
     (["run", "{tmp}", "--timeout", "0"], "argument --timeout: 0 must be in [0.001, 604800] (up to a week)"),

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from tvm_tinytrain.cli import main
+from tvm_tinytrain.errors import TinyTrainError
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
 
 
 def run_cli(capsys, *argv):
@@ -29,11 +32,46 @@ def test_memory_json_and_plot(capsys, tiny_pkl, tmp_path):
     assert json.loads(out)["peak_sram_bytes"] >= r["peak_sram_bytes"]
 
 
+def test_memory_timeline_and_what_is_alive_at_an_op(capsys):
+    """``--timeline`` lists every op's bytes and ``--live-at`` the buffers behind one op's: at every op of the default
+    model's step (streamed rows, in-place kernels, workspaces) those buffers add up to the op's bytes and lie apart in
+    the arena, and each kernel's own output is among them unless it overwrites its operand there."""
+    from relax_passes import memory_plan
+    from tvm_tinytrain.importers import load_model
+    from tvm_tinytrain.trainer import build_training_module
+
+    code, out, _ = run_cli(capsys, "memory", DEFAULT_MODEL, "--scheme", "last-k:6", "--num-classes", 5, "--json", "--timeline", "--live-at", "peak")
+    r = json.loads(out)
+    at = r["live_at"]
+    assert code == 0 and at["index"] == r["peak_op"]["index"] and r["timeline"][at["index"]]["total"] == r["peak_live_bytes"]
+    assert sum(b["size"] for b in at["buffers"]) == r["peak_live_bytes"] == max(row["total"] for row in r["timeline"])
+
+    plan = memory_plan(build_training_module(load_model(str(DEFAULT_MODEL)), "last-k:6", 5))
+    for row in plan.timeline:
+        t = row["index"]
+        live = plan.live_at(t)
+        assert sum(b["size"] for b in live) == sum(v for k, v in row.items() if k not in ("index", "op", "node")), t
+        spans = sorted((b["offset"], b["offset"] + b["size"]) for b in live if b["size"])
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"op {t}: live buffers overlap: {spans}"
+        assert all(b["written_at"] <= t <= b["last_read_at"] for b in live)
+        outputs = {b["name"] for b in plan.buffers if b["start"] == t and b["live"] is not None and b["kind"] != "workspace"}
+        assert outputs <= {b["name"] for b in live} | {b["name"] for b in plan.buffers if b["overwrites"] is not None}, t
+    with pytest.raises(TinyTrainError, match="op index 64 is out of range: the step has ops 0..63"):
+        plan.live_at(len(plan.timeline))
+
+    code, out, _ = run_cli(capsys, "memory", DEFAULT_MODEL, "--scheme", "last-k:6", "--num-classes", 5, "--timeline", "--live-at", 23)
+    assert code == 0 and "op   23 softmax_cross_entropy" in out and "alive at op 23 (softmax_cross_entropy loss):" in out
+
+
+def test_memory_live_at_past_the_last_op(capsys):
+    code, _, err = run_cli(capsys, "memory", DEFAULT_MODEL, "--scheme", "last-k:6", "--num-classes", 5, "--live-at", 9999)
+    assert code == 2 and err.strip() == "tinytrain: error: --live-at 9999: the step has ops 0..63"
+
+
 def _memory_with_and_without(capsys, scheme: str, flag: str) -> tuple[dict, dict]:
     """``tinytrain memory`` of the default model with the pass options' defaults and with ``flag``; the flag must not
     leak into a later command."""
-    model = Path(__file__).resolve().parents[1] / "tvm_tinytrain" / "data" / "default_model.onnx"
-    args = ("memory", model, "--scheme", scheme, "--num-classes", 5, "--json")
+    args = ("memory", DEFAULT_MODEL, "--scheme", scheme, "--num-classes", 5, "--json")
     default = json.loads(run_cli(capsys, *args)[1])
     flagged = json.loads(run_cli(capsys, *args, flag)[1])
     assert json.loads(run_cli(capsys, *args)[1]) == default

@@ -81,6 +81,13 @@ def cmd_memory(args) -> int:
 
     plan = memory_plan(build_training_module(model, args.scheme, args.num_classes, reorder=not args.no_reorder, budget_bytes=args.budget))
     report = {"model": model.name, "scheme": args.scheme, "reorder": not args.no_reorder, **plan.report()}
+    if args.timeline:
+        report["timeline"] = [{**row, "total": sum(v for k, v in row.items() if k not in ("index", "op", "node"))} for row in plan.timeline]
+    if args.live_at is not None:
+        index = plan.peak_index if args.live_at == "peak" else args.live_at
+        if index >= len(plan.timeline):
+            raise TinyTrainError(f"--live-at {index}: the step has ops 0..{len(plan.timeline) - 1}")
+        report["live_at"] = {**plan.timeline[index], "buffers": plan.live_at(index)}
     if args.plot:
         from .plots import plot_memory_timeline
 
@@ -96,6 +103,14 @@ def cmd_memory(args) -> int:
     print("  at the peak (op %d, %s %s): " % (plan.peak_index, report["peak_op"]["op"], report["peak_op"]["node"])
           + ", ".join(f"{k} {v / kb:.1f} KB" for k, v in plan.peak_parts.items() if v))
     print(f"  frozen weights in flash: {plan.frozen_param_bytes / kb:.1f} KB")
+    for row in (row for row in report.get("timeline", []) if row["op"]):  # the rest take a field of a kernel's outputs
+        print(f"  op {row['index']:4d} {row['op']:<30} {row['total'] / kb:6.1f} KB  {row['node']}")
+    if "live_at" in report:
+        at = report["live_at"]
+        print(f"  alive at op {at['index']} ({at['op']} {at['node']}):")
+        for b in at["buffers"]:
+            print(f"    {b['kind']:<15} {b['size'] / kb:6.1f} KB  {b['name']}: written at op {b['written_at']} ({b['written_by']}), "
+                  f"last read at op {b['last_read_at']} ({b['last_read_by']})")
     return 0
 
 
@@ -160,6 +175,17 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{value} must be in [{minimum}, {INT32_LIMIT}]")
         return value
     return parse
+
+
+def _op_index(text: str) -> int | str:
+    """An argparse type: 'peak', or an op's index in a step's timeline (checked against the step once it is planned)."""
+    if text == "peak":
+        return text
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'peak' or an op index (0 or more)") from None
+    return _count(0)(text)
 
 
 def _in_range(low: float, high: float, what: str):
@@ -387,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-reorder", action="store_true", help="run every update after the whole backward (the baseline)")
     sp.add_argument("--plot", help="write the per-op memory timeline to this .png")
     sp.add_argument("--budget", type=parse_bytes, help="fail if the step needs more SRAM than this (e.g. 256KB)")
+    sp.add_argument("--timeline", action="store_true", help="also list every op of the step with the bytes alive while it runs")
+    sp.add_argument("--live-at", metavar="OP", type=_op_index,
+                    help="also list the buffers alive at op OP (its index in the timeline, or 'peak'): what makes up that op's bytes")
     sp.set_defaults(func=cmd_memory)
     sp = training_cmd("train", "train on the host with the TVM-compiled int8 step", with_lr=True)
     sp.add_argument("--data", default="digits", help=DATA_HELP)
