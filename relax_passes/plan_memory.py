@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import tvm
 import tvm_ffi
@@ -49,8 +49,9 @@ class MemoryPlan:
     peak_index: int
     peak_parts: dict[str, int]  # bytes by kind at the peak (masks, activations, gradients, ...)
     timeline: list[dict]  # per op: index, op, node, bytes by kind
-    buffers: list[dict]  # name, size, start, end, kind, offset, ..., live: [first, last] op its own bytes are alive at (or None)
+    buffers: list[dict]  # name, size, start, end, kind, offset
     kernel_local_bytes: int = 1024  # kernels' internal buffers this small are C locals, left out of the workspaces
+    live_spans: list = field(default_factory=list)  # per buffer: [first, last] op its own bytes are alive at, or None
 
     @property
     def peak_sram_bytes(self) -> int:
@@ -83,7 +84,7 @@ class MemoryPlan:
 
         rows = [{"name": b["name"], "kind": b["kind"], "size": b["size"], "offset": b["offset"], "written_at": b["start"],
                  "written_by": node(b["start"]), "last_read_at": b["end"], "last_read_by": node(b["end"])}
-                for b in self.buffers if b["live"] is not None and b["live"][0] <= index <= b["live"][1]]
+                for b, span in zip(self.buffers, self.live_spans) if span is not None and span[0] <= index <= span[1]]
         return sorted(rows, key=lambda r: (-r["size"], r["written_at"]))
 
 
@@ -250,9 +251,9 @@ def plan(mod: tvm.IRModule, func_name: str = "train_step", alignment: int = 16, 
     totals = [sum(t.values()) for t in timeline]
     peak = max(range(len(totals)), key=totals.__getitem__) if totals else 0
     rows = [{"index": i, "op": sb.ops[i], "node": sb.nodes[i], **t} for i, t in enumerate(timeline)]
-    buffers = [{**asdict(b), "live": live_span(b, sb.buffers, len(timeline))} for b in sb.buffers]
     return MemoryPlan(arena, totals[peak] if totals else 0, sb.trainable_bytes, sb.frozen_bytes, peak,
-                      dict(timeline[peak]) if timeline else {}, rows, buffers, int(option("kernel_local_bytes")))
+                      dict(timeline[peak]) if timeline else {}, rows, [asdict(b) for b in sb.buffers], int(option("kernel_local_bytes")),
+                      [live_span(b, sb.buffers, len(timeline)) for b in sb.buffers])
 
 
 PLAN_ATTRS = ("tinytrain.memory_plan", "tinytrain.memory_plan_of")  # the plan, and the fingerprint of what it planned
