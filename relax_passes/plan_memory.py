@@ -72,8 +72,9 @@ class MemoryPlan:
         }
 
     def live_at(self, index: int) -> list[dict]:
-        """The buffers whose bytes make up op ``index``'s row of the timeline, largest first: each buffer's name, kind,
-        size, offset, and the ops that write it and read it last (with their nodes: the model's layers)."""
+        """The buffers whose bytes make up op ``index``'s row of the timeline, largest first: each buffer's index in
+        :attr:`buffers` (Relax names repeat), name, kind, size, offset, and the ops that write it and read it last
+        (with their nodes: the model's layers)."""
         if not 0 <= index < len(self.timeline):
             raise TinyTrainError(f"op index {index} is out of range: the step has ops 0..{len(self.timeline) - 1}")
 
@@ -82,9 +83,9 @@ class MemoryPlan:
                 return "the function's inputs" if i < 0 else "the function's results"
             return self.timeline[i]["node"] or "no kernel: a tuple or one of its fields"
 
-        rows = [{"name": b["name"], "kind": b["kind"], "size": b["size"], "offset": b["offset"], "written_at": b["start"],
+        rows = [{"buffer": i, "name": b["name"], "kind": b["kind"], "size": b["size"], "offset": b["offset"], "written_at": b["start"],
                  "written_by": node(b["start"]), "last_read_at": b["end"], "last_read_by": node(b["end"])}
-                for b, span in zip(self.buffers, self.live_spans) if span is not None and span[0] <= index <= span[1]]
+                for i, (b, span) in enumerate(zip(self.buffers, self.live_spans)) if span is not None and span[0] <= index <= span[1]]
         return sorted(rows, key=lambda r: (-r["size"], r["written_at"]))
 
 

@@ -53,9 +53,9 @@ def test_memory_timeline_and_what_is_alive_at_an_op(capsys):
         assert sum(b["size"] for b in live) == sum(v for k, v in row.items() if k not in ("index", "op", "node")), t
         spans = sorted((b["offset"], b["offset"] + b["size"]) for b in live if b["size"])
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"op {t}: live buffers overlap: {spans}"
-        assert all(b["written_at"] <= t <= b["last_read_at"] for b in live)
-        outputs = {b["name"] for b, span in zip(plan.buffers, plan.live_spans) if b["start"] == t and span is not None and b["kind"] != "workspace"}
-        assert outputs <= {b["name"] for b in live} | {b["name"] for b in plan.buffers if b["overwrites"] is not None}, t
+        assert all(b["written_at"] <= t <= b["last_read_at"] and plan.buffers[b["buffer"]]["name"] == b["name"] for b in live)
+        outputs = {i for i, (b, span) in enumerate(zip(plan.buffers, plan.live_spans)) if b["start"] == t and span is not None and b["kind"] != "workspace"}
+        assert outputs <= {b["buffer"] for b in live} | {i for i, b in enumerate(plan.buffers) if b["overwrites"] is not None}, t
     with pytest.raises(TinyTrainError, match="op index 64 is out of range: the step has ops 0..63"):
         plan.live_at(len(plan.timeline))
 

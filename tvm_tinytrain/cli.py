@@ -109,7 +109,7 @@ def cmd_memory(args) -> int:
         at = report["live_at"]
         print(f"  alive at op {at['index']} ({at['op']} {at['node']}):")
         for b in at["buffers"]:
-            print(f"    {b['kind']:<15} {b['size'] / kb:6.1f} KB  {b['name']}: written at op {b['written_at']} ({b['written_by']}), "
+            print(f"    {b['kind']:<15} {b['size'] / kb:6.1f} KB  {b['name']} (buffer {b['buffer']}): written at op {b['written_at']} ({b['written_by']}), "
                   f"last read at op {b['last_read_at']} ({b['last_read_by']})")
     return 0
 
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-reorder", action="store_true", help="run every update after the whole backward (the baseline)")
     sp.add_argument("--plot", help="write the per-op memory timeline to this .png")
     sp.add_argument("--budget", type=parse_bytes, help="fail if the step needs more SRAM than this (e.g. 256KB)")
-    sp.add_argument("--timeline", action="store_true", help="also list every op of the step with the bytes alive while it runs")
+    sp.add_argument("--timeline", action="store_true",
+                    help="also list every kernel call of the step with the bytes alive while it runs (--json: every binding)")
     sp.add_argument("--live-at", metavar="OP", type=_op_index,
                     help="also list the buffers alive at op OP (its index in the timeline, or 'peak'): what makes up that op's bytes")
     sp.set_defaults(func=cmd_memory)
