@@ -114,7 +114,7 @@ def policy_option(pass_name: str, name: str, given=None) -> str:
 
 def policy_targets(mod, pass_name: str, name: str, given=None) -> tuple[str, list[str]]:
     """A policy pass's :func:`policy_option` and the Relax functions it rewrites: none under ``never``."""
-    from ._fusion import relax_function_names
+    from ._fusion import relax_function_names  # here, not at the top: _fusion imports this module
 
     policy = policy_option(pass_name, name, given)
     return policy, [] if policy == "never" else relax_function_names(mod, pass_name)
