@@ -65,7 +65,7 @@ def test_memory_timeline_and_what_is_alive_at_an_op(capsys):
 
 def test_memory_live_at_past_the_last_op(capsys):
     code, _, err = run_cli(capsys, "memory", DEFAULT_MODEL, "--scheme", "last-k:6", "--num-classes", 5, "--live-at", 9999)
-    assert code == 2 and err.strip() == "tinytrain: error: --live-at 9999: the step has ops 0..63"
+    assert code == 2 and err.strip() == "tinytrain: error: --live-at 9999: op index 9999 is out of range: the step has ops 0..63"
 
 
 def _memory_with_and_without(capsys, scheme: str, flag: str) -> tuple[dict, dict]:

@@ -85,9 +85,11 @@ def cmd_memory(args) -> int:
         report["timeline"] = [{**row, "total": sum(v for k, v in row.items() if k not in ("index", "op", "node"))} for row in plan.timeline]
     if args.live_at is not None:
         index = plan.peak_index if args.live_at == "peak" else args.live_at
-        if index >= len(plan.timeline):
-            raise TinyTrainError(f"--live-at {index}: the step has ops 0..{len(plan.timeline) - 1}")
-        report["live_at"] = {**plan.timeline[index], "buffers": plan.live_at(index)}
+        try:
+            buffers = plan.live_at(index)
+        except TinyTrainError as err:  # the plan bounds the index; the user should see the option too
+            raise TinyTrainError(f"--live-at {index}: {err}") from None
+        report["live_at"] = {**plan.timeline[index], "buffers": buffers}
     if args.plot:
         from .plots import plot_memory_timeline
 
