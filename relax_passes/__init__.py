@@ -7,8 +7,9 @@ why not ``PassContext(config=...)``)::
     seq = tvm.transform.Sequential([
         AppendLoss(num_classes=10), QuantizedGradient(qas=True),
         SparseUpdate("paper-99kb"), ReorderUpdates(), FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(),
-        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), NarrowPeakTiles(),
-        CheckpointMasks(), NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
+        FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(), PointwiseInPlace(), ResidualBackwardInPlace(),
+        NarrowPeakTiles(), CheckpointMasks(), ResidualBackwardInPlace(), NarrowPeakTiles(), RecomputeStreamedExpansion(),
+        PlanMemory(),
     ])
     train_mod = seq(inference_mod)
 """
@@ -28,11 +29,12 @@ from .pointwise_in_place import PointwiseInPlace
 from .quantized_gradient import QuantizedGradient
 from .recompute_streamed_expansion import RecomputeStreamedExpansion
 from .reorder_updates import ReorderUpdates
+from .residual_backward_in_place import ResidualBackwardInPlace
 from .sparse_update import SparseUpdate
 from .stream_input_rows import StreamInputRows
 
 __all__ = [
     "AccumulateGradients", "AppendLoss", "QuantizedGradient", "SparseUpdate", "ReorderUpdates", "FuseConvRequant", "FuseExpandDepthwise",
     "FuseWeightUpdate", "FuseDepthwiseBackward", "DepthwiseInPlace", "PointwiseInPlace", "StreamInputRows", "RecomputeStreamedExpansion",
-    "CheckpointMasks", "NarrowPeakTiles", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
+    "CheckpointMasks", "NarrowPeakTiles", "ResidualBackwardInPlace", "PlanMemory", "MemoryPlan", "memory_plan", "pass_config",
 ]

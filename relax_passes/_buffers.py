@@ -35,9 +35,11 @@ SGD_OPS = ("sgd_update_int8", "sgd_update_int32", "sgd_update_f32")
 # Kernels that overwrite their argument 0 (a trainable parameter) instead of allocating an output.
 IN_PLACE_OPS = (*SGD_OPS, "conv2d_weight_grad_sgd")
 # Kernels whose output may overwrite an operand that dies there: element-wise ones (out[i] reads index i only)
-# the depthwise kernels that stage each operand plane first (DepthwiseInPlace) and the 1x1 convs that stage each
-# pixel's column first (PointwiseInPlace).
-OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place", "pointwise_in_place")
+# the depthwise kernels that stage each operand plane first (DepthwiseInPlace), the 1x1 convs that stage each
+# pixel's column first (PointwiseInPlace) and the residual block backward that copies the rows of its operand it still
+# needs before it writes a band (ResidualBackwardInPlace).
+OVERWRITING_OPS = ("apply_mask", "add_f32", "add_int8", "depthwise_in_place", "depthwise_input_grad_in_place", "pointwise_in_place",
+                   "residual_block_backward")
 # Overwriting kernels whose smaller output may also end where the operand ends: a 1x1 conv writes output (c, p) only
 # after staging pixel p's column, and wherever the output starts inside the operand (a whole number of channel rows
 # in), (c, p) lands on pixel p of some operand row.
@@ -63,7 +65,7 @@ def _field_kind(op: str, index: int, ty) -> str:
         return "activation" if index == 0 else "gradient"
     if op == "linear_float_grads":
         return "gradient" if index == 0 else "weight_gradient"
-    if op in ("depthwise_block_backward", "depthwise_block_backward_sgd"):  # an input gradient (4-D), or bias gradients
+    if op in ("depthwise_block_backward", "depthwise_block_backward_sgd", "residual_block_backward"):  # an input gradient (4-D), or bias gradients
         return "gradient" if len(ty.shape) == 4 else "weight_gradient"
     if op in PARAM_GRAD_OPS:
         return "weight_gradient"

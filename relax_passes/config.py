@@ -38,8 +38,9 @@ DEFAULTS = {
     "stream_layers": True,  # StreamInputRows: ... and the frozen layers after it run row by row too (their outputs leave it)
     "recompute_streamed_expansion": "at-peak",  # RecomputeStreamedExpansion: at-peak | always | never (see its module doc)
     "checkpoint_masks": "at-peak",  # CheckpointMasks: at-peak | always | never (see its module doc)
+    "residual_backward_in_place": "at-peak",  # ResidualBackwardInPlace: at-peak | always | never (see its module doc)
     "narrow_peak_tiles": True,  # NarrowPeakTiles: the fused block backward at the step's peak builds fewer planes at a time
-    "recompute_min_saving": 1024,  # RecomputeStreamedExpansion, CheckpointMasks: bytes of peak an at-peak recomputation must save
+    "recompute_min_saving": 1024,  # RecomputeStreamedExpansion, CheckpointMasks, ResidualBackwardInPlace: bytes of peak an at-peak recomputation must save
     "row_window_bytes": 1024,  # StreamInputRows: a streamed depthwise conv gathers its window of rows in channel groups this small
     "max_plane_bytes": 5120,  # DepthwiseInPlace: largest operand channel plane staged in the kernel (64x64 + padding)
 }

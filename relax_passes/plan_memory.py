@@ -115,14 +115,14 @@ def assign_offsets(buffers: list[Buffer], alignment: int, search_steps: int = 0)
     results = []
     for i, key in enumerate(PLACEMENT_ORDERS.values()):
         order = _sequence(buffers, key)
-        rank = {b.name: k for k, b in enumerate(order)}
+        rank = {id(b): k for k, b in enumerate(order)}  # by buffer: Relax names repeat
         roots = [b for b in order if b.overwrites is None]  # an overwriting output is placed by its root's rank alone
         steps = search_steps // len(PLACEMENT_ORDERS) if len(roots) > 1 else 0
         results.append(_local_search(buffers, alignment, roots, rank, steps, floor, random.Random(i), neighbours))
         if results[-1][0][0] <= floor:
             break
     _, rank = min(results, key=lambda r: r[0])
-    return _place(buffers, alignment, lambda x: (rank[x.name],), neighbours)
+    return _place(buffers, alignment, lambda x: (rank[id(x)],), neighbours)
 
 
 def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], rank: dict, steps: int, floor: int, rng,
@@ -131,13 +131,13 @@ def _local_search(buffers: list[Buffer], alignment: int, roots: list[Buffer], ra
     def score(order) -> tuple[int, int]:
         return _place(buffers, alignment, order, neighbours), -sum(b.in_place(buffers) for b in buffers)
 
-    best, since = score(lambda x: (rank[x.name],)), 0
+    best, since = score(lambda x: (rank[id(x)],)), 0
     for _ in range(steps):
         if best[0] <= floor or since >= SEARCH_PATIENCE:
             break
         a, b = rng.sample(roots, 2)
-        trial = {**rank, a.name: rank[b.name], b.name: rank[a.name]}
-        result = score(lambda x: (trial[x.name],))
+        trial = {**rank, id(a): rank[id(b)], id(b): rank[id(a)]}
+        result = score(lambda x: (trial[id(x)],))
         since = 0 if result[0] < best[0] else since + 1
         if result <= best:  # sideways moves too: they let the search cross plateaus
             best, rank = result, trial

@@ -547,6 +547,64 @@ def test_depthwise_block_backward_is_the_separate_kernels(shape, seed, expansion
         assert (want != w_pw).any()  # the steps are large enough to move weights
 
 
+@given(st.sampled_from([(12, 4, 8, 6, 5, 4), (12, 4, 8, 6, 5, 2), (6, 3, 6, 5, 3, 1), (6, 3, 6, 5, 3, 3), (8, 4, 7, 4, 7, 7),
+                        (9, 2, 9, 3, 7, 3), (8, 4, 4, 4, 3, 4)]),
+       st.integers(0, 2**31), st.booleans(), st.booleans(), st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_residual_block_backward_is_the_fused_kernel_then_the_skip_add(shape, seed, masked_front, update_biases, in_place):
+    """The banded residual block backward == the numpy reference of the separate kernels (the projection's input
+    gradient, the depthwise clamp, the depthwise and expansion input gradients, the expansion clamp, both bias
+    gradients or their SGD steps) plus the skip path's ``add_f32``, bit for bit, whether its output is a separate
+    buffer or ``g`` itself (``in_place``, as the C step runs it when ``g`` dies there); bands of 1 row up to the
+    whole plane, as many rows as the depthwise kernel reaches or more."""
+    from tvm_tinytrain.ops import dsp
+    from tvm_tinytrain.ops.tir_backward import residual_block_backward
+
+    c, width, h, w, k, band = shape
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(1, width, h, w)).astype(np.float32)
+    g_mask = projection_mask_bytes(rng, g.size)
+    w_proj, w_dw, w_pw = (rng.integers(-128, 128, s).astype(np.int8) for s in ((width, c, 1, 1), (c, 1, k, k), (c, width, 1, 1)))
+    s_proj = rng.uniform(1e-3, 1e-2, width).astype(np.float32)
+    s_dw, s_pw = (rng.uniform(1e-3, 1e-2, c).astype(np.float32) for _ in range(2))
+    mask_dw, mask = (rng.integers(0, 256, ((c * h * w + 7) // 8,)).astype(np.uint8) for _ in range(2))
+    bias_scale = np.float32(1000 if update_biases else 1)  # large enough for the steps to move the biases
+    b_scale_dw, b_scale = (rng.uniform(1, 100, c).astype(np.float32) * bias_scale for _ in range(2))
+    lr = np.array([0.5], np.float32)
+    biases = [rng.integers(-2**31, 2**31, c, dtype=np.int64).astype(np.int32) for _ in range(2)]
+    biases[0][:2] = [2**31 - 1, -2**31]
+
+    g_proj = ref.apply_mask(g, g_mask) if masked_front else g
+    g_dw = ref.apply_mask(ref.conv2d_input_grad(g_proj, w_proj, s_proj, (1, c, h, w), 1, 1), mask_dw)
+    masked = ref.apply_mask(ref.conv2d_input_grad(g_dw, w_dw, s_dw, (1, c, h, w), 1, c), mask)
+    want_sum = ref.add_f32(g, ref.conv2d_input_grad(masked, w_pw, s_pw, (1, width, h, w), 1, 1))
+    want_b = [ref.bias_grad(masked, b_scale), ref.bias_grad(g_dw, b_scale_dw)]
+    if update_biases:
+        want_b = [ref.sgd_update_int32(b, gb, lr) for b, gb in zip(biases, want_b)]
+        assert (want_b[0] != biases[0]).any()
+
+    kernel = residual_block_backward(c, width, h, w, k, band, masked_front, update_biases)
+    kernel = kernel.with_attrs({"global_symbol": "main", "tirx.noalias": False})  # g_sum may be g
+    fn = tvm.compile(dsp.LowerDSPIntrinsics()(tvm.IRModule({"main": kernel})), target="llvm")
+    g_in = tvm.runtime.tensor(g)
+    g_sum = g_in if in_place else tvm.runtime.empty(list(g.shape), "float32")
+    outs = [g_sum, *(tvm.runtime.empty([c], "int32" if update_biases else "float32") for _ in range(2))]
+    args = [g_in, *([g_mask] if masked_front else []), w_proj, s_proj, mask_dw, b_scale_dw, w_dw, s_dw, mask, b_scale, w_pw, s_pw,
+            *([lr, *biases] if update_biases else [])]
+    fn(*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in args], *outs)
+    assert_same(g_sum.numpy(), want_sum)
+    for got, want in zip(outs[1:], want_b):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_residual_block_backward_rejects_a_band_that_cannot_overwrite_its_input():
+    from tvm_tinytrain.ops.tir_backward import residual_block_backward
+
+    for band in (0, 3, 1):  # 0 rows; 3 does not divide 8; 1 row is less than a 5x5 kernel's reach of 2
+        with pytest.raises(TinyTrainError, match=f"band of {band} rows"):
+            residual_block_backward(12, 4, 8, 6, 5, band)
+
+
 @given(st.sampled_from([(8, 4, 8, 8, 3, 2, 4), (6, 4, 7, 8, 5, 1, 3), (8, 8, 4, 4, 3, 1, 8), (4, 3, 6, 6, 3, 2, 1), (4, 4, 5, 4, 7, 2, 2)]),
        st.integers(0, 2**31), st.sampled_from(VARIANTS), st.booleans(), st.booleans())
 @settings(max_examples=20, deadline=None)

@@ -71,7 +71,7 @@ def test_at_peak_lowers_proxyless_paper_148kb():
     projection mask and blocks 8-10's and block 11's expansion and depthwise masks from it in the backward; the
     step's peak moves to block 6's backward, where two 16 KB float32 gradients are alive, so it stops there (block
     5-7's masks from block 5's input would not lower it)."""
-    with pass_config(checkpoint_masks="never"):
+    with pass_config(checkpoint_masks="never", residual_backward_in_place="never"):
         mod = build_training_module(load_model(paper_model_path("proxyless-w0.3")), "paper-148kb")
     out = tvm.transform.Sequential([CheckpointMasks(), PlanMemory()])(mod)
     before, after = _masks_by_side(mod), _masks_by_side(out)

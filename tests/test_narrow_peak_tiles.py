@@ -25,7 +25,7 @@ def _tiles(mod) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def base():
     """Optimized Proxyless paper-148kb without either pass."""
-    with pass_config(checkpoint_masks="never", narrow_peak_tiles=False):
+    with pass_config(checkpoint_masks="never", narrow_peak_tiles=False, residual_backward_in_place="never"):
         return build_training_module(load_model(paper_model_path("proxyless-w0.3")), "paper-148kb", kernels="optimized")
 
 

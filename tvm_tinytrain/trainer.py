@@ -48,6 +48,7 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
         QuantizedGradient,
         RecomputeStreamedExpansion,
         ReorderUpdates,
+        ResidualBackwardInPlace,
         SparseUpdate,
         StreamInputRows,
     )
@@ -58,7 +59,8 @@ def build_training_module(model: Model, scheme: str = "full", num_classes: int =
             AppendLoss(num_classes, head_seed), QuantizedGradient(qas), SparseUpdate(scheme), ReorderUpdates(reorder),
             *([AccumulateGradients()] if accumulate else []),
             FuseConvRequant(), StreamInputRows(), FuseWeightUpdate(), FuseDepthwiseBackward(), FuseExpandDepthwise(), DepthwiseInPlace(),
-            PointwiseInPlace(), NarrowPeakTiles(), CheckpointMasks(), NarrowPeakTiles(), RecomputeStreamedExpansion(), PlanMemory(),
+            PointwiseInPlace(), ResidualBackwardInPlace(), NarrowPeakTiles(), CheckpointMasks(), ResidualBackwardInPlace(), NarrowPeakTiles(),
+            RecomputeStreamedExpansion(), PlanMemory(),
             *([PlanMemory("accumulate_step")] if accumulate else []),
         ])
         out = seq(mod).with_attr("tinytrain.kernels", kernels)

@@ -456,6 +456,107 @@ def depthwise_block_backward(channels: int, in_channels: int, h: int, w: int, ho
     return _signature(kernel, inputs + outputs).with_attr("tinytrain.in_place", in_place)
 
 
+@cached_kernel
+def residual_block_backward(channels: int, width: int, h: int, w: int, k: int, band: int, masked_front: bool = False,
+                            update_biases: bool = False):
+    """PrimFunc ``(g, w_proj, s_proj, mask_dw, b_scale_dw, w_dw, s_dw, mask, b_scale, w_pw, s_pw) -> (g_sum, g_b,
+    g_b_dw)``: the backward of a residual inverted block whose weights are frozen (``width`` channels ``h x w``, a 1x1
+    expansion to ``channels``, a stride-1 depthwise conv of kernel ``k``, the 1x1 projection back), from ``g``, the
+    gradient of the block's output, to ``g_sum``, the gradient of its input: ``g`` (the skip path) plus the branch's
+    input gradient, as :func:`depthwise_block_backward` with ``projection`` then ``add_f32`` give it.  The form and
+    the bias outputs (``masked_front``, ``update_biases``) are :func:`depthwise_block_backward`'s.
+
+    ``g_sum`` may be ``g`` itself: the kernel works in bands of ``band`` rows, top to bottom.  A band's input
+    gradient reads the projection's front over the band and ``pad`` rows either side; the front is summed there for
+    one expanded channel at a time, then its depthwise input gradient and expansion input gradient, into the band's
+    accumulators.  The ``pad`` rows above the band were overwritten by the band before, so the kernel copies each
+    band's last ``pad`` rows of ``g`` before writing it.  Two float32 tensors of the block's width were alive
+    before; now one is, plus a band and ``pad`` rows of it, for the front computed ``(band + 2 * pad) / band``
+    times.  Every element sums the same terms in the same order as the separate kernels, and the bias sums run
+    over the bands in row order: the same bits."""
+    pad = (k - 1) // 2
+    if band < 1 or h % band or (band < h and band < pad):
+        raise TinyTrainError(f"residual_block_backward: a band of {band} rows must divide the {h} rows and, unless it is "
+                             f"all of them, cover the {pad} rows of the kernel's reach")
+    bands = h // band
+    mask_bytes = (channels * h * w + 7) // 8
+
+    def source(g, g_mask, prev, r, o, i, j):
+        """Element ``(o, j)`` of row ``i`` of band ``r``'s front (row ``r * band - pad + i`` of ``g``) as the band reads
+        it: the rows above the band from ``prev``; through the projection's clamp mask with ``masked_front``."""
+        row = r * band - pad + i
+        value = T.if_then_else(i < pad, prev[o, T.min(i, pad - 1), j], g[0, o, row, j])
+        return _bit_select(g_mask, (o * h + row) * w + j, value) if masked_front else value
+
+    @T.prim_func(private=True)
+    def kernel(g: T.Buffer((1, width, h, w), "float32"), g_mask: T.Buffer(((width * h * w + 7) // 8,), "uint8"),
+               w_proj: T.Buffer((width, channels, 1, 1), "int8"), s_proj: T.Buffer((width,), "float32"),
+               mask_dw: T.Buffer((mask_bytes,), "uint8"), b_scale_dw: T.Buffer((channels,), "float32"),
+               w_dw: T.Buffer((channels, 1, k, k), "int8"), s_dw: T.Buffer((channels,), "float32"),
+               mask: T.Buffer((mask_bytes,), "uint8"), b_scale: T.Buffer((channels,), "float32"),
+               w_pw: T.Buffer((channels, width, 1, 1), "int8"), s_pw: T.Buffer((channels,), "float32"),
+               lr: T.Buffer((1,), "float32"), b1: T.Buffer((channels,), "int32"), b2: T.Buffer((channels,), "int32"),
+               g_sum: T.Buffer((1, width, h, w), "float32"), g_b: T.Buffer((channels,), "float32"),
+               g_b_dw: T.Buffer((channels,), "float32"), b1_new: T.Buffer((channels,), "int32"),
+               b2_new: T.Buffer((channels,), "int32")):
+        prev = T.alloc_buffer((width, max(pad, 1), w), "float32", scope="global")  # g's rows above the band, as they were
+        acc = T.alloc_buffer((width, band, w), "float32", scope="global")  # the branch's input gradient over the band
+        # Channel c's masked depthwise output gradient over the band and pad rows either side, in a zero border.
+        front = T.alloc_buffer((band + 2 * pad, w + 2 * pad), "float32", scope="global")
+        plane = T.alloc_buffer((band, w), "float32", scope="global")  # its masked depthwise input gradient
+        dw_real = T.alloc_buffer((k, k), "float32", scope="global")
+        sums = T.alloc_buffer((2, channels), "float32", scope="global")  # the bias gradients' sums, over the bands
+        one = T.alloc_buffer((1,), "float32", scope="global")
+        for c in range(channels):
+            sums[0, c] = T.float32(0.0)
+            sums[1, c] = T.float32(0.0)
+        for r in range(bands):
+            for ci, y, x in T.grid(width, band, w):
+                acc[ci, y, x] = T.float32(0.0)
+            for c in range(channels):
+                for i, j in T.grid(band + 2 * pad, w + 2 * pad):
+                    front[i, j] = T.float32(0.0)
+                for i, j in T.grid(band + 2 * pad, w):
+                    if tirx.all(r * band - pad + i >= 0, r * band - pad + i < h):
+                        one[0] = T.float32(0.0)
+                        for o in range(width):
+                            one[0] = one[0] + source(g, g_mask, prev, r, o, i, j) * (
+                                T.Cast("float32", w_proj[o, c, 0, 0]) * s_proj[o])
+                        front[i, j + pad] = _bit_select(mask_dw, (c * h + r * band - pad + i) * w + j, one[0])
+                        if tirx.all(i >= pad, i < pad + band):  # the band's own rows, once each, in row order
+                            sums[1, c] = sums[1, c] + front[i, j + pad]
+                for rh, rw in T.grid(k, k):
+                    dw_real[rh, rw] = T.Cast("float32", w_dw[c, 0, rh, rw]) * s_dw[c]
+                for y, x in T.grid(band, w):
+                    one[0] = T.float32(0.0)
+                    for jh, jw in T.grid(k, k):
+                        one[0] = one[0] + front[y + 2 * pad - jh, x + 2 * pad - jw] * dw_real[jh, jw]
+                    plane[y, x] = _bit_select(mask, (c * h + r * band + y) * w + x, one[0])
+                    sums[0, c] = sums[0, c] + plane[y, x]
+                for ci in range(width):
+                    one[0] = T.Cast("float32", w_pw[c, ci, 0, 0]) * s_pw[c]
+                    for y, x in T.grid(band, w):
+                        acc[ci, y, x] = acc[ci, y, x] + plane[y, x] * one[0]
+            if r < bands - 1:  # before g_sum overwrites them: the next band's rows above it
+                for o, q, j in T.grid(width, pad, w):
+                    prev[o, q, j] = g[0, o, (r + 1) * band - pad + q, j]
+            for ci, y, x in T.grid(width, band, w):
+                g_sum[0, ci, r * band + y, x] = g[0, ci, r * band + y, x] + acc[ci, y, x]
+        for c in range(channels):
+            if update_biases:
+                b1_new[c] = int32_step(b1[c], lr, b_scale[c] * sums[0, c])
+                b2_new[c] = int32_step(b2[c], lr, b_scale_dw[c] * sums[1, c])
+            else:
+                g_b[c] = b_scale[c] * sums[0, c]
+                g_b_dw[c] = b_scale_dw[c] * sums[1, c]
+
+    inputs = ["g", *(["g_mask"] if masked_front else []), "w_proj", "s_proj", "mask_dw", "b_scale_dw", "w_dw", "s_dw", "mask",
+              "b_scale", "w_pw", "s_pw", *(["lr", "b1", "b2"] if update_biases else [])]
+    outputs = ["g_sum", *(["b1_new", "b2_new"] if update_biases else ["g_b", "g_b_dw"])]
+    in_place = [[1, inputs.index("b1")], [2, inputs.index("b2")]] if update_biases else []
+    return _signature(kernel, inputs + outputs).with_attr("tinytrain.in_place", in_place)
+
+
 def _signature(func: tirx.PrimFunc, names: list[str]) -> tirx.PrimFunc:
     """``func`` with only the buffer parameters ``names``, in that order (the body must not touch the others)."""
     by_name = {p.name: p for p in func.params}
