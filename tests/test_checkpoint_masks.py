@@ -66,7 +66,8 @@ def test_always_moves_every_mask_into_the_backward_and_c_gives_the_trainers_bits
 
 
 def test_at_peak_lowers_proxyless_paper_148kb():
-    """Proxyless paper-148kb held the masks of its bias-only blocks 5-11 (19 KB) through its trained blocks' peak.
+    """Proxyless paper-148kb (without ResidualBackwardInPlace, which then takes block 6's peak below) held the masks of
+    its bias-only blocks 5-11 (19 KB) through its trained blocks' peak.
     At its default the pass (run again after the pipeline, then PlanMemory) keeps block 7's output (1.5 KB) and makes block 7's
     projection mask and blocks 8-10's and block 11's expansion and depthwise masks from it in the backward; the
     step's peak moves to block 6's backward, where two 16 KB float32 gradients are alive, so it stops there (block
@@ -80,7 +81,7 @@ def test_at_peak_lowers_proxyless_paper_148kb():
         ["blocks[7].pointwise2", *(f"blocks[{b}].{layer}" for b in (8, 9, 10) for layer in ("pointwise1", "depthwise", "pointwise2", "residual")),
          "blocks[11].pointwise1", "blocks[11].depthwise"])
     old, new = memory_plan(mod), memory_plan(out)
-    assert old.peak_live_bytes - new.peak_live_bytes > 1900 and new.arena_bytes < old.arena_bytes - 4096
+    assert old.peak_live_bytes - new.peak_live_bytes > 1900 and new.arena_bytes < old.arena_bytes - 1024
     assert new.timeline[new.peak_index]["node"].startswith("blocks[6].")
     assert CheckpointMasks()(out).same_as(out)  # nothing left that pays
 
