@@ -180,7 +180,7 @@ def analyze(mod, func: relax.Function) -> StepBuffers:
                     first, last = pipe.first, pipe.last
                     for part, size in pipe.buffers(stage):
                         buffers.append(Buffer(f"{var.name}.{part}", size, first, last, "workspace"))
-            ws = _workspace_bytes(mod[call.gvar], call.gvar.name_hint)  # in-place kernels too: their C takes one as well
+            ws = kernel_workspace_bytes(mod[call.gvar], call.gvar.name_hint)  # in-place kernels too: their C takes one as well
             if ws:
                 buffers.append(Buffer(f"{var.name}.workspace", ws, first, last, "workspace"))
         elif isinstance(value, relax.TupleGetItem):  # an alias of one field: the reader is its consumer
@@ -228,7 +228,7 @@ def storage_buffers(buffers: list[Buffer]) -> list[Buffer]:
     return [b for b in buffers if b.alias is None and not b.streamed]
 
 
-def _workspace_bytes(prim_func, name: str) -> int:
+def kernel_workspace_bytes(prim_func, name: str) -> int:
     """Bytes of the workspace a kernel's C form keeps its internal buffers over ``kernel_local_bytes`` in (a streamed layer's: its band kernel's),
     alignment included, after TVM compacts them to what each loop needs (e.g. the accumulator of a fused conv +
     requantize shrinks to one int32): the code generator places them with the same function."""

@@ -47,6 +47,7 @@ from tvm import relax
 from tvm_tinytrain.ops.tir_backward import residual_block_backward
 from tvm_tinytrain.relax_build import kernel_attrs
 
+from ._buffers import kernel_workspace_bytes
 from ._fusion import reader_counts, reemit
 from ._ir import decode
 from .config import option, policy_targets
@@ -86,11 +87,21 @@ def _blocks(mod: tvm.IRModule, name: str) -> dict:
     return found
 
 
+def _kernel(form: dict, band: int, node: str) -> tvm.tirx.PrimFunc:
+    prim = residual_block_backward(form["channels"], form["in_channels"], form["h"], form["w"], form["k"], band, form["masked_front"],
+                                   form["update_biases"])
+    return prim.with_attrs({**kernel_attrs(OP, node), "tinytrain.band": band})
+
+
 def bands(form: dict) -> list[int]:
-    """The bands of rows the kernel can take for a block of this form, narrowest first: each divides the rows and
-    covers the depthwise conv's reach, and none is all of them (that would keep the whole sum beside ``g``)."""
+    """The bands of rows the kernel can take for a block of this form, narrowest first: each divides the rows, covers
+    the depthwise conv's reach and keeps the kernel's buffers within one kernel's workspace limit, and none is all of
+    the rows (that would keep the whole sum beside ``g``)."""
+    from tvm_tinytrain.codegen.kernels import MAX_WORKSPACE_BYTES  # here: the code generator imports the passes
+
     pad = (form["k"] - 1) // 2
-    return [b for b in range(max(pad, 1), form["h"]) if form["h"] % b == 0]
+    return [b for b in range(max(pad, 1), form["h"])
+            if form["h"] % b == 0 and kernel_workspace_bytes(_kernel(form, b, ""), OP) <= MAX_WORKSPACE_BYTES]
 
 
 def rewrite(mod: tvm.IRModule, name: str, block: relax.Var, band: int) -> tvm.IRModule:
@@ -104,11 +115,7 @@ def rewrite(mod: tvm.IRModule, name: str, block: relax.Var, band: int) -> tvm.IR
             return True
         if not binding.var.same_as(block):
             return False
-        call = decode(mod, binding)
-        prim = residual_block_backward(form["channels"], form["in_channels"], form["h"], form["w"], form["k"], band,
-                                       form["masked_front"], form["update_biases"])
-        prim = prim.with_attrs({**kernel_attrs(OP, call.node), "tinytrain.band": band})
-        gv = bb.add_func(prim, OP)
+        gv = bb.add_func(_kernel(form, band, decode(mod, binding).node), OP)
         value = binding.value
         bb.emit_normalized(relax.VarBinding(block, bb.normalize(relax.Call(value.op, [gv, *value.args[1:]], value.attrs, value.ty_args))))
         return True

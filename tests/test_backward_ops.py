@@ -132,7 +132,7 @@ def test_apply_mask(shape, seed):
 def test_masked_bias_grad_is_apply_mask_then_bias_grad(shape, seed, variant):
     """``masked_bias_grad(g, mask, scale)`` == bias_grad(apply_mask(g, mask)) of the numpy reference, bit for bit, in
     both schedules, with no stored masked copy (its workspace is that of ``bias_grad`` alone)."""
-    from relax_passes._buffers import _workspace_bytes
+    from relax_passes._buffers import kernel_workspace_bytes
 
     rng = np.random.default_rng(seed)
     g = rng.normal(size=shape).astype(F32)
@@ -143,7 +143,7 @@ def test_masked_bias_grad_is_apply_mask_then_bias_grad(shape, seed, variant):
         prim = compact_schedule(te.create_prim_func([*phs, te_backward.masked_bias_grad(*phs)]))
         plain = compact_schedule(te.create_prim_func([phs[0], phs[2], te_backward.bias_grad(phs[0], phs[2])]))
     with pass_config(kernel_local_bytes=0):  # every internal buffer in the workspace, however small
-        assert _workspace_bytes(prim, "masked_bias_grad") == _workspace_bytes(plain, "bias_grad") > 0
+        assert kernel_workspace_bytes(prim, "masked_bias_grad") == kernel_workspace_bytes(plain, "bias_grad") > 0
     fn = tvm.compile(prim, target="llvm")
     got = tvm.runtime.empty([shape[1]], "float32")
     fn(*[tvm.runtime.tensor(a) for a in (g, mask, scale)], got)
