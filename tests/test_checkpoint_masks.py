@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import tvm
 from conftest import make_random_model, paper_model_path
-from test_codegen import CLASSES, LR, SANITIZE_FLAGS, Case, assert_matches_trainer, build
+from test_codegen import CLASSES, LR, assert_pass_keeps_the_bits
 from tvm import relax
 
 from relax_passes import CheckpointMasks, PlanMemory, memory_plan, pass_config
 from relax_passes._ir import decode
 from relax_passes.checkpoint_masks import LOSS_OP, segments
-from tvm_tinytrain.codegen import generate
 from tvm_tinytrain.errors import TinyTrainError
 from tvm_tinytrain.importers import load_model
 from tvm_tinytrain.trainer import Int8Trainer, build_training_module
@@ -46,23 +44,8 @@ def test_always_moves_every_mask_into_the_backward_and_c_gives_the_trainers_bits
     loss = ops.index(LOSS_OP)
     assert {"expand_depthwise", "pointwise_in_place", "add_int8", "conv2d_requant"} <= set(ops[loss:])
 
-    meta = generate(trainer.mod, tmp_path / "gen", lr=LR)
-    rng = np.random.default_rng(3)
-    images = rng.integers(-128, 128, (3, 3, 32, 32)).astype(np.int8)
-    labels = rng.integers(0, CLASSES, 3).astype(np.int32)
-    losses, params = [], []
-    for image, label in zip(images, labels):
-        loss_value = trainer.step(image, int(label))
-        assert np.float32(loss_value).tobytes() == np.float32(plain.step(image, int(label))).tobytes()
-        losses.append(loss_value)
-        params.append({n: trainer.params[n].copy() for n in trainer.updated})
-        for n in trainer.updated:
-            assert trainer.params[n].tobytes() == plain.params[n].tobytes(), n
-    moved = [n for n in trainer.updated if not np.array_equal(params[-1][n], trainer.mod.attrs["tinytrain.param_init"][n].numpy())]
+    moved = assert_pass_keeps_the_bits(trainer, plain, tmp_path, (3, 32, 32))
     assert len(moved) >= len(trainer.updated) - 1
-    logits = np.stack([trainer.predict(image) for image in images])
-    case = Case(tmp_path / "gen", meta, trainer, images, labels, losses, params, logits, None)
-    assert_matches_trainer(case, build(case, "gcc", SANITIZE_FLAGS, "harness_asan"))
 
 
 def test_at_peak_lowers_proxyless_paper_148kb():
