@@ -481,12 +481,32 @@ def residual_block_backward(channels: int, width: int, h: int, w: int, k: int, b
     bands = h // band
     mask_bytes = (channels * h * w + 7) // 8
 
-    def source(g, g_mask, prev, r, o, i, j):
-        """Element ``(o, j)`` of row ``i`` of band ``r``'s front (row ``r * band - pad + i`` of ``g``) as the band reads
-        it: the rows above the band from ``prev``; through the projection's clamp mask with ``masked_front``."""
-        row = r * band - pad + i
-        value = T.if_then_else(i < pad, prev[o, T.min(i, pad - 1), j], g[0, o, row, j])
-        return _bit_select(g_mask, (o * h + row) * w + j, value) if masked_front else value
+    byte_rows = masked_front and w % 8 == 0  # each mask byte is 8 pixels of one row: one test for 8 where all pass
+
+    @T.macro
+    def front_row(src, q, g_mask, row, w_real, row_acc):
+        """``row_acc``: the projection's input gradient along row ``row`` for the channel whose real weights are
+        ``w_real``, summed over the output channels ``o`` of ``src[o, q, :]``, which holds row ``row`` of ``g`` (read
+        through the projection's clamp mask with ``masked_front``; a mask byte whose 8 pixels all pass, the usual
+        case, without a test each).  Each pixel's terms in increasing ``o``, as the separate kernels sum them."""
+        for j in range(w):
+            row_acc[j] = T.float32(0.0)
+        for o in range(width):
+            if byte_rows:
+                for j8 in range(w // 8):
+                    if g_mask[((o * h + row) * w) // 8 + j8] == T.uint8(255):
+                        for u in T.unroll(8):
+                            row_acc[j8 * 8 + u] = row_acc[j8 * 8 + u] + src[o, q, j8 * 8 + u] * w_real[o]
+                    else:
+                        for u in T.unroll(8):
+                            row_acc[j8 * 8 + u] = row_acc[j8 * 8 + u] + _bit_select(
+                                g_mask, (o * h + row) * w + j8 * 8 + u, src[o, q, j8 * 8 + u]) * w_real[o]
+            else:
+                for j in range(w):
+                    if masked_front:
+                        row_acc[j] = row_acc[j] + _bit_select(g_mask, (o * h + row) * w + j, src[o, q, j]) * w_real[o]
+                    else:
+                        row_acc[j] = row_acc[j] + src[o, q, j] * w_real[o]
 
     @T.prim_func(private=True)
     def kernel(g: T.Buffer((1, width, h, w), "float32"), g_mask: T.Buffer(((width * h * w + 7) // 8,), "uint8"),
@@ -507,6 +527,9 @@ def residual_block_backward(channels: int, width: int, h: int, w: int, k: int, b
         dw_real = T.alloc_buffer((k, k), "float32", scope="global")
         sums = T.alloc_buffer((2, channels), "float32", scope="global")  # the bias gradients' sums, over the bands
         one = T.alloc_buffer((1,), "float32", scope="global")
+        w_real = T.alloc_buffer((width,), "float32", scope="global")  # channel c's real projection weights
+        row_acc = T.alloc_buffer((w,), "float32", scope="global")
+        rows = T.decl_buffer((width, h, w), "float32", data=g.data)
         for c in range(channels):
             sums[0, c] = T.float32(0.0)
             sums[1, c] = T.float32(0.0)
@@ -516,21 +539,25 @@ def residual_block_backward(channels: int, width: int, h: int, w: int, k: int, b
             for c in range(channels):
                 for i, j in T.grid(band + 2 * pad, w + 2 * pad):
                     front[i, j] = T.float32(0.0)
-                for i, j in T.grid(band + 2 * pad, w):
+                for o in range(width):
+                    w_real[o] = T.Cast("float32", w_proj[o, c, 0, 0]) * s_proj[o]
+                for i in range(band + 2 * pad):
                     if tirx.all(r * band - pad + i >= 0, r * band - pad + i < h):
-                        one[0] = T.float32(0.0)
-                        for o in range(width):
-                            one[0] = one[0] + source(g, g_mask, prev, r, o, i, j) * (
-                                T.Cast("float32", w_proj[o, c, 0, 0]) * s_proj[o])
-                        front[i, j + pad] = _bit_select(mask_dw, (c * h + r * band - pad + i) * w + j, one[0])
-                        if tirx.all(i >= pad, i < pad + band):  # the band's own rows, once each, in row order
-                            sums[1, c] = sums[1, c] + front[i, j + pad]
+                        if i < pad:  # above the band: overwritten in g, kept in prev
+                            front_row(prev, i, g_mask, r * band - pad + i, w_real, row_acc)
+                        else:
+                            front_row(rows, r * band - pad + i, g_mask, r * band - pad + i, w_real, row_acc)
+                        for j in range(w):
+                            front[i, j + pad] = _bit_select(mask_dw, (c * h + r * band - pad + i) * w + j, row_acc[j])
+                            if tirx.all(i >= pad, i < pad + band):  # the band's own rows, once each, in row order
+                                sums[1, c] = sums[1, c] + front[i, j + pad]
                 for rh, rw in T.grid(k, k):
                     dw_real[rh, rw] = T.Cast("float32", w_dw[c, 0, rh, rw]) * s_dw[c]
                 for y, x in T.grid(band, w):
                     one[0] = T.float32(0.0)
-                    for jh, jw in T.grid(k, k):
-                        one[0] = one[0] + front[y + 2 * pad - jh, x + 2 * pad - jw] * dw_real[jh, jw]
+                    for jh in T.unroll(k):  # constant offsets: k is small
+                        for jw in T.unroll(k):
+                            one[0] = one[0] + front[y + 2 * pad - jh, x + 2 * pad - jw] * dw_real[jh, jw]
                     plane[y, x] = _bit_select(mask, (c * h + r * band + y) * w + x, one[0])
                     sums[0, c] = sums[0, c] + plane[y, x]
                 for ci in range(width):
