@@ -128,6 +128,16 @@ def test_memory_with_masks_checkpointed(capsys):
     assert default["parts"]["peak_mask_bytes"] < never["parts"]["peak_mask_bytes"]
 
 
+def test_memory_with_the_residual_backward_in_place(capsys):
+    """The pass option residual_backward_in_place: under bias-only:13 the default model peaks, with "never", at its
+    residual block 1's backward (the block's output gradient and the branch's input gradient alive together); at the
+    default (at-peak) that block writes the sum over the output gradient, in bands of rows."""
+    default, never = _memory_with_and_without(capsys, "bias-only:13", "--residual-backward-in-place=never")
+    assert never["peak_op"]["node"].startswith("block1.") and never["peak_op"]["op"] == "depthwise_block_backward"
+    assert default["peak_sram_bytes"] <= never["peak_sram_bytes"] - 1024
+    assert default["peak_op"]["gradient"] < never["peak_op"]["gradient"]
+
+
 def test_train_on_npz_data(capsys, tiny_pkl, tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 24)

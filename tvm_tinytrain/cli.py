@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-narrow-peak-tiles", dest="narrow_peak_tiles", action="store_false",
                             help="pass option: keep the optimized fused block backward's planes per tile where it is the "
                                  "step's peak (a little faster, more SRAM)")
+            sp.add_argument("--residual-backward-in-place", choices=["at-peak", "always", "never"], default="at-peak",
+                            help="pass option: when a residual block's backward writes its input gradient over its output "
+                                 "gradient a band of rows at a time (less SRAM, more instructions); at-peak: where that "
+                                 "lowers the step's peak by 1 KB or more")
             sp.add_argument("--checkpoint-masks", choices=["at-peak", "always", "never"], default="at-peak",
                             help="pass option: when the clamp masks held from the forward to the backward are made again "
                                  "there from one checkpointed activation (less SRAM, more instructions); at-peak: where "
@@ -485,6 +489,7 @@ def main(argv=None) -> int:
                          stream_layers=getattr(args, "stream_layers", True),
                          recompute_streamed_expansion=getattr(args, "recompute_streamed_expansion", "at-peak"),
                          checkpoint_masks=getattr(args, "checkpoint_masks", "at-peak"),
+                         residual_backward_in_place=getattr(args, "residual_backward_in_place", "at-peak"),
                          narrow_peak_tiles=getattr(args, "narrow_peak_tiles", True)):
             return args.func(args)
     except TinyTrainError as err:
