@@ -4,9 +4,9 @@ Going backwards through a residual inverted block ``y = x + project(depthwise(ex
 gradient is the output gradient (the skip path) plus the branch's input gradient.  After
 FuseDepthwiseBackward the branch is one kernel, but its result is a second float32 tensor of the block's
 width beside the output gradient, which the skip path's ``add_f32`` reads afterwards: two such tensors at
-once (e.g. Proxyless ``paper-148kb``'s blocks[6], two of 16 KB, its step's peak).  The output gradient's
-element ``(ci, y, x)`` is the last thing that needs ``g`` near row ``y`` except the depthwise conv's reach
-of ``pad`` rows, so the kernel ``residual_block_backward`` (``tvm_tinytrain/ops/tir_backward.py``) does
+once (e.g. Proxyless ``paper-148kb``'s blocks[6], two of 16 KB, its step's peak).  The branch's input
+gradient at row ``y`` reads the output gradient ``g`` only within the depthwise conv's reach of ``pad``
+rows around ``y``, so the kernel ``residual_block_backward`` (``tvm_tinytrain/ops/tir_backward.py``) does
 the block a band of rows at a time, top to bottom, and writes each band's sum over ``g``, keeping a copy of
 the ``pad`` rows above the next band: one tensor of the block's width, plus a band and ``pad`` rows of it.
 The projection's front over each band's ``pad`` rows either side is summed again by the next band (rows
@@ -19,8 +19,9 @@ lets the sum take the output gradient's storage when nothing reads it later (``O
 ``residual_backward_in_place``: ``at-peak`` (the default) rewrites a block only in the function whose peak
 is the module's highest (``train_step`` and ``infer`` share the C arena) and while that lowers its peak by
 ``recompute_min_saving`` bytes, with the widest band that lowers it as far as the narrowest does (fewer rows
-summed twice); ``always`` rewrites every such block with its narrowest band; ``never`` none.  Run it after
-the fusions and DepthwiseInPlace.
+summed twice; a band's kernel keeps its buffers within codegen's workspace limit of one kernel); ``always``
+rewrites every such block with its narrowest band; ``never`` none.  Run it after the fusions and
+DepthwiseInPlace.
 
 Before::
 
