@@ -138,8 +138,8 @@ class ResidualBackwardInPlace:
         if policy == "always":
             for name in names:
                 for block, (form, _, _) in _blocks(mod, name).items():
-                    if bands(form):
-                        mod = rewrite(mod, name, block, bands(form)[0])
+                    if choices := bands(form):
+                        mod = rewrite(mod, name, block, choices[0])
             return mod
         min_saving = int(option("recompute_min_saving", self.min_saving))
         while names:  # lower the function that peaks highest, while that saves enough
@@ -147,8 +147,8 @@ class ResidualBackwardInPlace:
             name = max(names, key=peaks.__getitem__)
             trials = []
             for block, (form, _, _) in _blocks(mod, name).items():
-                if bands(form):
-                    trial = rewrite(mod, name, block, bands(form)[0])
+                if choices := bands(form):
+                    trial = rewrite(mod, name, block, choices[0])
                     trials.append((function_live_floor(trial, name), block, form, trial))
             if not trials or peaks[name] - min(t[0] for t in trials) < min_saving:
                 return mod
